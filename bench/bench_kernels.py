@@ -1,8 +1,8 @@
 """Forward and backward time of the mHC ops, per implementation, against the memory-bandwidth bound.
 
 For each shape (T tokens x C hidden, n streams, activation dtype) and each op -- `mappings`,
-`collapse`, `update`, `head`, and `module` (mappings + collapse + update around an identity
-sublayer, as HyperConnectionModule runs them) -- times forward, and forward + backward (backward =
+`collapse`, `update`, `head`, and `module` (`mhc_mappings_collapse` + `mhc_update` around an
+identity sublayer, as HyperConnectionModule runs them) -- times forward, and forward + backward (backward =
 the difference), for every variant that can run, side by side in one run:
 
   torch          the reference (`megatron_mhc.fusions.reference`), called as
@@ -197,9 +197,9 @@ class OurBackend:
             return self._wrap.apply(op, *inputs)
         return op(*inputs)
 
-    def mappings_op(self, cfg):
-        return functools.partial(self.ops.mhc_mappings, sinkhorn_iters=cfg["iters"],
-                                 eps=1e-6, norm_eps=1e-6)
+    def mappings_op(self, cfg, with_collapse=False):
+        op = self.ops.mhc_mappings_collapse if with_collapse else self.ops.mhc_mappings
+        return functools.partial(op, sinkhorn_iters=cfg["iters"], eps=1e-6, norm_eps=1e-6)
 
     def prepare_mappings(self, inp, cfg):
         args = leaves(inp["x"], inp["fn"], inp["base"], inp["scale"])
@@ -221,12 +221,11 @@ class OurBackend:
 
     def prepare_module(self, inp, cfg):
         x, fn, base, scale = args = leaves(inp["x"], inp["fn"], inp["base"], inp["scale"])
-        mappings = self.mappings_op(cfg)
+        pre = self.mappings_op(cfg, with_collapse=True)
 
         def run():
-            h_pre, h_post, comb = self.call(mappings, x, fn, base, scale)
-            u = self.call(self.ops.mhc_collapse, x, h_pre)
-            return self.call(self.ops.mhc_update, x, u, h_post, comb)  # identity sublayer
+            u, _h_pre, h_post, comb, streams = self.call(pre, x, fn, base, scale)
+            return self.call(self.ops.mhc_update, streams, u, h_post, comb)  # identity sublayer
 
         return run, args
 

@@ -59,6 +59,11 @@ class MHCTransformerConfig(TransformerConfig):
     mhc_kernel_backend: str = "auto"
     """Implementation of the mHC ops: `auto`, `torch` (reference), `triton` or `cutile`."""
 
+    mhc_mlp_high_priority_stream: bool = False
+    """Run the MLP's HC update (and its backward) on a high-priority CUDA stream, ordered by
+    events (results unchanged), so that pipeline and expert-parallel communication kernels never
+    delay it. Needs a CUDA device."""
+
     mhc_recompute_layer_num: Optional[Union[int, str]] = None
     """L_r: free the n-stream states inside each block of L_r layers after forward and recompute
     them in backward; `auto` uses eq. 20 of the mHC paper per pipeline stage; None keeps them."""
@@ -97,6 +102,8 @@ class MHCTransformerConfig(TransformerConfig):
               f"must be one of {MHC_OUTPUT_CONTRACTS}")
         check(self.mhc_kernel_backend in KERNEL_BACKENDS, "mhc_kernel_backend",
               f"must be one of {KERNEL_BACKENDS}")
+        check(isinstance(self.mhc_mlp_high_priority_stream, bool),
+              "mhc_mlp_high_priority_stream", "must be True or False")
         check(self.mhc_recompute_layer_num in (None, "auto")
               or (_is_int(self.mhc_recompute_layer_num) and self.mhc_recompute_layer_num >= 1),
               "mhc_recompute_layer_num", "must be an integer >= 1, 'auto' or None")

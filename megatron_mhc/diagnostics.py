@@ -67,7 +67,8 @@ class MHCHealthMonitor:
     def _hook(self, key):
         def record(_module: HyperConnectionModule, _inputs, outputs):
             if self._recording and key not in self._records:
-                h_pre, h_post, comb = (t.detach().float() for t in outputs)
+                h_pre, h_post, comb = (t.detach().float()
+                                       for t in (outputs.h_pre, outputs.h_post, outputs.comb))
                 h_res = comb.transpose(-1, -2).reshape(-1, *comb.shape[-2:])
                 self._records[key] = (h_pre.mean().item(), h_post.mean().item(), h_res)
 

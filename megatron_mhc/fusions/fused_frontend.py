@@ -3,10 +3,11 @@
 A fused backend (`megatron_mhc.fusions.triton`, `.cutile`) keeps the reference's public
 signatures; its functions call these with the backend's name and its `ops` module: float64
 (gradcheck) and empty inputs go to the reference, shapes are checked with errors naming the
-backend, and the gates are broadcast over the tokens as the reference broadcasts them. Collapse
-and update are the same autograd Functions for every backend (`Collapse`, `Update`), over the
-backend's launchers `ops.collapse_fwd/collapse_bwd/update_fwd/update_bwd` and its
-`ops.check_device`; the head is the backend's own `ops.Head`. `SaveInputsOnly` runs an autograd-based op keeping
+backend, and the gates are broadcast over the tokens as the reference broadcasts them. The
+mappings (alone, or with the collapse), the collapse and the update are the same autograd
+Functions for every backend (`Mappings`, `Collapse`, `Update`), over the backend's launchers
+(`ops.proj_rms_fwd/proj_rms_bwd/mhc_gates_fwd/mhc_gates_bwd/collapse_fwd/collapse_bwd/
+update_fwd/update_bwd`) and its `ops.check_device`; the head is the backend's own `ops.Head`. `SaveInputsOnly` runs an autograd-based op keeping
 only its inputs for backward (the HC modules use it for the reference ops, the fused backends for
 the ops they do not fuse), which lets the recompute manager free and restore the stream input.
 """
@@ -48,6 +49,85 @@ def tokens(x: torch.Tensor, trailing: int) -> int:
 def rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
     """t as a contiguous [*shape] tensor (a view when it already is one)."""
     return t.reshape(*shape).contiguous()
+
+
+class Mappings(torch.autograd.Function):
+    """mhc_mappings, or (with_collapse) mhc_mappings_collapse, with the launchers of `ops`.
+
+    Forward: one pass over x for the projection and the sum of squares (`proj_rms_fwd`), the
+    gates and Sinkhorn per token (`mhc_gates_fwd`), and with the collapse one more pass
+    (`collapse_fwd`: h_pre needs the whole projection first). Saves the inputs as given plus the
+    small fp32 mn [T, M], r [T] (and h_pre [T, n]).
+
+    Backward with the collapse: dh_pre = <x_i, du> (`collapse_bwd`, x read, no dx written), the
+    gates and Sinkhorn backward (`mhc_gates_bwd`), then one pass over x (`proj_rms_bwd`) that
+    writes dx = g @ fn + coef * x + h_pre[i] * du + d(residual): the update's gradient of x
+    arrives through the returned `residual` (x itself), so dx is written once and autograd adds
+    no n-stream gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, ops, with_collapse, x, fn, base, scale, iters, eps, norm_eps):
+        ctx.set_materialize_grads(False)
+        n, C = x.shape[-2:]
+        T = tokens(x, 2)
+        ops.check_device(x, fn, base, scale)
+        x3 = rows(x, T, n, C)
+        mn, r = ops.proj_rms_fwd(x3.view(T, n * C), fn.contiguous(), norm_eps)
+        h_pre, h_post, comb = ops.mhc_gates_fwd(mn, base.contiguous(), rows(scale, -1), n,
+                                                iters, eps)
+        ctx.ops, ctx.with_collapse, ctx.iters, ctx.eps = ops, with_collapse, iters, eps
+        lead = x.shape[:-2]
+        maps = (h_pre.view(*lead, n), h_post.view(*lead, n), comb.view(*lead, n, n))
+        if not with_collapse:
+            ctx.save_for_backward(x, fn, base, scale, mn, r)
+            return maps
+        u = ops.collapse_fwd(x3, h_pre, x.dtype)
+        ctx.save_for_backward(x, fn, base, scale, mn, r, h_pre)
+        return (u.view(*lead, C), *maps, x)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ops = ctx.ops
+        x, fn, base, scale, mn, r = ctx.saved_tensors[:6]
+        n, C = x.shape[-2:]
+        T, K = tokens(x, 2), n * C
+        x3 = rows(x, T, n, C)
+        du = collapse = residual = None
+        if ctx.with_collapse:
+            du, dh_pre, dh_post, dcomb, dresidual = grads
+            h_pre = ctx.saved_tensors[6]
+            if du is not None:
+                du = rows(du, T, C)
+                collapse = (h_pre, du, C)
+                _, dh_u = ops.collapse_bwd(x3, h_pre, du, False, x.dtype, torch.float32)
+                dh_pre = dh_u if dh_pre is None else dh_u + rows(dh_pre, T, n)
+            if dresidual is not None:
+                residual = rows(dresidual, T, K)
+        else:
+            dh_pre, dh_post, dcomb = grads
+
+        def grad_or_zeros(g, *shape):
+            return rows(g, *shape) if g is not None else mn.new_zeros(shape)
+
+        g, coef, dbase, dscale = ops.mhc_gates_bwd(
+            mn, r, base.contiguous(), rows(scale, -1), grad_or_zeros(dh_pre, T, n),
+            grad_or_zeros(dh_post, T, n), grad_or_zeros(dcomb, T, n, n), n, K, ctx.iters,
+            ctx.eps,
+        )
+        need_dx, need_dfn = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dx = dfn = None
+        if need_dx or need_dfn:
+            dx, dfn = ops.proj_rms_bwd(x3.view(T, K), fn.contiguous(), g, coef, need_dx,
+                                       need_dfn, x.dtype, collapse=collapse, residual=residual)
+        return (
+            None, None,
+            dx.view(x.shape) if dx is not None else None,
+            dfn.to(fn.dtype) if dfn is not None else None,
+            dbase.to(base.dtype),
+            dscale.view(scale.shape).to(scale.dtype),
+            None, None, None,
+        )
 
 
 class Collapse(torch.autograd.Function):
@@ -118,6 +198,24 @@ def expand(t: torch.Tensor, lead, trailing: int) -> torch.Tensor:
     """t broadcast to [*lead, *t.shape[-trailing:]] (a view; autograd sums its grad back)."""
     target = (*lead, *t.shape[t.dim() - trailing:])
     return t if t.shape == target else t.expand(target)
+
+
+def mappings(backend: str, ops, x, fn, base, scale, sinkhorn_iters, eps, norm_eps,
+             with_collapse: bool = False):
+    """`mhc_mappings` (or, with_collapse, `mhc_mappings_collapse`) of a fused backend."""
+    if use_reference(x, fn, base, scale):
+        op = reference.mhc_mappings_collapse if with_collapse else reference.mhc_mappings
+        return op(x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
+    n, C = x.shape[-2:]
+    num_maps = n * n + 2 * n
+    check(tuple(fn.shape) == (num_maps, n * C), backend,
+          f"fn must be [{num_maps}, {n * C}], got {tuple(fn.shape)}")
+    check(tuple(base.shape) == (num_maps,), backend,
+          f"base must be [{num_maps}], got {tuple(base.shape)}")
+    check(scale.numel() == 3, backend, f"scale must hold 3 gating factors, got "
+          f"{tuple(scale.shape)}")
+    return Mappings.apply(ops, with_collapse, x, fn, base, scale, int(sinkhorn_iters),
+                          float(eps), float(norm_eps))
 
 
 def collapse(backend: str, ops, x, h_pre):

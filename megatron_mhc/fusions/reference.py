@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "sinkhorn",
     "mhc_mappings",
+    "mhc_mappings_collapse",
     "hc_mappings",
     "hc_static_mappings",
     "mhc_collapse",
@@ -75,6 +76,27 @@ def mhc_mappings(
     h_post = 2.0 * torch.sigmoid(scale[1] * m_post + b_post)
     res_logits = (scale[2] * m_res + b_res).unflatten(-1, (n, n))
     return h_pre, h_post, sinkhorn(res_logits, sinkhorn_iters, eps)
+
+
+def mhc_mappings_collapse(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    sinkhorn_iters: int = 20,
+    eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+):
+    """The mappings of x and the sublayer input they give, as the HC module uses them:
+    -> (u [..., C] in x.dtype, h_pre, h_post, comb, residual).
+
+    `residual` is x itself, for the module to pass on to `mhc_update`. A fused backend returns it
+    from the same autograd Function, so that the update's gradient of x comes back into this
+    op's backward, which then writes dx once (the update's, the collapse's and the mappings'
+    contributions added while x is read) instead of autograd adding three n-stream gradients.
+    """
+    h_pre, h_post, comb = mhc_mappings(x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
+    return mhc_collapse(x, h_pre), h_pre, h_post, comb, x
 
 
 def hc_mappings(

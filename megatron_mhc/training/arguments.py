@@ -31,6 +31,8 @@ def _mhc_flags():
         ("mhc_output_contract", dict(choices=MHC_OUTPUT_CONTRACTS),
          "How the streams become one before the final norm."),
         ("mhc_kernel_backend", dict(choices=KERNEL_BACKENDS), "Implementation of the mHC ops."),
+        ("mhc_mlp_high_priority_stream", dict(action="store_true"),
+         "Run the MLP's HC update on a high-priority CUDA stream (needs a GPU)."),
         ("mhc_recompute_layer_num", dict(type=_layer_num),
          "L_r: recompute the n-stream states per block of L_r layers ('auto': eq. 20); "
          "default: keep them."),

@@ -9,6 +9,7 @@ dtype, and replicated across tensor-parallel ranks like a layer norm's.
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.fusions import get_backend
 from megatron_mhc.fusions.fused_frontend import SaveInputsOnly
+from megatron_mhc.transformer.high_priority_stream import HighPriorityStream
 
 
 def _logit(p: float) -> float:
@@ -47,6 +49,21 @@ class _FP32ParamsModule(MegatronModule):
         return self
 
 
+class HCSublayerInput(NamedTuple):
+    """What an HC module's forward gives its layer."""
+
+    sublayer_input: torch.Tensor
+    """u [..., C], the collapsed streams, in the dtype the sublayer computes in."""
+    h_pre: torch.Tensor
+    h_post: torch.Tensor
+    comb: torch.Tensor
+    """The mappings [..., n], [..., n], [..., n, n] (fp32)."""
+    streams: torch.Tensor
+    """The stream state to pass to `update`: the input itself. For `mhc` it comes out of the
+    mappings op so that a fused backend gets the update's gradient of the streams back in its
+    own backward and writes the streams' gradient once (`reference.mhc_mappings_collapse`)."""
+
+
 class HyperConnectionModule(_FP32ParamsModule):
     """The hyper-connection around one sublayer.
 
@@ -54,10 +71,13 @@ class HyperConnectionModule(_FP32ParamsModule):
         config: the model config (n = `mhc_num_residual_streams`, C = `hidden_size`).
         hc_index: 0-based index of this module in the whole model (two per layer: attention,
             then MLP); the `hc` types start stream `hc_index mod n` as this module's input.
+        update_stream: a HighPriorityStream to run the update on (None: the caller's stream).
     """
 
-    def __init__(self, config: MHCTransformerConfig, hc_index: int):
+    def __init__(self, config: MHCTransformerConfig, hc_index: int,
+                 update_stream: Optional[HighPriorityStream] = None):
         super().__init__(config=config)
+        self.update_stream = update_stream
         n, hidden = config.mhc_num_residual_streams, config.hidden_size
         self.num_streams = n
         self.mhc_type = config.mhc_type
@@ -97,20 +117,27 @@ class HyperConnectionModule(_FP32ParamsModule):
         if self.mhc_type != "hc_static":
             self.scale.fill_(config.mhc_init_gating_factor)
 
-    def forward(self, streams: torch.Tensor):
-        """The mappings (h_pre [..., n], h_post [..., n], comb [..., n, n]), fp32, of streams
-        [..., n, C]. (A forward, so that diagnostics can observe them with forward hooks.)"""
+    def forward(self, streams: torch.Tensor) -> "HCSublayerInput":
+        """The mappings of streams [..., n, C] and the sublayer input they give (a forward, so
+        that diagnostics can observe the mappings with forward hooks)."""
         config = self.config
         if self.mhc_type == "mhc":
             op = functools.partial(
-                self.ops.mhc_mappings, sinkhorn_iters=config.mhc_sinkhorn_iterations,
+                self.ops.mhc_mappings_collapse, sinkhorn_iters=config.mhc_sinkhorn_iterations,
                 eps=config.mhc_eps, norm_eps=config.mhc_norm_eps,
             )
-            return self._call(op, streams, self.fn, self.base, self.scale)
-        if self.mhc_type == "hc":
-            op = functools.partial(self.ops.hc_mappings, norm_eps=config.mhc_norm_eps)
-            return self._call(op, streams, self.fn, self.base, self.scale)
-        return self.ops.hc_static_mappings(streams, self.base)  # independent of the streams
+            u, h_pre, h_post, comb, streams = self._call(
+                op, streams, self.fn, self.base, self.scale)
+        else:
+            if self.mhc_type == "hc":
+                op = functools.partial(self.ops.hc_mappings, norm_eps=config.mhc_norm_eps)
+                h_pre, h_post, comb = self._call(op, streams, self.fn, self.base, self.scale)
+            else:
+                h_pre, h_post, comb = self.ops.hc_static_mappings(streams, self.base)
+            u = self._call(self.ops.mhc_collapse, streams, h_pre)
+        if config.fp32_residual_connection:
+            u = u.to(config.params_dtype)  # the dtype the sublayer computes in
+        return HCSublayerInput(u, h_pre, h_post, comb, streams)
 
     def _call(self, op, *inputs):
         """op(*inputs), saving only the inputs for backward when the backend relies on autograd
@@ -119,13 +146,6 @@ class HyperConnectionModule(_FP32ParamsModule):
             return SaveInputsOnly.apply(op, *inputs)
         return op(*inputs)
 
-    def collapse(self, streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-        """The sublayer input [..., C] in the dtype the sublayer computes in."""
-        u = self._call(self.ops.mhc_collapse, streams, h_pre)
-        if self.config.fp32_residual_connection:
-            u = u.to(self.config.params_dtype)
-        return u
-
     def update(self, streams, output_with_bias, h_post, comb, dropout_p: float) -> torch.Tensor:
         """Megatron's bias-dropout-add with the residual add replaced by the stream mixing."""
         y, bias = output_with_bias
@@ -133,7 +153,11 @@ class HyperConnectionModule(_FP32ParamsModule):
             y = y + bias
         if self.training and dropout_p > 0:
             y = F.dropout(y, p=dropout_p)
-        out = self._call(self.ops.mhc_update, streams, y, h_post, comb)
+        update = functools.partial(self._call, self.ops.mhc_update)
+        if self.update_stream is not None:
+            out = self.update_stream.run(update, streams, y, h_post, comb)
+        else:
+            out = update(streams, y, h_post, comb)
         if self.recompute_manager is not None:
             self.recompute_manager.record_update(self, streams, y, h_post, comb, out)
         return out

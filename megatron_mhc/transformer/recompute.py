@@ -41,6 +41,10 @@ class MHCRecomputeManager:
         self.block_size = block_size
         self.ops = ops
         self._open_block: List[tuple] = []
+        # Streams other than the caller's that read the stream states (the MLP updates' with
+        # mhc_mlp_high_priority_stream).
+        self._side_streams = {layer.mlp_hc.update_stream.stream for layer in layers
+                              if layer.mlp_hc.update_stream is not None}
         for index, layer in enumerate(layers):
             closes_block = (index + 1) % block_size == 0 or index + 1 == len(layers)
             layer.self_attention_hc.recompute_manager = self
@@ -61,12 +65,15 @@ class MHCRecomputeManager:
         inner_states = [step[0] for step in steps[1:]]
         for state in inner_states:
             state.untyped_storage().resize_(0)
+        readers = ()
+        if block_output.is_cuda:
+            readers = (torch.cuda.current_stream(block_output.device), *self._side_streams)
         # The hook holds the block input and the small tensors, never the block output: the
         # pipeline schedule frees a stage output after sending it.
-        block_output.register_hook(functools.partial(self._recompute, steps))
+        block_output.register_hook(functools.partial(self._recompute, steps, readers))
 
     @torch.no_grad()
-    def _recompute(self, steps, _grad):
+    def _recompute(self, steps, readers, _grad):
         state = steps[0][0]
         for (_, y, h_post, comb), (inner_state, *_rest) in zip(steps, steps[1:]):
             state = self.ops.mhc_update(state, y, h_post, comb)
@@ -74,4 +81,8 @@ class MHCRecomputeManager:
             storage = inner_state.untyped_storage()
             storage.resize_(state.untyped_storage().size())
             storage.copy_(state.untyped_storage())
+            # The storage now belongs to the stream this hook runs on (autograd's stream for the
+            # block output's grad node); the backward nodes of other streams read it too.
+            for stream in readers:
+                inner_state.record_stream(stream)
             state = inner_state

@@ -10,6 +10,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import deprecate_inference_params, make_viewless_tensor
 
+from megatron_mhc.transformer.high_priority_stream import mlp_high_priority_stream
 from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
 
 
@@ -32,7 +33,8 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         self.num_streams = config.mhc_num_residual_streams
         first_hc_index = 2 * (self.layer_number - 1)  # layer_number is global and 1-based
         self.self_attention_hc = HyperConnectionModule(config, first_hc_index)
-        self.mlp_hc = HyperConnectionModule(config, first_hc_index + 1)
+        self.mlp_hc = HyperConnectionModule(config, first_hc_index + 1,
+                                            update_stream=mlp_high_priority_stream(config))
 
     def forward(
         self,
@@ -56,10 +58,9 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         inference_context = deprecate_inference_params(inference_context, inference_params)
         streams = hidden_states.unflatten(-1, (self.num_streams, -1))
 
-        h_pre, h_post, comb = self.self_attention_hc(streams)
-        attention_input = self._input_layernorm(self.self_attention_hc.collapse(streams, h_pre))
+        hc = self.self_attention_hc(streams)
         attention_output_with_bias = self.self_attention(
-            attention_input,
+            self._input_layernorm(hc.sublayer_input),
             attention_mask=attention_mask,
             inference_context=inference_context,
             rotary_pos_emb=rotary_pos_emb,
@@ -75,14 +76,14 @@ class HyperConnectionTransformerLayer(TransformerLayer):
                 attention_output_with_bias[0]
             )
         streams = self.self_attention_hc.update(
-            streams, attention_output_with_bias, h_post, comb, self.hidden_dropout
+            hc.streams, attention_output_with_bias, hc.h_post, hc.comb, self.hidden_dropout
         )
 
-        h_pre, h_post, comb = self.mlp_hc(streams)
-        mlp_output_with_bias = self._mlp(
-            self.mlp_hc.collapse(streams, h_pre), padding_mask, packed_seq_params
+        hc = self.mlp_hc(streams)
+        mlp_output_with_bias = self._mlp(hc.sublayer_input, padding_mask, packed_seq_params)
+        streams = self.mlp_hc.update(
+            hc.streams, mlp_output_with_bias, hc.h_post, hc.comb, self.hidden_dropout
         )
-        streams = self.mlp_hc.update(streams, mlp_output_with_bias, h_post, comb, self.hidden_dropout)
 
         # The schedules free the output's storage after sending it; it must own that storage.
         output = make_viewless_tensor(

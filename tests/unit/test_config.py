@@ -44,6 +44,7 @@ BAD_CONFIGS = [
     ("mhc_init", dict(mhc_type="hc", mhc_init="identity")),
     ("mhc_output_contract", dict(mhc_output_contract="sum")),
     ("mhc_kernel_backend", dict(mhc_kernel_backend="cuda")),
+    ("mhc_mlp_high_priority_stream", dict(mhc_mlp_high_priority_stream="yes")),
     ("cuda_graph_impl", dict(cuda_graph_impl="local")),
     ("mtp_num_layers", dict(mtp_num_layers=1)),
     ("mlp_chunks_for_training", dict(mlp_chunks_for_training=2)),

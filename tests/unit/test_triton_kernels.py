@@ -21,7 +21,7 @@ import torch
 from megatron_mhc.platform.cpu import CPU_ENV
 
 CUDA = torch.cuda.is_available()
-OPS = ("mhc_mappings", "mhc_collapse", "mhc_update", "mhc_head")
+OPS = ("mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (rtol, atol as a fraction of the reference tensor's largest magnitude)
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2)}
@@ -42,7 +42,7 @@ def _make_inputs(op, n, lead, C, dtype, device, gen, variant):
 
     x = randn(*lead, n, C).to(dtype)
     K = n * C
-    if op == "mhc_mappings":
+    if op in ("mhc_mappings", "mhc_mappings_collapse"):
         M = n * n + 2 * n
         # Logits of order 1: a Sinkhorn far from its fixed point would hide nothing, one at it
         # would make every gradient tiny.
@@ -82,7 +82,7 @@ def check_op(op, n, lead, C, dtype_name, device="cpu", seed=0, variant="plain", 
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[dtype_name]
     inputs = _make_inputs(op, n, tuple(lead), C, dtype, device, gen, variant)
-    kwargs = {"sinkhorn_iters": iters} if op == "mhc_mappings" else {}
+    kwargs = {"sinkhorn_iters": iters} if op.startswith("mhc_mappings") else {}
     ref_in = [t.clone().requires_grad_() for t in inputs]
     tri_in = [t.clone().requires_grad_() for t in inputs]
     want = getattr(reference, op)(*ref_in, **kwargs)
@@ -172,11 +172,12 @@ def check_hyper_connection_module(n=4, seed=0):
 
     def step(mod):
         x = x0.clone().requires_grad_()
-        h_pre, h_post, comb = mod(x)
-        u = mod.collapse(x, h_pre)
-        out = mod.update(x, (torch.tanh(u @ proj), bias), h_post, comb, dropout_p=0.0)
+        hc = mod(x)
+        y = torch.tanh(hc.sublayer_input @ proj)
+        out = mod.update(hc.streams, (y, bias), hc.h_post, hc.comb, dropout_p=0.0)
         (out * weights).sum().backward()
-        return [h_pre, h_post, comb, u, out, x.grad] + [p.grad for p in mod.parameters()]
+        return ([hc.h_pre, hc.h_post, hc.comb, hc.sublayer_input, out, x.grad]
+                + [p.grad for p in mod.parameters()])
 
     names = ["h_pre", "h_post", "comb", "collapse", "update", "grad x", "grad params..."]
     for i, (got, want) in enumerate(zip(step(tri_mod), step(ref_mod))):

@@ -22,6 +22,7 @@ from megatron_mhc.fusions import triton as _triton
 __all__ = [
     "sinkhorn",
     "mhc_mappings",
+    "mhc_mappings_collapse",
     "hc_mappings",
     "hc_static_mappings",
     "mhc_collapse",
@@ -90,6 +91,7 @@ sinkhorn = _reference.sinkhorn
 hc_static_mappings = _reference.hc_static_mappings
 hc_mappings = _triton.hc_mappings
 mhc_mappings = _triton.mhc_mappings
+mhc_mappings_collapse = _triton.mhc_mappings_collapse
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Triton backend of the mHC ops: the functions of `megatron_mhc.fusions.reference`, same names,
 signatures, outputs, dtypes and broadcasting, as autograd Functions over Triton kernels.
 
-Fused (Triton forward and backward): `mhc_mappings`, `mhc_collapse`, `mhc_update`, `mhc_head`.
+Fused (Triton forward and backward): `mhc_mappings`, `mhc_mappings_collapse`, `mhc_collapse`,
+`mhc_update`, `mhc_head`.
 Not fused (the reference implementations): `sinkhorn` and `hc_static_mappings` as they are,
 `hc_mappings` wrapped so that it too saves only its inputs and recomputes in backward.
 Float64 inputs (gradcheck) and empty tensors go to the reference. Design: docs/kernels.md.
@@ -23,6 +24,7 @@ from megatron_mhc.fusions import reference as _reference
 __all__ = [
     "sinkhorn",
     "mhc_mappings",
+    "mhc_mappings_collapse",
     "hc_mappings",
     "hc_static_mappings",
     "mhc_collapse",
@@ -108,18 +110,16 @@ def mhc_mappings(x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6
                  norm_eps: float = 1e-6):
     """mHC mappings of x [..., n, C] -> (h_pre [..., n], h_post [..., n], comb [..., n, n]), fp32.
     Same contract as `reference.mhc_mappings`."""
-    if _frontend.use_reference(x, fn, base, scale):
-        return _reference.mhc_mappings(x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
-    n, C = x.shape[-2:]
-    num_maps = n * n + 2 * n
-    _frontend.check(tuple(fn.shape) == (num_maps, n * C), "triton",
-                    f"fn must be [{num_maps}, {n * C}], got {tuple(fn.shape)}")
-    _frontend.check(tuple(base.shape) == (num_maps,), "triton",
-                    f"base must be [{num_maps}], got {tuple(base.shape)}")
-    _frontend.check(scale.numel() == 3, "triton",
-                    f"scale must hold 3 gating factors, got {tuple(scale.shape)}")
-    return _ops().MHCMappings.apply(x, fn, base, scale, int(sinkhorn_iters), float(eps),
-                                    float(norm_eps))
+    return _frontend.mappings("triton", _ops(), x, fn, base, scale, sinkhorn_iters, eps,
+                              norm_eps)
+
+
+def mhc_mappings_collapse(x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6,
+                          norm_eps: float = 1e-6):
+    """(u, h_pre, h_post, comb, residual): the mappings and the collapse in one Function whose
+    backward writes dx once. Same contract as `reference.mhc_mappings_collapse`."""
+    return _frontend.mappings("triton", _ops(), x, fn, base, scale, sinkhorn_iters, eps,
+                              norm_eps, with_collapse=True)
 
 
 def mhc_collapse(x, h_pre):

@@ -60,17 +60,20 @@ def proj_rms_fwd_kernel(
 
 @triton.jit
 def proj_rms_bwd_kernel(
-    x_ptr, fn_ptr, g_ptr, coef_ptr, dx_ptr, dfn_ptr, w_ptr, du_ptr,
+    x_ptr, fn_ptr, g_ptr, coef_ptr, dx_ptr, dfn_ptr, w_ptr, du_ptr, res_ptr,
     T, K, M, C, n, tokens_per_split,
-    HEAD: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DFN: tl.constexpr,
+    COLLAPSE: tl.constexpr, RESIDUAL: tl.constexpr, WRITE_DX: tl.constexpr,
+    WRITE_DFN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dx = g @ fn + coef * x (+ w[stream] * du for the head), dfn[split] = g^T @ x.
+    """dx = g @ fn + coef * x (+ w[stream] * du, COLLAPSE) (+ res, RESIDUAL), dfn[split] = g^T x.
 
-    g = r * dmn [T, M] and coef = -(r^2 / K) <dmn, mn> [T] come from the gates backward.
-    Grid (K blocks, token splits): each program owns a K slice of fn and dfn and walks the
-    tokens of its split, so x is read once and dx written once.
+    g = r * dmn [T, M] and coef = -(r^2 / K) <dmn, mn> [T] come from the gates backward. The
+    collapse term is the gradient of u = sum_i w_i x_i (the head's, or the HC module's collapse
+    with w = h_pre) and res a gradient of x computed elsewhere (the update's): both are added
+    while x is read anyway, so dx is written once. Grid (K blocks, token splits): each program
+    owns a K slice of fn and dfn and walks the tokens of its split, so x is read once.
     """
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -80,7 +83,7 @@ def proj_rms_bwd_kernel(
     m_ok = m < M
     fn_tile = tl.load(fn_ptr + m[:, None] * K + k[None, :],
                       mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    if HEAD:
+    if COLLAPSE:
         stream = k // C
         col = k - stream * C
     dfn = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -97,11 +100,14 @@ def proj_rms_bwd_kernel(
         if WRITE_DX:
             coef = tl.load(coef_ptr + t64, mask=t_ok, other=0.0)
             dx = tl.dot(g, fn_tile, input_precision=DOT_PRECISION) + coef[:, None] * xt
-            if HEAD:
+            if COLLAPSE:
                 w = tl.load(w_ptr + t64[:, None] * n + stream[None, :], mask=tk_ok, other=0.0)
                 du = tl.load(du_ptr + t64[:, None] * C + col[None, :],
                              mask=tk_ok, other=0.0).to(tl.float32)
                 dx += w * du
+            if RESIDUAL:
+                dx += tl.load(res_ptr + t64[:, None] * K + k[None, :],
+                              mask=tk_ok, other=0.0).to(tl.float32)
             tl.store(dx_ptr + t64[:, None] * K + k[None, :],
                      dx.to(dx_ptr.dtype.element_ty), mask=tk_ok)
         if WRITE_DFN:

@@ -78,8 +78,11 @@ def proj_rms_fwd(x2: torch.Tensor, fn: torch.Tensor, norm_eps: float):
     return mn, r
 
 
-def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, head=None):
-    """dx = g @ fn + coef * x2 (+ w[stream] * du for the head, head=(w, du, C)), dfn = g^T x2."""
+def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, residual=None):
+    """dx = g @ fn + coef * x2 [T, K] in dx_dtype (or None) and dfn = g^T x2 [M, K] fp32 (or
+    None), in one pass over x2. collapse=(w [T, n], du [T, C], C) adds w[t, k // C] *
+    du[t, k % C] to dx (the gradient of u = sum_i w_i x_i); residual [T, K] adds a gradient of x
+    computed elsewhere."""
     T, K = x2.shape
     M = fn.shape[0]
     dx = torch.empty(T, K, device=x2.device, dtype=dx_dtype) if need_dx else None
@@ -96,16 +99,14 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, head=None):
     splits = triton.cdiv(T, tokens_per_split)
     dfn = (torch.empty(splits, M, K, device=x2.device, dtype=torch.float32)
            if need_dfn else None)
-    if head is None:
-        w, du, C, n = g, g, K, 1  # unused pointers
-    else:
-        w, du, C = head
-        n = w.shape[1]
-    dummy = g
+    unused = g  # stands in for the pointers of the terms that are off (never read or written)
+    w, du, C = collapse if collapse is not None else (unused, unused, K)
     kernels.proj_rms_bwd_kernel[(k_blocks, splits)](
-        x2, fn, g, coef, dx if need_dx else dummy, dfn if need_dfn else dummy, w, du,
-        T, K, M, C, n, tokens_per_split,
-        HEAD=head is not None, WRITE_DX=need_dx, WRITE_DFN=need_dfn,
+        x2, fn, g, coef, dx if need_dx else unused, dfn if need_dfn else unused, w, du,
+        residual if residual is not None else unused,
+        T, K, M, C, w.shape[1] if collapse is not None else 1, tokens_per_split,
+        COLLAPSE=collapse is not None, RESIDUAL=residual is not None, WRITE_DX=need_dx,
+        WRITE_DFN=need_dfn,
         BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_M=block_m, DOT_PRECISION=DOT_PRECISION,
         num_warps=warps,
     )
@@ -254,45 +255,6 @@ def update_bwd(x3, y2, h_post, comb, dout, dtypes):
 # ----------------------------------------------------------------------------------------------
 # Autograd Functions. Inputs arrive with matching leading dims (the package broadcasts them).
 # ----------------------------------------------------------------------------------------------
-class MHCMappings(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fn, base, scale, iters, eps, norm_eps):
-        n, C = x.shape[-2:]
-        T = tokens(x, 2)
-        check_device(x, fn, base, scale)
-        mn, r = proj_rms_fwd(rows(x, T, n * C), fn.contiguous(), norm_eps)
-        h_pre, h_post, comb = mhc_gates_fwd(
-            mn, base.contiguous(), rows(scale, -1), n, iters, eps)
-        ctx.save_for_backward(x, fn, base, scale, mn, r)
-        ctx.iters, ctx.eps = iters, eps
-        lead = x.shape[:-2]
-        return h_pre.view(*lead, n), h_post.view(*lead, n), comb.view(*lead, n, n)
-
-    @staticmethod
-    def backward(ctx, dh_pre, dh_post, dcomb):
-        x, fn, base, scale, mn, r = ctx.saved_tensors
-        n, C = x.shape[-2:]
-        T = tokens(x, 2)
-        g, coef, dbase, dscale = mhc_gates_bwd(
-            mn, r, base.contiguous(), rows(scale, -1),
-            rows(dh_pre, T, n), rows(dh_post, T, n), rows(dcomb, T, n, n),
-            n, n * C, ctx.iters, ctx.eps,
-        )
-        need_dx, need_dfn = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx = dfn = None
-        if need_dx or need_dfn:
-            dx, dfn = proj_rms_bwd(rows(x, T, n * C), fn.contiguous(), g, coef,
-                                   need_dx, need_dfn, x.dtype)
-        return (
-            dx.view(x.shape) if dx is not None else None,
-            dfn.to(fn.dtype) if dfn is not None else None,
-            dbase.to(base.dtype),
-            dscale.view(scale.shape).to(scale.dtype),
-            None, None, None,
-        )
-
-
-
 class Head(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, base, scale, eps, norm_eps):
@@ -319,7 +281,7 @@ class Head(torch.autograd.Function):
         dx = dfn = None
         if need_dx or need_dfn:
             dx, dfn = proj_rms_bwd(x3.view(T, n * C), fn.contiguous(), g, coef, need_dx,
-                                   need_dfn, x.dtype, head=(w, du2, C))
+                                   need_dfn, x.dtype, collapse=(w, du2, C))
         return (
             dx.view(x.shape) if dx is not None else None,
             dfn.to(fn.dtype) if dfn is not None else None,

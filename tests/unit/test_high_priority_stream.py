@@ -1,0 +1,132 @@
+"""mhc_mlp_high_priority_stream: the MLP's HC update on a high-priority CUDA stream gives bitwise
+the results of the caller's stream (module alone under concurrent load, and a tiny GPT trained
+with the recompute manager); without CUDA the option is a clear error when the model is built."""
+
+import pytest
+import torch
+
+from megatron_mhc.config import MHCTransformerConfig
+from megatron_mhc.transformer.high_priority_stream import high_priority_stream
+from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
+from tests.dist_utils import initialize_model_parallel, run_distributed
+from tests.tiny_gpt import build_tiny_gpt, tiny_config
+
+CUDA = torch.cuda.is_available()
+NO_GPU = "needs a CUDA GPU (CUDA streams)"
+
+
+def _build_with_high_priority_stream(rank, world_size):
+    initialize_model_parallel(1, 1)
+    try:
+        build_tiny_gpt(tiny_config(enable_mhc_connections=True,
+                                   mhc_mlp_high_priority_stream=True))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_without_cuda_the_option_is_an_error_when_the_model_is_built():
+    (message,) = run_distributed(_build_with_high_priority_stream, 1)
+    assert message is not None and "mhc_mlp_high_priority_stream=True needs a CUDA device" in message
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+def test_stream_has_the_greatest_priority_and_runs_the_op_on_it():
+    side = high_priority_stream(torch.cuda.current_device())
+    assert side is high_priority_stream(torch.cuda.current_device())  # one per GPU
+    assert side.stream.priority == torch.cuda.Stream.priority_range()[1]
+    seen = []
+
+    def op(a):
+        seen.append(torch.cuda.current_stream())
+        return a * 2
+
+    a = torch.randn(1024, device="cuda")
+    out = side.run(op, a)
+    assert seen == [side.stream] and torch.cuda.current_stream() != side.stream
+    torch.testing.assert_close(out, a * 2, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_update_on_the_stream_is_bitwise_the_same_under_load(backend):
+    config = MHCTransformerConfig(num_layers=1, hidden_size=1024, num_attention_heads=8,
+                                  enable_mhc_connections=True, mhc_num_residual_streams=4,
+                                  mhc_kernel_backend=backend)
+    torch.manual_seed(0)
+    plain = HyperConnectionModule(config, 1)
+    side = HyperConnectionModule(config, 1, update_stream=high_priority_stream(
+        torch.cuda.current_device()))
+    side.load_state_dict(plain.state_dict())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 2, 4, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+    proj = torch.randn(1024, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weights = torch.randn_like(x)
+    load = torch.randn(4096, 4096, device="cuda", generator=gen)
+    busy = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[0])
+
+    def step(module):
+        streams = x.clone().requires_grad_()
+        with torch.cuda.stream(busy):  # low-priority work competing for the SMs
+            for _ in range(8):
+                load @ load
+        hc = module(streams)
+        y = hc.sublayer_input @ proj
+        out = module.update(hc.streams, (y, None), hc.h_post, hc.comb, dropout_p=0.0)
+        (out.float() * weights).sum().backward()
+        torch.cuda.synchronize()
+        return [out, streams.grad] + [p.grad for p in module.parameters()]
+
+    for got, want in zip(step(side), step(plain)):
+        assert torch.equal(got, want)
+
+
+def _cuda_gpt_step(high_priority, recompute, weights=None):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tests.tiny_gpt import MICRO_BATCH, SEQ, batches, causal_mask
+
+    model = build_tiny_gpt(tiny_config(
+        enable_mhc_connections=True, mhc_num_residual_streams=4, num_layers=4,
+        hidden_dropout=0.1, use_cpu_initialization=False, mhc_kernel_backend="triton",
+        mhc_mlp_high_priority_stream=high_priority, mhc_recompute_layer_num=recompute,
+    )).cuda()
+    weights = weights if weights is not None else model.state_dict()
+    model.load_state_dict(weights)
+    mask = causal_mask().cuda()
+
+    def forward_step(data_iterator, model):
+        tokens, labels = (t.cuda() for t in next(data_iterator))
+        positions = torch.arange(SEQ, device="cuda").expand(tokens.shape[0], SEQ)
+        losses = model(tokens, positions, mask, labels=labels)
+        return losses, lambda out: (out.float().mean(), {"loss": out.float().mean().detach()})
+
+    torch.manual_seed(5)
+    torch.cuda.manual_seed(5)
+    data = batches()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(data), model=[model],
+        num_microbatches=len(data), seq_length=SEQ, micro_batch_size=MICRO_BATCH)
+    torch.cuda.synchronize()
+    loss = torch.stack([x["loss"] for x in losses]).mean()
+    return weights, loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+def test_tiny_gpt_with_the_stream_and_recompute_is_bitwise_the_same():
+    import torch.distributed as dist
+
+    from tests.dist_utils import destroy_model_parallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        initialize_model_parallel(1, 1)
+        weights, loss, grads = _cuda_gpt_step(False, None)
+        for recompute in (None, 2):
+            _, got_loss, got_grads = _cuda_gpt_step(True, recompute, weights)
+            assert torch.equal(got_loss, loss), recompute
+            for name, grad in grads.items():
+                assert torch.equal(got_grads[name], grad), (recompute, name)
+    finally:
+        destroy_model_parallel()
+        dist.destroy_process_group()
