@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the fused kernels in one command, for a machine with a GPU
+# (the `device` tool's H100/H200: bare, no network, its own python3 with torch and triton).
+#
+# Prepare here, once, the wheels the GPU machine lacks (about 4 MB; the .whl/ folder is
+# git-ignored and travels with `carry: [".whl"]`):
+#     bash bench/gpu_suite.sh --fetch-wheels
+# then, on the GPU machine, in the repository root:
+#     bash bench/gpu_suite.sh [RESULTS_DIR]        # default: $OUT, else bench/results
+# It installs the wheels into /tmp/site, then runs, each with its log in RESULTS_DIR:
+#   1. the GPU tests: Triton kernels at ragged and real sizes, the cuTile kernels (forced on any
+#      CUDA GPU, MHC_CUTILE_TEST_FORCE=1: on Hopper they are expected to fail to compile with
+#      the tileiras that cuda-tile 1.7.0 uses), the high-priority stream;
+#   2. bench/bench_kernels.py (ours, the reference, torch.compile, and the peers that import);
+#   3. bench/bench_step.py (baseline vs mHC, torch and triton backends);
+#   4. bench/activation_memory.py on the GPU (peak allocated memory, CUDA-event times).
+# Every step runs even if an earlier one failed; the exit status is that of the first failure.
+# ONLY="triton_tests bench_step" runs just the steps named (a call may last 10 minutes at most).
+# Peers: Liger-Kernel is in the wheel set; DeepSeek TileKernels needs tilelang (50 MB, plus
+# apache-tvm-ffi and z3-solver) and torch >= 2.13, and Transformer Engine 2.20 is far over the
+# 64 MiB a call may carry: fetch those for a separate call (--fetch-wheels tile_kernels).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(megatron-core==0.19.2 cuda-tile==1.7.0 liger-kernel==0.8.5 pytest-timeout==2.4.0)
+PEER_WHEELS=(tile-kernels==2.1.0 tilelang==0.1.15 "apache-tvm-ffi>=0.1.11,<0.1.13"
+             torch-c-dlpack-ext cloudpickle ml-dtypes "z3-solver>=4.13.0,<4.15.5")
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    wanted=("${WHEELS[@]}")
+    [[ "${2:-}" == "tile_kernels" ]] && wanted=("${PEER_WHEELS[@]}")
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 -d .whl "${wanted[@]}"
+fi
+
+RESULTS=${1:-${OUT:-bench/results}}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+status=0
+step() {  # step NAME COMMAND...: run, log to RESULTS/NAME.log, remember the first failure
+    local name=$1
+    shift
+    [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && return
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$RESULTS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc"
+    [[ $rc -ne 0 && $status -eq 0 ]] && status=$rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/device.txt"
+step triton_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_triton_kernels.py -k gpu
+step stream_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_high_priority_stream.py
+step cutile_tests env MHC_CUTILE_TEST_FORCE=1 python3 -m pytest -q -rs -p no:cacheprovider \
+    tests/unit/test_cutile_kernels.py -k gpu
+step bench_kernels python3 bench/bench_kernels.py
+step bench_step python3 bench/bench_step.py
+step activation_memory python3 bench/activation_memory.py
+exit $status
