@@ -3,14 +3,13 @@
 A backend is a module exposing the functions of `reference.py` under the same names and
 signatures. `mhc_kernel_backend` chooses it: `torch` is the pure-PyTorch reference (any device),
 `triton` the fused Triton kernels (CUDA GPUs; on CPU only under TRITON_INTERPRET=1, for tests),
-`cutile` cuTile kernels for collapse, update and head (GPUs its compiler supports; the mappings
-come from the Triton backend). An explicit choice that cannot run is an error, never a silent
+`cutile` the fused cuTile kernels (GPUs its compiler supports). An explicit choice that cannot run is an error, never a silent
 fallback.
 
 `auto` is meant to take the fastest backend the device runs. The fused kernels pass their tests
-against the reference on CPU (Triton's interpreter; cuTile compiled to Tile IR bytecode and
-emulated) but have not yet run or been timed on a GPU, so until they have, `auto` is the
-reference everywhere.
+against the reference on CPU (Triton's interpreter, and compiled ahead of time for sm_90 and
+sm_100; cuTile compiled to Tile IR bytecode and emulated) but have not yet run or been timed on
+a GPU, so until they have, `auto` is the reference everywhere.
 """
 
 import importlib

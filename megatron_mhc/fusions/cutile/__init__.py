@@ -1,13 +1,14 @@
 """cuTile backend of the mHC ops: the functions of `megatron_mhc.fusions.reference`, same names,
 signatures, outputs, dtypes and broadcasting.
 
-Ported to cuTile (forward and backward kernels, as autograd Functions): `mhc_collapse` and
-`mhc_update` (one pass over the n streams each way) and `mhc_head`. Delegated, as they are:
-`mhc_mappings` and `hc_mappings` to the Triton backend's implementations
-(`megatron_mhc.fusions.triton`: fused Triton kernels for the first, the reference wrapped to
-save only its inputs for the second, so SAVES_INPUTS_ONLY holds for every op), and `sinkhorn` and
-`hc_static_mappings` to the reference. Float64 inputs (gradcheck) and empty tensors go to the
-reference. Design: docs/kernels.md ("cuTile backend").
+Ported to cuTile (forward and backward kernels): `mhc_mappings` and `mhc_mappings_collapse`
+(the projection, the gates and the Sinkhorn projection, chained by the generic Function of
+`fused_frontend` over this backend's launchers), `mhc_collapse` and `mhc_update` (one pass over
+the n streams each way) and `mhc_head`. Delegated: `hc_mappings` (the `hc` ablation) to the
+Triton backend's (the reference wrapped to save only its inputs, so SAVES_INPUTS_ONLY holds for
+every op; no Triton kernel runs), and `sinkhorn` and `hc_static_mappings` to the reference.
+Float64 inputs (gradcheck) and empty tensors go to the reference. Design: docs/kernels.md
+("cuTile backend").
 
 cuTile (PyPI `cuda-tile`, import `cuda.tile`) has no CPU mode. Importing this package imports
 neither `cuda.tile` nor Triton: the kernels are defined at the first op call.
@@ -90,13 +91,26 @@ def _ops():
 sinkhorn = _reference.sinkhorn
 hc_static_mappings = _reference.hc_static_mappings
 hc_mappings = _triton.hc_mappings
-mhc_mappings = _triton.mhc_mappings
-mhc_mappings_collapse = _triton.mhc_mappings_collapse
 
 
 # ----------------------------------------------------------------------------------------------
 # cuTile kernels.
 # ----------------------------------------------------------------------------------------------
+def mhc_mappings(x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6,
+                 norm_eps: float = 1e-6):
+    """mHC mappings of x [..., n, C] -> (h_pre [..., n], h_post [..., n], comb [..., n, n]), fp32."""
+    return _frontend.mappings("cutile", _ops(), x, fn, base, scale, sinkhorn_iters, eps,
+                              norm_eps)
+
+
+def mhc_mappings_collapse(x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6,
+                          norm_eps: float = 1e-6):
+    """(u, h_pre, h_post, comb, residual): the mappings and the collapse in one Function whose
+    backward writes dx once. Same contract as `reference.mhc_mappings_collapse`."""
+    return _frontend.mappings("cutile", _ops(), x, fn, base, scale, sinkhorn_iters, eps,
+                              norm_eps, with_collapse=True)
+
+
 def mhc_collapse(x, h_pre):
     """u = sum_i h_pre[i] * x_i: [..., n, C], [..., n] -> [..., C] in x.dtype."""
     return _frontend.collapse("cutile", _ops(), x, h_pre)
