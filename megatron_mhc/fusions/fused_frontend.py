@@ -1,15 +1,16 @@
 """What every fused backend does around its kernels, written once.
 
-A fused backend (`megatron_mhc.fusions.triton`, `.cutile`) keeps the reference's public
-signatures; its functions call these with the backend's name and its `ops` module: float64
-(gradcheck) and empty inputs go to the reference, shapes are checked with errors naming the
-backend, and the gates are broadcast over the tokens as the reference broadcasts them. The
-mappings (alone, or with the collapse), the collapse and the update are the same autograd
-Functions for every backend (`Mappings`, `Collapse`, `Update`), over the backend's launchers
+A fused backend (`megatron_mhc.fusions.triton`, `.cutile`) exposes `FusedOps(name, load_ops)`'s
+methods as its public functions: the reference's names and signatures, the reference itself for
+float64 (gradcheck) and empty inputs, shape checks with errors naming the backend, and gates
+broadcast over the tokens as the reference broadcasts them. The mappings (alone, or with the
+collapse), the collapse and the update are the same autograd Functions for every backend
+(`Mappings`, `Collapse`, `Update`), over the backend's launchers
 (`ops.proj_rms_fwd/proj_rms_bwd/mhc_gates_fwd/mhc_gates_bwd/collapse_fwd/collapse_bwd/
-update_fwd/update_bwd`) and its `ops.check_device`; the head is the backend's own `ops.Head`. `SaveInputsOnly` runs an autograd-based op keeping
-only its inputs for backward (the HC modules use it for the reference ops, the fused backends for
-the ops they do not fuse), which lets the recompute manager free and restore the stream input.
+update_fwd/update_bwd`) and its `ops.check_device`; the head is the backend's own `ops.Head`.
+`SaveInputsOnly` runs an autograd-based op keeping only its inputs for backward (the HC modules
+use it for the reference ops, the fused backends for the ops they do not fuse), which lets the
+recompute manager free and restore the stream input.
 """
 
 import math
@@ -184,11 +185,6 @@ def use_reference(*tensors: torch.Tensor) -> bool:
     return any(t.dtype == torch.float64 or t.numel() == 0 for t in tensors)
 
 
-def check(ok: bool, backend: str, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{backend} backend: {what}")
-
-
 def lead_shape(*pairs):
     """Broadcast leading shape of (tensor, number of trailing dims) pairs."""
     return torch.broadcast_shapes(*(t.shape[: t.dim() - k] for t, k in pairs))
@@ -200,52 +196,75 @@ def expand(t: torch.Tensor, lead, trailing: int) -> torch.Tensor:
     return t if t.shape == target else t.expand(target)
 
 
-def mappings(backend: str, ops, x, fn, base, scale, sinkhorn_iters, eps, norm_eps,
-             with_collapse: bool = False):
-    """`mhc_mappings` (or, with_collapse, `mhc_mappings_collapse`) of a fused backend."""
-    if use_reference(x, fn, base, scale):
-        op = reference.mhc_mappings_collapse if with_collapse else reference.mhc_mappings
-        return op(x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
-    n, C = x.shape[-2:]
-    num_maps = n * n + 2 * n
-    check(tuple(fn.shape) == (num_maps, n * C), backend,
-          f"fn must be [{num_maps}, {n * C}], got {tuple(fn.shape)}")
-    check(tuple(base.shape) == (num_maps,), backend,
-          f"base must be [{num_maps}], got {tuple(base.shape)}")
-    check(scale.numel() == 3, backend, f"scale must hold 3 gating factors, got "
-          f"{tuple(scale.shape)}")
-    return Mappings.apply(ops, with_collapse, x, fn, base, scale, int(sinkhorn_iters),
-                          float(eps), float(norm_eps))
+class FusedOps:
+    """The public ops of a fused backend: the reference's names, signatures and contracts, over
+    the backend's launchers. `load_ops()` returns the backend's `ops` module (imported at the
+    first call, so that importing a backend package imports neither triton nor cuda.tile).
+    Float64 (gradcheck) and empty inputs go to the reference; shapes are checked with errors
+    naming the backend; gates are broadcast over the tokens as the reference broadcasts them."""
 
+    def __init__(self, backend: str, load_ops):
+        self.backend, self._load_ops = backend, load_ops
 
-def collapse(backend: str, ops, x, h_pre):
-    if use_reference(x, h_pre):
-        return reference.mhc_collapse(x, h_pre)
-    check(h_pre.shape[-1] == x.shape[-2], backend, f"h_pre {tuple(h_pre.shape)} does not match "
-          f"the {x.shape[-2]} streams of x {tuple(x.shape)}")
-    lead = lead_shape((x, 2), (h_pre, 1))
-    return Collapse.apply(ops, expand(x, lead, 2), expand(h_pre, lead, 1))
+    def _check(self, ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.backend} backend: {what}")
 
+    def mhc_mappings(self, x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6,
+                     norm_eps: float = 1e-6):
+        """mHC mappings of x [..., n, C] -> (h_pre, h_post, comb), fp32."""
+        return self._mappings(False, x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
 
-def update(backend: str, ops, x, y, h_post, comb):
-    if use_reference(x, y, h_post, comb):
-        return reference.mhc_update(x, y, h_post, comb)
-    n, C = x.shape[-2:]
-    check(y.shape[-1] == C and h_post.shape[-1] == n and tuple(comb.shape[-2:]) == (n, n),
-          backend, f"shapes do not match: x {tuple(x.shape)}, y {tuple(y.shape)}, "
-          f"h_post {tuple(h_post.shape)}, comb {tuple(comb.shape)}")
-    lead = lead_shape((x, 2), (y, 1), (h_post, 1), (comb, 2))
-    return Update.apply(ops, expand(x, lead, 2), expand(y, lead, 1), expand(h_post, lead, 1),
-                        expand(comb, lead, 2))
+    def mhc_mappings_collapse(self, x, fn, base, scale, sinkhorn_iters: int = 20,
+                              eps: float = 1e-6, norm_eps: float = 1e-6):
+        """(u, h_pre, h_post, comb, residual) from one Function whose backward writes dx once."""
+        return self._mappings(True, x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
 
+    def _mappings(self, with_collapse, x, fn, base, scale, sinkhorn_iters, eps, norm_eps):
+        if use_reference(x, fn, base, scale):
+            op = reference.mhc_mappings_collapse if with_collapse else reference.mhc_mappings
+            return op(x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
+        n, C = x.shape[-2:]
+        num_maps = n * n + 2 * n
+        self._check(tuple(fn.shape) == (num_maps, n * C),
+                    f"fn must be [{num_maps}, {n * C}], got {tuple(fn.shape)}")
+        self._check(tuple(base.shape) == (num_maps,),
+                    f"base must be [{num_maps}], got {tuple(base.shape)}")
+        self._check(scale.numel() == 3,
+                    f"scale must hold 3 gating factors, got {tuple(scale.shape)}")
+        return Mappings.apply(self._load_ops(), with_collapse, x, fn, base, scale,
+                              int(sinkhorn_iters), float(eps), float(norm_eps))
 
-def head(backend: str, ops, x, fn, base, scale, eps, norm_eps):
-    if use_reference(x, fn, base, scale):
-        return reference.mhc_head(x, fn, base, scale, eps, norm_eps)
-    n, C = x.shape[-2:]
-    check(tuple(fn.shape) == (n, n * C), backend, f"fn must be [{n}, {n * C}], got "
-          f"{tuple(fn.shape)}")
-    check(tuple(base.shape) == (n,), backend, f"base must be [{n}], got {tuple(base.shape)}")
-    check(scale.numel() == 1, backend, f"scale must hold 1 gating factor, got "
-          f"{tuple(scale.shape)}")
-    return ops.Head.apply(x, fn, base, scale, float(eps), float(norm_eps))
+    def mhc_collapse(self, x, h_pre):
+        """u = sum_i h_pre[i] * x_i: [..., n, C], [..., n] -> [..., C] in x.dtype."""
+        if use_reference(x, h_pre):
+            return reference.mhc_collapse(x, h_pre)
+        self._check(h_pre.shape[-1] == x.shape[-2], f"h_pre {tuple(h_pre.shape)} does not "
+                    f"match the {x.shape[-2]} streams of x {tuple(x.shape)}")
+        lead = lead_shape((x, 2), (h_pre, 1))
+        return Collapse.apply(self._load_ops(), expand(x, lead, 2), expand(h_pre, lead, 1))
+
+    def mhc_update(self, x, y, h_post, comb):
+        """x'_k = h_post[k] * y + sum_j comb[j, k] * x_j -> [..., n, C] in x.dtype."""
+        if use_reference(x, y, h_post, comb):
+            return reference.mhc_update(x, y, h_post, comb)
+        n, C = x.shape[-2:]
+        self._check(y.shape[-1] == C and h_post.shape[-1] == n
+                    and tuple(comb.shape[-2:]) == (n, n),
+                    f"shapes do not match: x {tuple(x.shape)}, y {tuple(y.shape)}, "
+                    f"h_post {tuple(h_post.shape)}, comb {tuple(comb.shape)}")
+        lead = lead_shape((x, 2), (y, 1), (h_post, 1), (comb, 2))
+        return Update.apply(self._load_ops(), expand(x, lead, 2), expand(y, lead, 1),
+                            expand(h_post, lead, 1), expand(comb, lead, 2))
+
+    def mhc_head(self, x, fn, base, scale, eps: float = 1e-6, norm_eps: float = 1e-6):
+        """Learned contract (DeepSeek-V4 head): sum_i w_i x_i, w = sigmoid(scale*m + base) + eps."""
+        if use_reference(x, fn, base, scale):
+            return reference.mhc_head(x, fn, base, scale, eps, norm_eps)
+        n, C = x.shape[-2:]
+        self._check(tuple(fn.shape) == (n, n * C), f"fn must be [{n}, {n * C}], got "
+                    f"{tuple(fn.shape)}")
+        self._check(tuple(base.shape) == (n,), f"base must be [{n}], got {tuple(base.shape)}")
+        self._check(scale.numel() == 1, f"scale must hold 1 gating factor, got "
+                    f"{tuple(scale.shape)}")
+        return self._load_ops().Head.apply(x, fn, base, scale, float(eps), float(norm_eps))

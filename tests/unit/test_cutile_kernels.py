@@ -720,12 +720,8 @@ def test_hc_module_ops_through_the_autograd_functions_emulated(emulated_ops, mon
         (out.float() * weights).sum().backward()
         return [u, h_pre, h_post, comb, streams, out] + [t.grad for t in leaves]
 
-    def fused_mappings_collapse(*args):
-        return _frontend.mappings("cutile", emulated_ops, *args, with_collapse=True)
-
-    got = run(fused_mappings_collapse,
-              lambda *a: _frontend.update("cutile", emulated_ops, *a),
-              lambda *a: _frontend.head("cutile", emulated_ops, *a),
+    fused = _frontend.FusedOps("cutile", lambda: emulated_ops)
+    got = run(fused.mhc_mappings_collapse, fused.mhc_update, fused.mhc_head,
               [t.clone().requires_grad_() for t in inputs])
     want = run(reference.mhc_mappings_collapse, reference.mhc_update, reference.mhc_head,
                [t.clone().requires_grad_() for t in inputs])

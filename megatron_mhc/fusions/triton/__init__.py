@@ -104,34 +104,11 @@ def hc_mappings(x, fn, base, scale, norm_eps: float = 1e-6):
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused ops.
+# Fused ops: the reference's functions over this backend's launchers (fused_frontend.FusedOps).
 # ----------------------------------------------------------------------------------------------
-def mhc_mappings(x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6,
-                 norm_eps: float = 1e-6):
-    """mHC mappings of x [..., n, C] -> (h_pre [..., n], h_post [..., n], comb [..., n, n]), fp32.
-    Same contract as `reference.mhc_mappings`."""
-    return _frontend.mappings("triton", _ops(), x, fn, base, scale, sinkhorn_iters, eps,
-                              norm_eps)
-
-
-def mhc_mappings_collapse(x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6,
-                          norm_eps: float = 1e-6):
-    """(u, h_pre, h_post, comb, residual): the mappings and the collapse in one Function whose
-    backward writes dx once. Same contract as `reference.mhc_mappings_collapse`."""
-    return _frontend.mappings("triton", _ops(), x, fn, base, scale, sinkhorn_iters, eps,
-                              norm_eps, with_collapse=True)
-
-
-def mhc_collapse(x, h_pre):
-    """u = sum_i h_pre[i] * x_i: [..., n, C], [..., n] -> [..., C] in x.dtype."""
-    return _frontend.collapse("triton", _ops(), x, h_pre)
-
-
-def mhc_update(x, y, h_post, comb):
-    """x'_k = h_post[k] * y + sum_j comb[j, k] * x_j -> [..., n, C] in x.dtype."""
-    return _frontend.update("triton", _ops(), x, y, h_post, comb)
-
-
-def mhc_head(x, fn, base, scale, eps: float = 1e-6, norm_eps: float = 1e-6):
-    """Learned contract (DeepSeek-V4 head): sum_i w_i x_i, w = sigmoid(scale*m + base) + eps."""
-    return _frontend.head("triton", _ops(), x, fn, base, scale, eps, norm_eps)
+_fused = _frontend.FusedOps("triton", _ops)
+mhc_mappings = _fused.mhc_mappings
+mhc_mappings_collapse = _fused.mhc_mappings_collapse
+mhc_collapse = _fused.mhc_collapse
+mhc_update = _fused.mhc_update
+mhc_head = _fused.mhc_head
