@@ -27,6 +27,7 @@ from megatron_mhc.fusions import cutile, get_backend, reference
 from megatron_mhc.fusions import fused_frontend as _frontend
 from megatron_mhc.fusions import triton as triton_backend
 from megatron_mhc.fusions.cutile import ops
+from tests.numerics import DTYPES, TOLERANCES, assert_close, assert_close_to_exact
 
 try:
     import cuda.tile as ct
@@ -43,8 +44,6 @@ BYTECODE_VERSION = "13.2"
 KERNEL_NAMES = ("proj_rms_fwd", "proj_rms_bwd", "mhc_gates_fwd", "mhc_gates_bwd",
                 "collapse_fwd", "collapse_bwd", "update_fwd", "update_bwd", "head_fwd",
                 "head_gate_bwd")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2)}
 
 FORCE_GPU = os.environ.get("MHC_CUTILE_TEST_FORCE") == "1" and torch.cuda.is_available()
 RUN_GPU = cutile.is_available() or FORCE_GPU
@@ -306,19 +305,6 @@ def test_tile_sizes():
                     assert all(t > 0 and t & (t - 1) == 0 for t in tiles), (name, tiles)
 
 
-def _assert_close_to_exact(got, want32, want64, name):
-    """For a sum over all tokens that cancels (the scale and base gradients, where the fp32
-    reference itself can be ~1e-5 off): within the fp32 tolerance of the reference, or no
-    further from the float64 result than 1e-5 of it plus twice the fp32 reference's own error."""
-    try:
-        _assert_close(got, want32, name)
-    except AssertionError:
-        exact = want64.detach().double()
-        err = (got.detach().double() - exact).abs()
-        bound = 1e-5 * exact.abs() + 2 * (want32.detach().double() - exact).abs()
-        assert (err <= bound).all(), f"{name}: {got} vs float64 {exact} (fp32 ref {want32})"
-
-
 # ----------------------------------------------------------------------------------------------
 # CPU: the kernels' math, run by an emulation of the cuTile operations they use.
 # ----------------------------------------------------------------------------------------------
@@ -463,10 +449,10 @@ def test_kernel_math_emulated(emulated_ops, n, T, C, dtype):
     ref = [t.clone().requires_grad_() for t in (x, h_pre)]
     u_ref = reference.mhc_collapse(*ref)
     u_ref.backward(du)
-    _assert_close(emulated_ops.collapse_fwd(x, h_pre, dt), u_ref, "collapse forward")
+    assert_close(emulated_ops.collapse_fwd(x, h_pre, dt), u_ref, "collapse forward")
     dx, dh = emulated_ops.collapse_bwd(x, h_pre, du, True, dt, torch.float32)
-    _assert_close(dx, ref[0].grad, "collapse dx")
-    _assert_close(dh, ref[1].grad, "collapse dh_pre")
+    assert_close(dx, ref[0].grad, "collapse dx")
+    assert_close(dh, ref[1].grad, "collapse dh_pre")
     no_dx, dh2 = emulated_ops.collapse_bwd(x, h_pre, du, False, dt, torch.float32)
     assert no_dx is None
     torch.testing.assert_close(dh2, dh, rtol=0, atol=0)
@@ -474,11 +460,11 @@ def test_kernel_math_emulated(emulated_ops, n, T, C, dtype):
     ref = [t.clone().requires_grad_() for t in (x, y, h_post, comb)]
     out_ref = reference.mhc_update(*ref)
     out_ref.backward(dout)
-    _assert_close(emulated_ops.update_fwd(x, y, h_post, comb), out_ref, "update forward")
+    assert_close(emulated_ops.update_fwd(x, y, h_post, comb), out_ref, "update forward")
     grads = emulated_ops.update_bwd(x, y, h_post, comb, dout, (dt, dt, torch.float32,
                                                                 torch.float32))
     for got, r, what in zip(grads, ref, ("dx", "dy", "dh_post", "dcomb")):
-        _assert_close(got, r.grad, f"update {what}")
+        assert_close(got, r.grad, f"update {what}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -506,12 +492,12 @@ def test_head_math_emulated(emulated_ops, n, T, C, dtype):
 
     fn3 = fn.view(n, n, C)
     u, mn, r, w = emulated_ops.head_fwd(x, fn3, base, scale, eps, norm_eps)
-    _assert_close(u, u_ref, "head forward")
+    assert_close(u, u_ref, "head forward")
     dx, dfn, dbase, dscale = emulated_ops.head_bwd(x, fn3, base, scale, du, mn, r, w, True, True)
-    _assert_close(dx.view(x.shape), ref[0].grad, "head dx")
-    _assert_close(dfn, ref[1].grad, "head dfn")
-    _assert_close(dbase, ref[2].grad, "head dbase")
-    _assert_close_to_exact(dscale, ref[3].grad, ref64[3].grad, "head dscale")
+    assert_close(dx.view(x.shape), ref[0].grad, "head dx")
+    assert_close(dfn, ref[1].grad, "head dfn")
+    assert_close(dbase, ref[2].grad, "head dbase")
+    assert_close_to_exact(dscale, ref[3].grad, ref64[3].grad, "head dscale")
 
 
 def _check_mappings(ops_, n, T, C, dtype, iters, device="cpu"):
@@ -545,20 +531,20 @@ def _check_mappings(ops_, n, T, C, dtype, iters, device="cpu"):
     mn, r = ops_.proj_rms_fwd(x2, fn, norm_eps)
     got = ops_.mhc_gates_fwd(mn, base, scale, n, iters, eps)
     for g_, w_, what in zip(got, want, ("h_pre", "h_post", "comb")):
-        _assert_close(g_, w_, f"mappings {what}")
+        assert_close(g_, w_, f"mappings {what}")
 
     g, coef, dbase, dscale = ops_.mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n,
                                                 K, iters, eps)
     dx, dfn = ops_.proj_rms_bwd(x2, fn, g, coef, True, True, dt)
-    _assert_close(dx.view(x.shape), grads[0], "mappings dx")
-    _assert_close(dfn, grads[1], "mappings dfn")
-    _assert_close_to_exact(dbase, grads[2], grads64[2], "mappings dbase")
-    _assert_close_to_exact(dscale, grads[3], grads64[3], "mappings dscale")
+    assert_close(dx.view(x.shape), grads[0], "mappings dx")
+    assert_close(dfn, grads[1], "mappings dfn")
+    assert_close_to_exact(dbase, grads[2], grads64[2], "mappings dbase")
+    assert_close_to_exact(dscale, grads[3], grads64[3], "mappings dscale")
 
     dx_all, no_dfn = ops_.proj_rms_bwd(x2, fn, g, coef, True, False, dt, collapse=(w, du, C),
                                        residual=residual.view(T, K))
     assert no_dfn is None
-    _assert_close(dx_all.view(x.shape), (dx_collapse.float() + residual.float()).to(dt),
+    assert_close(dx_all.view(x.shape), (dx_collapse.float() + residual.float()).to(dt),
                   "mappings dx + collapse dx + residual")
     no_dx, dfn_alone = ops_.proj_rms_bwd(x2, fn, g, coef, False, True, dt)
     assert no_dx is None
@@ -577,16 +563,6 @@ def test_mappings_math_emulated(emulated_ops, n, T, C, dtype, iters):
 # ----------------------------------------------------------------------------------------------
 # GPU: the ops against the reference.
 # ----------------------------------------------------------------------------------------------
-def _assert_close(got, want, name):
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != reference {want.dtype}"
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: not finite"
-    rtol, atol = TOLERANCES[torch.float32 if want.dtype == torch.float32 else torch.bfloat16]
-    scale = want.detach().float().abs().max().item() if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().float(), want.detach().float(), rtol=rtol,
-                               atol=atol * max(scale, 1e-6), msg=lambda m: f"{name}: {m}")
-
-
 def _inputs(op, n, lead, C, dtype, gen, variant):
     def randn(*shape):
         return torch.randn(*shape, generator=gen).cuda()
@@ -618,7 +594,7 @@ def _check(op, n, lead, C, dtype_name, variant="plain", seed=0):
     got = getattr(cutile, op)(*cut_in)
     want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
     for i, (g, w) in enumerate(zip(got, want)):
-        _assert_close(g, w, f"{op} output {i}")
+        assert_close(g, w, f"{op} output {i}")
     # A gradient for every output (mhc_mappings_collapse: its residual too, as the update's).
     grads = [torch.randn(w.shape, generator=gen).to(device=w.device, dtype=w.dtype)
              for w in want]
@@ -630,9 +606,9 @@ def _check(op, n, lead, C, dtype_name, variant="plain", seed=0):
     for i, (c, r) in enumerate(zip(cut_in, ref_in)):
         assert c.grad is not None, f"{op}: no gradient for input {i}"
         if op == "mhc_head" and i == 3:
-            _assert_close_to_exact(c.grad, r.grad, ref64[3].grad, f"{op} grad of scale")
+            assert_close_to_exact(c.grad, r.grad, ref64[3].grad, f"{op} grad of scale")
         else:
-            _assert_close(c.grad, r.grad, f"{op} grad of input {i}")
+            assert_close(c.grad, r.grad, f"{op} grad of input {i}")
 
 
 @pytest.mark.skipif(not RUN_GPU, reason=NO_GPU)

@@ -19,12 +19,10 @@ import pytest
 import torch
 
 from megatron_mhc.platform.cpu import CPU_ENV
+from tests.numerics import DTYPES, assert_close, assert_close_to_exact
 
 CUDA = torch.cuda.is_available()
 OPS = ("mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# (rtol, atol as a fraction of the reference tensor's largest magnitude)
-TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2)}
 NO_GPU = "needs a CUDA GPU (the CPU runs the kernels in Triton's interpreter, at small sizes)"
 
 
@@ -57,16 +55,6 @@ def _make_inputs(op, n, lead, C, dtype, device, gen, variant):
             rand(*gate_lead, n, n)]
 
 
-def _assert_close(got, want, name):
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != reference {want.dtype}"
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: not finite"
-    rtol, atol = TOLERANCES[torch.float32 if want.dtype == torch.float32 else torch.bfloat16]
-    scale = want.detach().float().abs().max().item() if want.numel() else 1.0
-    torch.testing.assert_close(got.detach().float(), want.detach().float(), rtol=rtol,
-                               atol=atol * max(scale, 1e-6), msg=lambda m: f"{name}: {m}")
-
-
 def check_op(op, n, lead, C, dtype_name, device="cpu", seed=0, variant="plain", iters=20,
              block_mode=None):
     """Forward and every input gradient of the Triton `op` against the reference.
@@ -93,7 +81,7 @@ def check_op(op, n, lead, C, dtype_name, device="cpu", seed=0, variant="plain", 
         want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
         assert len(got) == len(want)
         for i, (g, w) in enumerate(zip(got, want)):
-            _assert_close(g, w, f"{op} output {i}")
+            assert_close(g, w, f"{op} output {i}")
         grads = [torch.randn(w.shape, generator=gen).to(device=device, dtype=w.dtype)
                  for w in want]
         torch.autograd.backward(want, grads)
@@ -103,10 +91,38 @@ def check_op(op, n, lead, C, dtype_name, device="cpu", seed=0, variant="plain", 
     worst = 0.0
     for i, (t, r) in enumerate(zip(tri_in, ref_in)):
         assert t.grad is not None, f"{op}: no gradient for input {i}"
-        _assert_close(t.grad, r.grad, f"{op} grad of input {i}")
+        assert_close(t.grad, r.grad, f"{op} grad of input {i}")
         err = (t.grad.float() - r.grad.float()).abs().max() / r.grad.float().abs().max()
         worst = max(worst, err.item())
     return worst
+
+
+def check_mappings_collapse_with_unused_outputs(device="cpu"):
+    """mhc_mappings_collapse when only some outputs reach the loss (autograd then passes None for
+    the others: no collapse term, no residual term, or neither): every gradient as the reference's."""
+    from megatron_mhc.fusions import reference
+    from megatron_mhc.fusions import triton as triton_ops
+
+    gen = torch.Generator().manual_seed(4)
+    inputs = _make_inputs("mhc_mappings_collapse", 4, (6,), 37, torch.float32, device, gen,
+                          "plain")
+    for used in [(0,), (4,), (2, 3), (1, 4), (0, 4)]:  # u; residual; h_post+comb; ...
+        grads = {}
+        for name, impl, dtype in (("ref", reference, torch.float32),
+                                  ("ref64", reference, torch.float64),
+                                  ("triton", triton_ops, torch.float32)):
+            leaves = [t.clone().to(dtype).requires_grad_() for t in inputs]
+            outputs = impl.mhc_mappings_collapse(*leaves)
+            loss = sum((outputs[i] * (i + 1)).sin().sum() for i in used)
+            loss.backward()
+            grads[name] = [t.grad for t in leaves]
+        for i, (got, want, exact) in enumerate(zip(grads["triton"], grads["ref"],
+                                                    grads["ref64"])):
+            if want is None:
+                assert got is None or not got.any(), (used, i)
+            else:
+                # The gating factors' gradients are sums over tokens that cancel.
+                assert_close_to_exact(got, want, exact, f"outputs {used}: grad of input {i}")
 
 
 def check_saves_inputs_only(op, n=4, lead=(5,), C=37, device="cpu"):
@@ -181,7 +197,7 @@ def check_hyper_connection_module(n=4, seed=0):
 
     names = ["h_pre", "h_post", "comb", "collapse", "update", "grad x", "grad params..."]
     for i, (got, want) in enumerate(zip(step(tri_mod), step(ref_mod))):
-        _assert_close(got, want, names[min(i, len(names) - 1)])
+        assert_close(got, want, names[min(i, len(names) - 1)])
 
 
 def check_recompute_with_triton_backend():
@@ -293,6 +309,10 @@ def test_sinkhorn_iteration_counts_interpreted(interpreted, iters):
 @pytest.mark.parametrize("op", OPS)
 def test_saves_only_inputs_interpreted(interpreted, op):
     interpreted(check_saves_inputs_only, op)
+
+
+def test_mappings_collapse_with_unused_outputs_interpreted(interpreted):
+    interpreted(check_mappings_collapse_with_unused_outputs)
 
 
 def test_hyper_connection_module_interpreted(interpreted):
