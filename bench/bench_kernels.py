@@ -52,11 +52,12 @@ import os
 import torch
 
 try:  # run as a script (python bench/bench_kernels.py) or imported as bench.bench_kernels
-    from common import (DTYPES, copy_bandwidth, device_name, print_table, setup_device,
-                        synchronize, time_call, versions)
+    from common import (DTYPES, add_device_arguments, copy_bandwidth, device_name, print_table,
+                        resolve_copy_mib, setup_device, synchronize, time_call, versions)
 except ImportError:  # pragma: no cover
-    from bench.common import (DTYPES, copy_bandwidth, device_name, print_table, setup_device,
-                              synchronize, time_call, versions)
+    from bench.common import (DTYPES, add_device_arguments, copy_bandwidth, device_name,
+                              print_table, resolve_copy_mib, setup_device, synchronize, time_call,
+                              versions)
 
 OPS = ("mappings", "collapse", "update", "head", "module")
 OUR_BACKENDS = ("torch", "triton", "cutile")
@@ -82,10 +83,7 @@ def parse_args(argv=None):
                         help=f"comma-separated variants out of {','.join(ALL_VARIANTS)} "
                              f"(default: all on cuda, 'torch' on cpu; on cpu only "
                              f"{', '.join(CPU_VARIANTS)} run, the others are only detected)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--copy-mib", type=int, default=None,
-                        help="buffer size for the copy-bandwidth measurement (default 2048 on "
-                             "cuda, 64 on cpu)")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     args.ops = [op for op in args.ops.split(",") if op]
     for op in args.ops:
@@ -98,8 +96,7 @@ def parse_args(argv=None):
     for name in args.backends:
         if name not in ALL_VARIANTS:
             parser.error(f"unknown backend {name!r}; choose from {ALL_VARIANTS}")
-    if args.copy_mib is None:
-        args.copy_mib = 2048 if args.device == "cuda" else 64
+    resolve_copy_mib(args)
     return args
 
 

@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 
 try:  # run as a script (python bench/bench_step.py) or imported as bench.bench_step
-    from common import (copy_bandwidth, device_name, print_table, setup_device, synchronize,
-                        time_call, versions)
+    from common import (add_device_arguments, copy_bandwidth, device_name, print_table,
+                        resolve_copy_mib, setup_device, synchronize, time_call, versions)
 except ImportError:  # pragma: no cover
-    from bench.common import (copy_bandwidth, device_name, print_table, setup_device,
-                              synchronize, time_call, versions)
+    from bench.common import (add_device_arguments, copy_bandwidth, device_name, print_table,
+                              resolve_copy_mib, setup_device, synchronize, time_call, versions)
 
 
 def parse_args(argv=None):
@@ -59,16 +59,12 @@ def parse_args(argv=None):
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--copy-mib", type=int, default=None,
-                        help="buffer size for the copy-bandwidth measurement (default 2048 on "
-                             "cuda, 64 on cpu)")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     if args.mhc_recompute not in (None, "auto"):
         args.mhc_recompute = int(args.mhc_recompute)
-    if args.copy_mib is None:
-        args.copy_mib = 2048 if args.device == "cuda" else 64
+    resolve_copy_mib(args)
     return args
 
 

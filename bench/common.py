@@ -63,6 +63,21 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int, setup=None) -
     return statistics.median(times)
 
 
+def add_device_arguments(parser) -> None:
+    """--device and --copy-mib (the buffer of the copy-bandwidth measurement), shared by the
+    benchmarks that compare against the bandwidth bound; resolve with `resolve_copy_mib`."""
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--copy-mib", type=int, default=None,
+                        help="buffer size for the copy-bandwidth measurement (default 2048 on "
+                             "cuda, 64 on cpu)")
+
+
+def resolve_copy_mib(args) -> None:
+    """Fills the --copy-mib default for the chosen --device."""
+    if args.copy_mib is None:
+        args.copy_mib = 2048 if args.device == "cuda" else 64
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, warmup: int = 3,
                    repeats: int = 10) -> float:
     """Measured device-to-device copy bandwidth in bytes/s: a `nbytes` buffer copied into

@@ -46,6 +46,7 @@ Limitations: the fc1 weight of a gated linear unit (SwiGLU) is laid out per rank
 renumbered; virtual pipeline stages (a list of model chunks) are not handled.
 """
 
+import contextlib
 import datetime
 import os
 import re
@@ -75,20 +76,27 @@ _SERVER_ENV = {**CPU_ENV, "CUDA_VISIBLE_DEVICES": ""}
 _LAYER_NAME = re.compile(r"^(?P<layers>(?:.*\.)?decoder\.layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
-def _context():
-    """The forkserver context; starts the fork server (once) with the CPU environment."""
-    context = mp.get_context(_START_METHOD)
-    context.set_forkserver_preload(_PRELOAD)
-    saved = {key: os.environ.get(key) for key in _SERVER_ENV}
-    os.environ.update(_SERVER_ENV)
+@contextlib.contextmanager
+def environment(env: dict):
+    """os.environ with `env` set inside (for the processes started there), restored after."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
-        forkserver.ensure_running()  # the server, and the processes it forks, keep this env
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 del os.environ[key]
             else:
                 os.environ[key] = value
+
+
+def _context():
+    """The forkserver context; starts the fork server (once) with the CPU environment."""
+    context = mp.get_context(_START_METHOD)
+    context.set_forkserver_preload(_PRELOAD)
+    with environment(_SERVER_ENV):
+        forkserver.ensure_running()  # the server, and the processes it forks, keep this env
     return context
 
 

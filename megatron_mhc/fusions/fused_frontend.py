@@ -201,10 +201,29 @@ class FusedOps:
     the backend's launchers. `load_ops()` returns the backend's `ops` module (imported at the
     first call, so that importing a backend package imports neither triton nor cuda.tile).
     Float64 (gradcheck) and empty inputs go to the reference; shapes are checked with errors
-    naming the backend; gates are broadcast over the tokens as the reference broadcasts them."""
+    naming the backend; gates are broadcast over the tokens as the reference broadcasts them.
 
-    def __init__(self, backend: str, load_ops):
+    `unavailable_reason()` is None when the kernels can run here, else why not; it gives the
+    package's `is_available()` and its `UNAVAILABLE_REASON` (through `module_getattr`, the
+    package's `__getattr__`: computed when read, as a constant would import triton or cuda.tile
+    with the package and could go stale)."""
+
+    # What a backend package exports: the reference's functions plus its availability.
+    EXPORTS = [*reference.__all__, "is_available", "UNAVAILABLE_REASON", "SAVES_INPUTS_ONLY"]
+
+    def __init__(self, backend: str, load_ops, unavailable_reason=lambda: None):
         self.backend, self._load_ops = backend, load_ops
+        self._unavailable_reason = unavailable_reason
+
+    def is_available(self) -> bool:
+        """True when this backend's kernels can run here."""
+        return self._unavailable_reason() is None
+
+    def module_getattr(self, name: str):
+        if name == "UNAVAILABLE_REASON":
+            return self._unavailable_reason() or ""
+        raise AttributeError(f"module 'megatron_mhc.fusions.{self.backend}' has no attribute "
+                             f"{name!r}")
 
     def _check(self, ok: bool, what: str) -> None:
         if not ok:

@@ -57,7 +57,8 @@ class HyperConnectionTransformerBlock(TransformerBlock):
         streams = hidden_states.unflatten(-1, (self.num_streams, -1))
         if self.config.mhc_output_contract == "learned":
             return self.mhc_head(streams)
-        return streams.float().mean(dim=-2).to(streams.dtype)
+        # fp32 accumulation without an fp32 copy of the n-stream state.
+        return streams.mean(dim=-2, dtype=torch.float32).to(streams.dtype)
 
     def _contract_before_final_norm(self, _norm: torch.nn.Module, args: tuple) -> tuple:
         return (self.contract_streams(args[0]), *args[1:])

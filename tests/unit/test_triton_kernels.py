@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_mhc.platform.cpu import CPU_ENV
+from tests.dist_utils import environment
 from tests.numerics import DTYPES, assert_close, assert_close_to_exact
 
 CUDA = torch.cuda.is_available()
@@ -255,16 +256,8 @@ def _enter_interpreter():
 
 def _interpreter_pool():
     """A one-process pool whose worker has TRITON_INTERPRET=1 from its start."""
-    saved = {key: os.environ.get(key) for key in _WORKER_ENV}
-    os.environ.update(_WORKER_ENV)  # inherited by the spawned worker from its first line
-    try:
+    with environment(_WORKER_ENV):  # inherited by the spawned worker from its first line
         return multiprocessing.get_context("spawn").Pool(1, initializer=_enter_interpreter)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

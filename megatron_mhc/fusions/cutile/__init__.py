@@ -20,19 +20,7 @@ from megatron_mhc.fusions import fused_frontend as _frontend
 from megatron_mhc.fusions import reference as _reference
 from megatron_mhc.fusions import triton as _triton
 
-__all__ = [
-    "sinkhorn",
-    "mhc_mappings",
-    "mhc_mappings_collapse",
-    "hc_mappings",
-    "hc_static_mappings",
-    "mhc_collapse",
-    "mhc_update",
-    "mhc_head",
-    "is_available",
-    "UNAVAILABLE_REASON",
-    "SAVES_INPUTS_ONLY",
-]
+__all__ = _frontend.FusedOps.EXPORTS
 
 # The cuTile Functions save only their inputs (plus, for the head, the small fp32 per-token
 # mn, r and w) and read them only in backward; the delegated ops are the Triton backend's,
@@ -67,18 +55,6 @@ def _unavailable_reason() -> "str | None":
     return _arch_reason(torch.cuda.get_device_capability())
 
 
-def is_available() -> bool:
-    """True with `cuda.tile` importable and a CUDA GPU whose architecture cuTile supports."""
-    return _unavailable_reason() is None
-
-
-def __getattr__(name):
-    # UNAVAILABLE_REASON: why is_available() is False ("" when it is True), computed when read.
-    if name == "UNAVAILABLE_REASON":
-        return _unavailable_reason() or ""
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _ops():
     from megatron_mhc.fusions.cutile import ops
 
@@ -96,7 +72,9 @@ hc_mappings = _triton.hc_mappings
 # ----------------------------------------------------------------------------------------------
 # cuTile kernels: the reference's functions over this backend's launchers (fused_frontend.FusedOps).
 # ----------------------------------------------------------------------------------------------
-_fused = _frontend.FusedOps("cutile", _ops)
+_fused = _frontend.FusedOps("cutile", _ops, _unavailable_reason)
+is_available = _fused.is_available
+__getattr__ = _fused.module_getattr
 mhc_mappings = _fused.mhc_mappings
 mhc_mappings_collapse = _fused.mhc_mappings_collapse
 mhc_collapse = _fused.mhc_collapse

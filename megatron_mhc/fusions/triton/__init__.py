@@ -21,19 +21,7 @@ import torch
 from megatron_mhc.fusions import fused_frontend as _frontend
 from megatron_mhc.fusions import reference as _reference
 
-__all__ = [
-    "sinkhorn",
-    "mhc_mappings",
-    "mhc_mappings_collapse",
-    "hc_mappings",
-    "hc_static_mappings",
-    "mhc_collapse",
-    "mhc_update",
-    "mhc_head",
-    "is_available",
-    "UNAVAILABLE_REASON",
-    "SAVES_INPUTS_ONLY",
-]
+__all__ = _frontend.FusedOps.EXPORTS
 
 # Every autograd Function here saves only its inputs plus small per-token tensors, and reads
 # the inputs only when backward runs (the recompute manager frees and restores them).
@@ -69,19 +57,6 @@ def _unavailable_reason():
             "tests: TRITON_INTERPRET=1 in the environment before triton is imported)")
 
 
-def is_available() -> bool:
-    """True with a CUDA device and Triton, or under TRITON_INTERPRET=1 (CPU tests)."""
-    return _unavailable_reason() is None
-
-
-def __getattr__(name):
-    # UNAVAILABLE_REASON: why is_available() is False ("" when it is True), computed when read
-    # (a constant would import triton with this package and could go stale).
-    if name == "UNAVAILABLE_REASON":
-        return _unavailable_reason() or ""
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _ops():
     from megatron_mhc.fusions.triton import ops
 
@@ -106,7 +81,9 @@ def hc_mappings(x, fn, base, scale, norm_eps: float = 1e-6):
 # ----------------------------------------------------------------------------------------------
 # Fused ops: the reference's functions over this backend's launchers (fused_frontend.FusedOps).
 # ----------------------------------------------------------------------------------------------
-_fused = _frontend.FusedOps("triton", _ops)
+_fused = _frontend.FusedOps("triton", _ops, _unavailable_reason)
+is_available = _fused.is_available
+__getattr__ = _fused.module_getattr
 mhc_mappings = _fused.mhc_mappings
 mhc_mappings_collapse = _fused.mhc_mappings_collapse
 mhc_collapse = _fused.mhc_collapse
