@@ -47,9 +47,9 @@ class MHCHealthMonitor:
         for module in model.modules():
             if isinstance(module, HyperConnectionTransformerLayer):
                 self._layers.append(module)
-                for name in ("self_attention_hc", "mlp_hc"):
-                    key = (module.layer_number, name)
-                    getattr(module, name).register_forward_hook(self._hook(key))
+                for position, hyper_connection in enumerate(module.hyper_connections):
+                    key = (module.layer_number, position)
+                    hyper_connection.register_forward_hook(self._hook(key))
         self._layers.sort(key=lambda layer: layer.layer_number)
 
     @property
@@ -91,12 +91,15 @@ class MHCHealthMonitor:
         """
         local = {}
         for layer in self._layers:
-            attn = self._records.get((layer.layer_number, "self_attention_hc"))
-            mlp = self._records.get((layer.layer_number, "mlp_hc"))
-            if attn is not None and mlp is not None:
-                # H_res of the layer: the MLP's mixing applied after the attention's.
-                local[layer.layer_number] = (attn[0], mlp[0], attn[1], mlp[1],
-                                             (mlp[2] @ attn[2]).cpu())
+            records = [self._records.get((layer.layer_number, position))
+                       for position in range(len(layer.hyper_connections))]
+            if all(record is not None for record in records):
+                # H_res of the layer: its sublayers' mixings applied in forward order.
+                product = records[0][2]
+                for record in records[1:]:
+                    product = record[2] @ product
+                local[layer.layer_number] = ([r[0] for r in records], [r[1] for r in records],
+                                             product.cpu())
         per_layer = local
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             gathered = [None] * dist.get_world_size(pp_group)
@@ -105,17 +108,19 @@ class MHCHealthMonitor:
         figures: Dict[str, float] = {}
         product = None
         for layer_number in sorted(per_layer):
-            pre_attn, pre_mlp, post_attn, post_mlp, layer_product = per_layer[layer_number]
+            h_pre, h_post, layer_product = per_layer[layer_number]
             prefix = f"mhc/layer{layer_number:02d}"
-            figures[f"{prefix}/h_pre_mean"] = (pre_attn + pre_mlp) / 2
-            figures[f"{prefix}/h_post_mean"] = (post_attn + post_mlp) / 2
+            figures[f"{prefix}/h_pre_mean"] = sum(h_pre) / len(h_pre)
+            figures[f"{prefix}/h_post_mean"] = sum(h_post) / len(h_post)
             figures[f"{prefix}/amax_gain_fwd"], figures[f"{prefix}/amax_gain_bwd"] = amax_gains(
                 layer_product
             )
             product = layer_product if product is None else layer_product @ product
         if product is None:
             return figures
-        figures["mhc/h_pre_mean"] = sum(v[0] + v[1] for v in per_layer.values()) / (2 * len(per_layer))
-        figures["mhc/h_post_mean"] = sum(v[2] + v[3] for v in per_layer.values()) / (2 * len(per_layer))
+        h_pre = [value for v in per_layer.values() for value in v[0]]
+        h_post = [value for v in per_layer.values() for value in v[1]]
+        figures["mhc/h_pre_mean"] = sum(h_pre) / len(h_pre)
+        figures["mhc/h_post_mean"] = sum(h_post) / len(h_post)
         figures["mhc/amax_gain_fwd"], figures["mhc/amax_gain_bwd"] = amax_gains(product)
         return figures

@@ -1,6 +1,6 @@
 """Hyper-connection parameters and the calls into the mHC ops (`megatron_mhc.fusions`).
 
-`HyperConnectionModule` wraps one sublayer (attention or MLP): it computes the mappings from the
+`HyperConnectionModule` wraps one residual sublayer (attention, MLA, MLP or MoE): it computes the mappings from the
 n-stream state, collapses the streams into the sublayer input and writes the sublayer output back
 into the streams. `HyperConnectionHead` is the learned contract of DeepSeek-V4. Parameter layout,
 math and initialisation follow ../shared/SPEC.md; the parameters are fp32 whatever the activation
@@ -69,8 +69,9 @@ class HyperConnectionModule(_FP32ParamsModule):
 
     Args:
         config: the model config (n = `mhc_num_residual_streams`, C = `hidden_size`).
-        hc_index: 0-based index of this module in the whole model (two per layer: attention,
-            then MLP); the `hc` types start stream `hc_index mod n` as this module's input.
+        hc_index: 0-based index of this module in the whole model, in forward order (one per
+            residual sublayer); the `hc` types start stream `hc_index mod n` as this module's
+            input.
         update_stream: a HighPriorityStream to run the update on (None: the caller's stream).
     """
 
@@ -84,6 +85,7 @@ class HyperConnectionModule(_FP32ParamsModule):
         self.ops = get_backend(config.mhc_kernel_backend)
         # Set by MHCRecomputeManager when the block recomputes its stream states.
         self.recompute_manager = None
+        self.closes_recompute_block = False
         num_maps = n * n + 2 * n
         self.base = self._new_param(num_maps)
         if self.mhc_type != "hc_static":

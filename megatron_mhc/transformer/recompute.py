@@ -35,28 +35,33 @@ def recompute_block_size(
 
 
 class MHCRecomputeManager:
-    """Frees and recomputes the stream states of `layers` (one stage), `block_size` per block."""
+    """Frees and recomputes the stream states of `layers` (one stage), `block_size` per block.
+
+    A block is `block_size` consecutive layers, whatever each holds: two HC modules in a GPT
+    layer, one in a HybridModel layer (there one layer is one sublayer).
+    """
 
     def __init__(self, layers, block_size: int, ops):
         self.block_size = block_size
         self.ops = ops
         self._open_block: List[tuple] = []
+        hyper_connections = [layer.hyper_connections for layer in layers]
         # Streams other than the caller's that read the stream states (the MLP updates' with
         # mhc_mlp_high_priority_stream).
-        self._side_streams = {layer.mlp_hc.update_stream.stream for layer in layers
-                              if layer.mlp_hc.update_stream is not None}
-        for index, layer in enumerate(layers):
+        self._side_streams = {hc.update_stream.stream for layer_hcs in hyper_connections
+                              for hc in layer_hcs if hc.update_stream is not None}
+        for index, layer_hcs in enumerate(hyper_connections):
             closes_block = (index + 1) % block_size == 0 or index + 1 == len(layers)
-            layer.self_attention_hc.recompute_manager = self
-            layer.mlp_hc.recompute_manager = self
-            layer.mlp_hc.closes_recompute_block = closes_block
+            for hc in layer_hcs:
+                hc.recompute_manager = self
+                hc.closes_recompute_block = closes_block and hc is layer_hcs[-1]
 
     def record_update(self, module, streams_in, y, h_post, comb, streams_out) -> None:
         """Called by every HC update of the stage with its inputs and output."""
         if not (module.training and torch.is_grad_enabled() and streams_out.requires_grad):
             return  # eval and forward-only passes keep everything
         self._open_block.append((streams_in, y, h_post, comb))
-        if getattr(module, "closes_recompute_block", False):
+        if module.closes_recompute_block:
             steps, self._open_block = self._open_block, []
             self._discard_and_register_recompute(steps, streams_out)
 

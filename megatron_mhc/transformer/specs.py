@@ -1,22 +1,37 @@
 """mHC layer and block specs, built on Megatron's local or Transformer Engine GPT specs."""
 
+import dataclasses
 import importlib.util
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_mhc.config import MHCTransformerConfig
-from megatron_mhc.transformer.transformer_layer import HyperConnectionTransformerLayer
+from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
+from megatron_mhc.transformer.transformer_layer import (
+    HyperConnectionTransformerLayer,
+    HyperConnectionTransformerLayerSubmodules,
+)
 
 
 def get_mhc_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
-    """The same layer (same submodules: norms, attention, dense MLP or MoE) on n streams."""
+    """The same layer (same submodules: norms, attention, dense MLP or MoE) on n streams, with
+    a hyper-connection around each sublayer the layer has."""
+    submodules = layer_spec.submodules
+    fields = {f.name: getattr(submodules, f.name) for f in dataclasses.fields(submodules)}
     return ModuleSpec(
         module=HyperConnectionTransformerLayer,
         params=dict(layer_spec.params),
-        submodules=layer_spec.submodules,
+        submodules=HyperConnectionTransformerLayerSubmodules(
+            **fields,
+            self_attention_hyper_connection=(
+                IdentityOp if submodules.self_attention is IdentityOp else HyperConnectionModule
+            ),
+            mlp_hyper_connection=IdentityOp if submodules.mlp is IdentityOp else HyperConnectionModule,
+        ),
     )
 
 

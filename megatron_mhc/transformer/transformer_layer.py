@@ -1,29 +1,50 @@
 """HyperConnectionTransformerLayer: a Megatron TransformerLayer on an n-stream residual."""
 
 import functools
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from torch import Tensor
 
 from megatron.core import tensor_parallel
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import deprecate_inference_params, make_viewless_tensor
 
 from megatron_mhc.transformer.high_priority_stream import mlp_high_priority_stream
-from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
+
+
+@dataclass
+class HyperConnectionTransformerLayerSubmodules(TransformerLayerSubmodules):
+    """Megatron's layer submodules plus one hyper-connection slot per residual sublayer.
+
+    The slot names are Megatron-LM's (main, 0.20-dev) native mHC ones. A slot is IdentityOp
+    when its sublayer is absent: a HybridModel layer holds one sublayer (attention, MLA, MLP or
+    MoE), a GPT layer two.
+    """
+
+    self_attention_hyper_connection: Union[ModuleSpec, type] = IdentityOp
+    mlp_hyper_connection: Union[ModuleSpec, type] = IdentityOp
 
 
 class HyperConnectionTransformerLayer(TransformerLayer):
-    """A transformer layer whose residual is n streams [s, b, n*C], mixed by two HC modules.
+    """A transformer layer whose residual is n streams [s, b, n*C].
 
     Megatron's submodules (pre-norms, self-attention, dense MLP or MoE) are built from the same
-    spec as the plain layer and compute on the collapsed [s, b, C] input; the HC modules
-    `self_attention_hc` and `mlp_hc` replace the two bias-dropout-adds. Megatron's selective
-    recompute of the norms and of the dense MLP is honoured as in the plain layer.
+    spec as the plain layer and compute on the collapsed [s, b, C] input; the hyper-connection
+    modules `self_attention_hyper_connection` and `mlp_hyper_connection` (built from the spec's
+    slots) replace the two bias-dropout-adds. Either half may be absent (IdentityOp), as in the
+    single-sublayer layers of a HybridModel. Megatron's selective recompute of the norms and of
+    the dense MLP is honoured as in the plain layer.
+
+    HC modules are numbered in model order (`hc_index`): layer l (1-based, global) with k
+    sublayers holds modules k*(l-1) .. k*(l-1)+k-1, so a hybrid `*-` pair and a GPT layer number
+    theirs alike.
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, **kwargs):
+    def __init__(self, config, submodules: HyperConnectionTransformerLayerSubmodules,
+                 layer_number: int = 1, **kwargs):
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         if not isinstance(self.cross_attention, IdentityOp):
             raise ValueError(
@@ -31,10 +52,32 @@ class HyperConnectionTransformerLayer(TransformerLayer):
                 f"cross_attention must be IdentityOp, got {type(self.cross_attention).__name__}"
             )
         self.num_streams = config.mhc_num_residual_streams
-        first_hc_index = 2 * (self.layer_number - 1)  # layer_number is global and 1-based
-        self.self_attention_hc = HyperConnectionModule(config, first_hc_index)
-        self.mlp_hc = HyperConnectionModule(config, first_hc_index + 1,
-                                            update_stream=mlp_high_priority_stream(config))
+        has_attention = not isinstance(self.self_attention, IdentityOp)
+        has_mlp = not isinstance(self.mlp, IdentityOp)
+        for sublayer, present, slot in (
+            ("self_attention", has_attention, submodules.self_attention_hyper_connection),
+            ("mlp", has_mlp, submodules.mlp_hyper_connection),
+        ):
+            if present == (slot is IdentityOp):
+                raise ValueError(
+                    f"HyperConnectionTransformerLayer: the spec's {sublayer}_hyper_connection "
+                    f"must be {'a hyper-connection module' if present else 'IdentityOp'} when "
+                    f"{sublayer} is {'present' if present else 'IdentityOp'}"
+                )
+        first_hc_index = (has_attention + has_mlp) * (self.layer_number - 1)
+        self.self_attention_hyper_connection = build_module(
+            submodules.self_attention_hyper_connection, config=config, hc_index=first_hc_index
+        )
+        self.mlp_hyper_connection = build_module(
+            submodules.mlp_hyper_connection, config=config, hc_index=first_hc_index + has_attention,
+            update_stream=mlp_high_priority_stream(config),
+        )
+
+    @property
+    def hyper_connections(self) -> list:
+        """This layer's HC modules in forward order."""
+        return [hc for hc in (self.self_attention_hyper_connection, self.mlp_hyper_connection)
+                if not isinstance(hc, IdentityOp)]
 
     def forward(
         self,
@@ -58,32 +101,27 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         inference_context = deprecate_inference_params(inference_context, inference_params)
         streams = hidden_states.unflatten(-1, (self.num_streams, -1))
 
-        hc = self.self_attention_hc(streams)
-        attention_output_with_bias = self.self_attention(
-            self._input_layernorm(hc.sublayer_input),
-            attention_mask=attention_mask,
-            inference_context=inference_context,
-            rotary_pos_emb=rotary_pos_emb,
-            rotary_pos_cos=rotary_pos_cos,
-            rotary_pos_sin=rotary_pos_sin,
-            rotary_pos_cos_sin=rotary_pos_cos_sin,
-            attention_bias=attention_bias,
-            packed_seq_params=packed_seq_params,
-            sequence_len_offset=sequence_len_offset,
-        )
-        if self.recompute_input_layernorm:
-            self.input_layernorm_checkpoint.discard_output_and_register_recompute(
-                attention_output_with_bias[0]
+        if not isinstance(self.self_attention_hyper_connection, IdentityOp):
+            streams = self._hyper_connected(
+                self.self_attention_hyper_connection, streams, functools.partial(
+                    self._attention,
+                    attention_mask=attention_mask,
+                    inference_context=inference_context,
+                    rotary_pos_emb=rotary_pos_emb,
+                    rotary_pos_cos=rotary_pos_cos,
+                    rotary_pos_sin=rotary_pos_sin,
+                    rotary_pos_cos_sin=rotary_pos_cos_sin,
+                    attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params,
+                    sequence_len_offset=sequence_len_offset,
+                ),
             )
-        streams = self.self_attention_hc.update(
-            hc.streams, attention_output_with_bias, hc.h_post, hc.comb, self.hidden_dropout
-        )
-
-        hc = self.mlp_hc(streams)
-        mlp_output_with_bias = self._mlp(hc.sublayer_input, padding_mask, packed_seq_params)
-        streams = self.mlp_hc.update(
-            hc.streams, mlp_output_with_bias, hc.h_post, hc.comb, self.hidden_dropout
-        )
+        if not isinstance(self.mlp_hyper_connection, IdentityOp):
+            streams = self._hyper_connected(
+                self.mlp_hyper_connection, streams,
+                functools.partial(self._mlp, padding_mask=padding_mask,
+                                  packed_seq_params=packed_seq_params),
+            )
 
         # The schedules free the output's storage after sending it; it must own that storage.
         output = make_viewless_tensor(
@@ -91,11 +129,29 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         )
         return output, context
 
-    def _input_layernorm(self, attention_input: Tensor) -> Tensor:
+    def _hyper_connected(self, hyper_connection, streams: Tensor, sublayer) -> Tensor:
+        """X' = H_post * F(H_pre X) + H_res X: mappings and collapse, the sublayer, update."""
+        hc = hyper_connection(streams)
+        output_with_bias = sublayer(hc.sublayer_input)
+        return hyper_connection.update(
+            hc.streams, output_with_bias, hc.h_post, hc.comb, self.hidden_dropout
+        )
+
+    def _attention(self, attention_input: Tensor, **attention_kwargs):
+        """Input norm and self-attention on the collapsed input -> (output, bias)."""
         if self.recompute_input_layernorm:
             self.input_layernorm_checkpoint = tensor_parallel.CheckpointWithoutOutput()
-            return self.input_layernorm_checkpoint.checkpoint(self.input_layernorm, attention_input)
-        return self.input_layernorm(attention_input)
+            normed = self.input_layernorm_checkpoint.checkpoint(
+                self.input_layernorm, attention_input
+            )
+        else:
+            normed = self.input_layernorm(attention_input)
+        output_with_bias = self.self_attention(normed, **attention_kwargs)
+        if self.recompute_input_layernorm:
+            self.input_layernorm_checkpoint.discard_output_and_register_recompute(
+                output_with_bias[0]
+            )
+        return output_with_bias
 
     def _mlp(self, mlp_input: Tensor, padding_mask, packed_seq_params):
         """Pre-MLP norm and MLP (dense or MoE) on the collapsed input -> (output, bias)."""

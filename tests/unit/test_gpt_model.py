@@ -7,7 +7,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_mhc.models.gpt import check_upcycled_names, upcycle_gpt_state_dict
+from megatron_mhc.models.upcycling import check_upcycled_names, upcycle_state_dict
 from tests.dist_utils import initialize_model_parallel, run_distributed
 from tests.tiny_gpt import VOCAB, batches, build_tiny_gpt, logits, tiny_config
 
@@ -27,7 +27,7 @@ def _baseline_and_candidate(candidate_overrides, upcycle: bool):
     model_parallel_cuda_manual_seed(candidate_seed)
     candidate = build_tiny_gpt(config)
     if upcycle:
-        upcycled = upcycle_gpt_state_dict(baseline.state_dict(), config)
+        upcycled = upcycle_state_dict(baseline.state_dict(), config)
         check_upcycled_names(baseline.state_dict(), candidate.state_dict())
         candidate.load_state_dict(upcycled, strict=True)
     baseline.eval()
@@ -77,7 +77,7 @@ def test_identity_init_n4_computes_the_baseline_function(contract, upcycle):
 
 def test_upcycling_rejects_a_non_identity_config():
     with pytest.raises(ValueError, match="mhc_init='identity'"):
-        upcycle_gpt_state_dict({}, tiny_config(enable_mhc_connections=True))
+        upcycle_state_dict({}, tiny_config(enable_mhc_connections=True))
 
 
 def test_name_check_reports_non_hc_differences():

@@ -55,7 +55,7 @@ def test_tp_pp_layouts_match_tp1pp1(model):
     per_rank = run_distributed(_step_per_layout, 4, MODELS[model])
     reference_loss = per_rank[0][(1, 1)][0]
     reference_grads = merge_full_grads([r[(1, 1)][1] for r in per_rank])
-    hc_grads = [name for name in reference_grads if "_hc." in name or "mhc_head" in name]
+    hc_grads = [name for name in reference_grads if "_hyper_connection." in name or "mhc_head" in name]
     if model != "baseline":
         assert len(hc_grads) >= 4 * 2 * 3, "every HC parameter must receive a gradient"
     for layout in LAYOUTS[1:]:
