@@ -19,6 +19,12 @@ CONFIG = "configs/gpt_tiny_mhc.yaml"
 GOLDEN = Path(__file__).resolve().parent / "golden" / "gpt_tiny_mhc_50_iterations.json"
 BASE_FLAGS = ["--train-iters", "50", "--lr-warmup-iters", "5", "--log-interval", "1",
               "--eval-interval", "1000", "--eval-iters", "0", "--save-interval", "1000"]
+# Losses over 50 training steps amplify last-bit differences between CPUs: MKL and ATen pick
+# kernels by processor (vendor, AVX2 / AVX-512), each summing in its own order. Golden values
+# are compared on whatever machine CI gets, so the runs use the code paths every x86 CPU has:
+# MKL's conditional-numerical-reproducibility mode and ATen's non-vectorized kernels, one thread.
+PORTABLE_CPU_NUMERICS = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE",
+                         "ATEN_CPU_CAPABILITY": "default"}
 _LOSS = re.compile(r"\[mhc\] iteration +(\d+) \| lm loss: ([^ |]+) \|")
 
 
@@ -37,7 +43,7 @@ def run_pretrain(workdir: Path, *flags: str, nproc: int = 2, timeout: int = 900)
         "--config", CONFIG, *BASE_FLAGS, "--save", str(checkpoints), "--load", str(checkpoints),
         "--tensorboard-dir", str(workdir / "tensorboard"), *flags,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **PORTABLE_CPU_NUMERICS)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     (workdir / f"run{len(list(workdir.glob('run*.log')))}.log").write_text(log)
