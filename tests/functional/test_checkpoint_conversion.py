@@ -1,0 +1,77 @@
+"""Checkpoints across versions, end to end: a checkpoint written before the HC modules took
+Megatron's slot names is refused with the conversion command, converts, and resumes with the
+losses the old code had; a round trip through Megatron-LM main's names resumes the same."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.functional.pretrain_runs import REPO, run_pretrain
+
+LEGACY = Path(__file__).resolve().parent / "legacy" / "gpt_tiny_mhc_before_hc_rename"
+LEGACY_LOSSES = {int(i): v for i, v in json.loads(
+    LEGACY.with_suffix(".json").read_text())["lm_loss"].items()}
+# The model of the legacy checkpoint (the rest is configs/gpt_tiny_mhc.yaml).
+FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+         "--num-attention-heads", "2", "--seq-length", "32", "--max-position-embeddings", "32",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "1",
+         "--train-iters", "4"]
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def _digests(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_legacy_checkpoint_is_refused_with_the_command_that_converts_it(tmp_path):
+    shutil.copytree(LEGACY, tmp_path / "checkpoints")
+    before = _digests(tmp_path / "checkpoints")
+    with pytest.raises(RuntimeError) as failure:
+        run_pretrain(tmp_path, *FLAGS)
+    log = str(failure.value)
+    assert "self_attention_hc" in log and "tools/convert_checkpoint.py upgrade" in log
+    assert "iteration" not in log.split("pretrain_gpt_mhc.py: ")[-1]
+    assert _digests(tmp_path / "checkpoints") == before
+
+
+def test_upgraded_legacy_checkpoint_resumes_with_the_old_codes_losses(tmp_path):
+    converted = _convert("upgrade", str(LEGACY), str(tmp_path / "checkpoints"))
+    assert converted.returncode == 0, converted.stderr
+    _, losses = run_pretrain(tmp_path, *FLAGS)
+    assert sorted(losses) == [3, 4]
+    for iteration, value in LEGACY_LOSSES.items():
+        assert losses[iteration] == pytest.approx(value, rel=1e-5), iteration
+
+
+def test_round_trip_through_megatron_main_resumes_the_same(tmp_path):
+    """Written for Megatron-LM main and back (torch_dist both ways, weights and Adam moments);
+    the sources stay byte-identical."""
+    source = _digests(LEGACY)
+    main = tmp_path / "megatron_main"
+    for args in (("to-megatron-main", str(LEGACY), str(main)),
+                 ("from-megatron-main", str(main), str(tmp_path / "checkpoints"))):
+        converted = _convert(*args, "--num-residual-streams", "4")
+        assert converted.returncode == 0, converted.stderr
+    main_digests = _digests(main)
+    _, losses = run_pretrain(tmp_path, *FLAGS)
+    for iteration, value in LEGACY_LOSSES.items():
+        assert losses[iteration] == pytest.approx(value, rel=1e-5), iteration
+    assert _digests(LEGACY) == source and _digests(main) == main_digests
+
+
+def test_conversion_refuses_an_existing_destination_and_a_missing_stream_count(tmp_path):
+    refused = _convert("upgrade", str(LEGACY), str(tmp_path))
+    assert refused.returncode == 2 and "exists already" in refused.stderr
+    refused = _convert("to-megatron-main", str(LEGACY), str(tmp_path / "new"))
+    assert refused.returncode == 2 and "--num-residual-streams" in refused.stderr
+    assert not (tmp_path / "new").exists()
