@@ -3,6 +3,9 @@
 
     torchrun --nproc-per-node 2 pretrain_gpt_mhc.py --config configs/gpt_tiny_mhc.yaml [flags]
 
+With Megatron's `--hybrid-layer-pattern` (e.g. `*-*-*-*-`; `configs/hybrid_tiny_mhc.yaml`) the
+model is a HybridModel, with the same flags and YAML sections.
+
 Everything is megatron.training.pretrain (distributed optimizer, pipeline schedules, torch_dist
 checkpoints, logging, rerun state machine); this script supplies the mHC model provider, the GPT
 datasets and step, the mHC flags and YAML configs (megatron_mhc.training), and three hooks into
@@ -50,6 +53,7 @@ from megatron_mhc.training.gpt_step import (  # noqa: E402
     train_valid_test_datasets_provider,
 )
 from megatron_mhc.training.yaml_config import ConfigError  # noqa: E402
+from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern  # noqa: E402
 from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func  # noqa: E402
 
 
@@ -81,8 +85,11 @@ def main():
     mhc_logging.install(training)
     try:
         args = parse_and_validate_args(extra_args_provider=add_mhc_arguments)
-        # Validate the model config (mHC fields included) now, before Megatron sets anything up.
-        core_transformer_config_from_args(args, MHCTransformerConfig)
+        # Validate the model config (mHC fields included) and the hybrid layer pattern now,
+        # before Megatron sets anything up.
+        config = core_transformer_config_from_args(args, MHCTransformerConfig)
+        if args.hybrid_layer_pattern is not None:
+            check_hybrid_layer_pattern(config, args.hybrid_layer_pattern)
     except (ConfigError, ValueError) as err:
         sys.exit(f"pretrain_gpt_mhc.py: {err}")
     if ON_CPU:

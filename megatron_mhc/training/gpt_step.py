@@ -15,27 +15,28 @@ import torch
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.data import prepare_default_corpus
 from megatron_mhc.models.gpt import build_mhc_gpt_model
+from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 from megatron_mhc.training.mhc_logging import health_log
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
                    pg_collection=None):
-    """An mHC GPT (or Megatron's GPTModel when mHC is off) from the parsed flags."""
+    """An mHC GPT (or Megatron's GPTModel when mHC is off) from the parsed flags; a HybridModel
+    (with mHC when on) when --hybrid-layer-pattern is given."""
     args = get_args()
     config = core_transformer_config_from_args(args, MHCTransformerConfig)
+    kind = f"HybridModel {args.hybrid_layer_pattern}" if args.hybrid_layer_pattern else "GPT"
     print_rank_0(
-        f"building GPT model: mHC {'on' if config.mhc_active else 'off'} "
+        f"building {kind} model: mHC {'on' if config.mhc_active else 'off'} "
         f"(n={config.mhc_num_residual_streams}, type={config.mhc_type}, "
         f"contract={config.mhc_output_contract}, recompute={config.mhc_recompute_layer_num})"
     )
-    model = build_mhc_gpt_model(
-        config,
+    model_kwargs = dict(
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
-        normalization=args.normalization,
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         parallel_output=True,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -43,6 +44,12 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
     )
+    if args.hybrid_layer_pattern is not None:
+        model = build_mhc_hybrid_model(
+            config, hybrid_layer_pattern=args.hybrid_layer_pattern, **model_kwargs
+        )
+    else:
+        model = build_mhc_gpt_model(config, normalization=args.normalization, **model_kwargs)
     health_log.watch(model)
     return model
 

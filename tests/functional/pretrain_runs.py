@@ -34,13 +34,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pretrain(workdir: Path, *flags: str, nproc: int = 2, timeout: int = 900):
-    """(log, {iteration: loss}) of a run; raises with the log's tail if it fails."""
+def run_pretrain(workdir: Path, *flags: str, nproc: int = 2, timeout: int = 900,
+                 config: str = CONFIG):
+    """(log, {iteration: loss}) of a run of `config` (a YAML config, by default the tiny mHC
+    GPT); raises with the log's tail if it fails."""
     checkpoints = workdir / "checkpoints"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-port", str(_free_port()), str(REPO / "pretrain_gpt_mhc.py"),
-        "--config", CONFIG, *BASE_FLAGS, "--save", str(checkpoints), "--load", str(checkpoints),
+        "--config", config, *BASE_FLAGS, "--save", str(checkpoints), "--load", str(checkpoints),
         "--tensorboard-dir", str(workdir / "tensorboard"), *flags,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **PORTABLE_CPU_NUMERICS)

@@ -30,10 +30,29 @@ def _write(tmp_path, text):
 def test_shipped_configs_are_valid(parser):
     names = {p.stem for p in CONFIGS}
     assert {"gpt_tiny_mhc", "gpt_tiny_baseline", "mhc_moe_3b", "mhc_moe_9b", "mhc_moe_27b",
-            "gpt_1p3b_mhc", "gpt_1p3b_baseline"} <= names
+            "gpt_1p3b_mhc", "gpt_1p3b_baseline", "hybrid_tiny_mhc", "mhc_hybrid_moe_27b"} <= names
     for path in CONFIGS:
         values = load_yaml_config(str(path), parser)
-        assert "num_layers" in values and "enable_mhc_connections" in values, path.name
+        # A HybridModel's layers come from its pattern (megatron.training derives num_layers).
+        assert ("num_layers" in values) != ("hybrid_layer_pattern" in values), path.name
+        assert "enable_mhc_connections" in values, path.name
+
+
+def test_paper_hybrid_config_is_the_27b_moe_one_sublayer_per_layer(parser):
+    from megatron.core.models.hybrid.hybrid_layer_allocation import (
+        get_hybrid_layer_counts,
+        get_hybrid_total_pipeline_segment_count,
+    )
+
+    gpt = load_yaml_config(str(CONFIGS[0].parent / "mhc_moe_27b.yaml"), parser)
+    hybrid = load_yaml_config(str(CONFIGS[0].parent / "mhc_hybrid_moe_27b.yaml"), parser)
+    pattern = hybrid.pop("hybrid_layer_pattern")
+    counts = get_hybrid_layer_counts(pattern)
+    assert (counts["*"], counts["-"], counts["E"]) == (30, 3, 27)
+    assert get_hybrid_total_pipeline_segment_count(pattern) == hybrid[
+        "pipeline_model_parallel_size"]
+    different = {key for key in gpt.keys() | hybrid.keys() if gpt.get(key) != hybrid.get(key)}
+    assert different == {"num_layers", "save", "load", "tensorboard_dir"}
 
 
 def test_paper_moe_configs_follow_table_5(parser):

@@ -1,0 +1,43 @@
+"""HybridModel with mHC, built from an MHCTransformerConfig and a hybrid layer pattern."""
+
+from typing import Optional
+
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+from megatron_mhc.config import MHCTransformerConfig
+from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern, get_hybrid_stack_spec
+
+
+def build_mhc_hybrid_model(
+    config: MHCTransformerConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    hybrid_layer_pattern: str,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    pg_collection=None,
+    **hybrid_model_kwargs,
+) -> HybridModel:
+    """Megatron's HybridModel for `hybrid_layer_pattern` (e.g. `*-*-E`, `|` between pipeline
+    stages), its stack an mHC HyperConnectionHybridStack when mHC is active.
+
+    The stack spec follows `config.transformer_impl`: 'local' (this project's local hybrid spec:
+    `*`, `-`, `E` layers) or 'transformer_engine' (Megatron's). HybridModel builds the stack from
+    the spec's module, so the model class itself is Megatron's; `hybrid_model_kwargs` go to it
+    (position_embedding_type, share_embeddings_and_output_weights, ...). A pattern the config
+    cannot build is a ValueError before anything is built.
+    """
+    check_hybrid_layer_pattern(config, hybrid_layer_pattern)
+    return HybridModel(
+        config,
+        hybrid_stack_spec=get_hybrid_stack_spec(config),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        hybrid_layer_pattern=hybrid_layer_pattern,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+        **hybrid_model_kwargs,
+    )

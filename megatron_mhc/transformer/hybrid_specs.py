@@ -1,0 +1,168 @@
+"""HybridModel stack specs: a local (pure PyTorch) one, and their mHC form.
+
+Megatron ships only Transformer Engine hybrid specs (`hybrid_layer_specs.hybrid_stack_spec`).
+`get_local_hybrid_stack_spec` builds each single-sublayer HybridModel layer from Megatron's local
+GPT layer submodules, keeping one half of the GPT layer: an attention layer (`*`) is a GPT layer
+without its MLP half, an MLP (`-`) or MoE (`E`) layer one without its attention half, so that a
+hybrid `*-` pair holds exactly the modules of one GPT layer. The norms are
+`SequenceParallelTorchNorm`s (the local torch norms, usable with sequence parallelism), the
+stack's final norm included.
+
+`get_mhc_hybrid_stack_spec` turns a hybrid stack spec (local or Transformer Engine) into the mHC
+one: a HyperConnectionHybridStack whose TransformerLayer-family layers (attention, MLA, DSA, GDN,
+MLP, MoE) get a hyper-connection around their sublayer (`get_mhc_layer_spec`).
+"""
+
+import dataclasses
+import importlib.util
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols, parse_hybrid_pattern
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_mhc.config import MHCTransformerConfig
+from megatron_mhc.transformer.hybrid_stack import (
+    HybridStackWithNormSubmodules,
+    HyperConnectionHybridStack,
+    SpecNormHybridStack,
+)
+from megatron_mhc.transformer.specs import get_mhc_layer_spec
+from megatron_mhc.transformer.torch_norm import SequenceParallelTorchNorm
+
+LOCAL_HYBRID_LAYER_SYMBOLS = (Symbols.ATTENTION, Symbols.MLP, Symbols.MOE)
+"""The layer types of the local hybrid spec. Mamba `M` and GDN `G` need CUDA packages (mamba_ssm,
+FLA); MLA `+` and DSA `D` need an MLATransformerConfig, which MHCTransformerConfig is not."""
+
+# HybridStackSubmodules slot of each TransformerLayer-family layer type.
+_TRANSFORMER_LAYER_SLOTS = ("attention_layer", "mla_layer", "dsa_layer", "gdn_layer",
+                            "mlp_layer", "moe_layer")
+
+
+def _attention_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodules:
+    """A GPT layer's submodules without the MLP half."""
+    return dataclasses.replace(
+        submodules, input_layernorm=SequenceParallelTorchNorm, pre_mlp_layernorm=IdentityOp,
+        mlp=IdentityOp, mlp_bda=IdentityFuncOp,
+        sharded_state_dict_keys_map={
+            k: v for k, v in submodules.sharded_state_dict_keys_map.items()
+            if k == "input_layernorm."
+        },
+    )
+
+
+def _mlp_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodules:
+    """A GPT layer's submodules without the attention half."""
+    return dataclasses.replace(
+        submodules, input_layernorm=IdentityOp, self_attention=IdentityOp,
+        self_attn_bda=IdentityFuncOp, pre_mlp_layernorm=SequenceParallelTorchNorm,
+        sharded_state_dict_keys_map={
+            k: v for k, v in submodules.sharded_state_dict_keys_map.items()
+            if k == "pre_mlp_layernorm."
+        },
+    )
+
+
+def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
+    """A HybridStack spec of Megatron-Core's local modules for `*`, `-` and `E` layers."""
+    local = dict(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    dense = get_gpt_layer_local_submodules(**local)
+    layer = dict(module=TransformerLayer)
+    moe_layer = IdentityOp
+    if config.num_moe_experts is not None:
+        moe = get_gpt_layer_local_submodules(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm, **local
+        )
+        moe_layer = ModuleSpec(**layer, submodules=_mlp_half(moe))
+    return ModuleSpec(
+        module=SpecNormHybridStack,
+        submodules=HybridStackWithNormSubmodules(
+            attention_layer=ModuleSpec(**layer, submodules=_attention_half(dense)),
+            mlp_layer=ModuleSpec(**layer, submodules=_mlp_half(dense)),
+            moe_layer=moe_layer,
+            final_norm=SequenceParallelTorchNorm,
+        ),
+    )
+
+
+def get_te_hybrid_stack_spec() -> ModuleSpec:
+    """Megatron's Transformer Engine hybrid stack spec, its final norm in the spec."""
+    from megatron.core.extensions.transformer_engine import TENorm
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
+
+    submodules = hybrid_stack_spec.submodules
+    fields = {f.name: getattr(submodules, f.name) for f in dataclasses.fields(submodules)}
+    return ModuleSpec(
+        module=SpecNormHybridStack,
+        submodules=HybridStackWithNormSubmodules(**fields, final_norm=TENorm),
+    )
+
+
+def get_mhc_hybrid_stack_spec(stack_spec: ModuleSpec) -> ModuleSpec:
+    """The same stack on n streams: every TransformerLayer-family layer spec made an HC layer
+    (`get_mhc_layer_spec`); the Mamba slot is left as it is (`check_hybrid_layer_pattern`
+    refuses `M` with mHC)."""
+    submodules = stack_spec.submodules
+    mhc_layers = {
+        slot: get_mhc_layer_spec(getattr(submodules, slot))
+        for slot in _TRANSFORMER_LAYER_SLOTS
+        if isinstance(getattr(submodules, slot), ModuleSpec)
+    }
+    return ModuleSpec(
+        module=HyperConnectionHybridStack,
+        params=dict(stack_spec.params),
+        submodules=dataclasses.replace(submodules, **mhc_layers),
+    )
+
+
+def get_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
+    """The hybrid stack spec for `config.transformer_impl` ('local' or 'transformer_engine'),
+    made mHC when mHC is active."""
+    if config.transformer_impl == "transformer_engine":
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError(
+                "transformer_impl='transformer_engine' needs Transformer Engine, which is not "
+                "installed: install megatron-mhc[te] or set transformer_impl='local'"
+            )
+        spec = get_te_hybrid_stack_spec()
+    else:
+        spec = get_local_hybrid_stack_spec(config)
+    return get_mhc_hybrid_stack_spec(spec) if config.mhc_active else spec
+
+
+def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_pattern: str) -> None:
+    """ValueError naming `hybrid_layer_pattern` (or the config field) when the model it
+    describes cannot be built with `config`."""
+
+    def refuse(why: str):
+        raise ValueError(f"hybrid_layer_pattern={hybrid_layer_pattern!r} is invalid: {why}")
+
+    if not hybrid_layer_pattern:
+        refuse("it must describe at least one layer (symbols "
+               f"{sorted(Symbols.VALID_LAYERS)}, '|' between pipeline stages)")
+    try:
+        parsed = parse_hybrid_pattern(hybrid_layer_pattern)
+    except ValueError as err:
+        refuse(str(err))
+    symbols = set(parsed.main_pattern or "") - {Symbols.PIPE}
+    latent = sorted(symbols & {Symbols.MLA, Symbols.DS_ATTENTION})
+    if latent and not isinstance(config, MLATransformerConfig):
+        refuse(f"layer types {latent} (multi-latent attention) need an MLATransformerConfig, and "
+               f"{type(config).__name__} is not one")
+    if config.transformer_impl != "transformer_engine":
+        unsupported = sorted(symbols - set(LOCAL_HYBRID_LAYER_SYMBOLS))
+        if unsupported:
+            refuse(f"layer types {unsupported} need transformer_impl='transformer_engine' and "
+                   f"their CUDA packages; the local spec builds {list(LOCAL_HYBRID_LAYER_SYMBOLS)}")
+        if parsed.mtp_pattern is not None:
+            refuse("the local hybrid spec has no multi-token prediction block ('/' part)")
+    if config.mhc_active and Symbols.MAMBA in symbols:
+        refuse("Mamba layers ('M') are not supported with mHC (enable_mhc_connections and "
+               "mhc_num_residual_streams > 1): MambaLayer adds its own single-stream residual")
+    if Symbols.MOE in symbols and config.num_moe_experts is None:
+        raise ValueError(
+            f"MHCTransformerConfig.num_moe_experts=None is invalid: hybrid_layer_pattern="
+            f"{hybrid_layer_pattern!r} has MoE layers ('E'), which need a number of experts"
+        )

@@ -1,0 +1,241 @@
+"""HybridModel with mHC (local hybrid spec) through Megatron's real schedule on gloo processes:
+a `*-*-*-*-` hybrid computes the function of the 4-layer GPT mHC model with the same weights,
+n = 1 is the plain HybridModel, identity init (built or upcycled) computes the baseline's
+function, MoE `E` layers train, and PP = 2 (`|` in the pattern) equals PP = 1."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_mhc.models.upcycling import check_upcycled_names, upcycle_state_dict
+from tests.dist_utils import (
+    destroy_model_parallel,
+    export_grads,
+    full_state_dict,
+    initialize_model_parallel,
+    load_full_state_dict,
+    merge_full_grads,
+    run_distributed,
+)
+from tests.tiny_gpt import VOCAB, batches, build_tiny_gpt, forward_backward, logits, tiny_config
+from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
+
+SEED = 1234
+MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
+# Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and the
+# allgather dispatcher (alltoall creates a CUDA stream).
+MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, add_bias_linear=False,
+           moe_token_dispatcher_type="allgather")
+_HYBRID_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def gpt_name(hybrid_name: str) -> str:
+    """The GPT parameter holding hybrid parameter `hybrid_name` in a `*-*-...` hybrid: hybrid
+    layers 2i (attention half) and 2i+1 (MLP half) are GPT layer i; the final norm is
+    `final_layernorm` in GPT."""
+    match = _HYBRID_LAYER.match(hybrid_name)
+    if match is not None:
+        return f"decoder.layers.{int(match[1]) // 2}.{match[2]}"
+    return hybrid_name.replace("decoder.final_norm.", "decoder.final_layernorm.")
+
+
+def _logits_and_grads(model, tokens):
+    model.zero_grad()
+    forward_backward(model, batches(seed=5))
+    grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.eval()
+    with torch.no_grad():
+        out = logits(model, tokens)
+    model.train()
+    return out, grads
+
+
+def _hybrid_against_gpt(overrides):
+    """Logits and gradients of a GPT mHC model and of the `*-*-*-*-` hybrid holding its weights.
+
+    The GPT recomputes its stream states per block of 1 GPT layer, the hybrid per block of 2
+    hybrid layers: the same blocks of sublayers."""
+    tokens = batches(seed=7)[0][0]
+    gpt = build_tiny_gpt(tiny_config(**MHC, **overrides, mhc_recompute_layer_num=1))
+    hybrid = build_tiny_hybrid(
+        tiny_hybrid_config("*-*-*-*-", **MHC, **overrides, mhc_recompute_layer_num=2), "*-*-*-*-"
+    )
+    gpt_state = gpt.state_dict()
+    hybrid.load_state_dict({name: gpt_state[gpt_name(name)] for name in hybrid.state_dict()},
+                           strict=True)
+    gpt_logits, gpt_grads = _logits_and_grads(gpt, tokens)
+    hybrid_logits, hybrid_grads = _logits_and_grads(hybrid, tokens)
+    mapped = {gpt_name(name): grad for name, grad in hybrid_grads.items()}
+    return gpt_logits, hybrid_logits, gpt_grads, mapped, hybrid.decoder.recompute_block_size
+
+
+def _baseline_and_candidate(pattern, baseline_overrides, candidate_overrides, upcycle):
+    """Logits and parameter names of a baseline HybridModel and of a candidate built with the
+    same seed (or, with `upcycle`, another seed and the baseline's upcycled state dict)."""
+    tokens = batches(seed=7)[0][0]
+    torch.manual_seed(SEED)
+    model_parallel_cuda_manual_seed(SEED)
+    baseline = build_tiny_hybrid(tiny_hybrid_config(pattern, **baseline_overrides), pattern)
+    config = tiny_hybrid_config(pattern, **baseline_overrides, **candidate_overrides)
+    candidate_seed = SEED + 1 if upcycle else SEED
+    torch.manual_seed(candidate_seed)
+    model_parallel_cuda_manual_seed(candidate_seed)
+    candidate = build_tiny_hybrid(config, pattern)
+    if upcycle:
+        check_upcycled_names(baseline.state_dict(), candidate.state_dict())
+        candidate.load_state_dict(upcycle_state_dict(baseline.state_dict(), config), strict=True)
+    baseline.eval()
+    candidate.eval()
+    with torch.no_grad():
+        return dict(
+            baseline=logits(baseline, tokens), candidate=logits(candidate, tokens),
+            baseline_names=[n for n, _ in baseline.named_parameters()],
+            names=[n for n, _ in candidate.named_parameters()],
+            stack=type(candidate.decoder).__name__, model=type(candidate).__name__,
+        )
+
+
+def _train(overrides, pattern, steps):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    config = tiny_hybrid_config(pattern, **overrides)
+    config.finalize_model_grads_func = finalize_model_grads
+    model = build_tiny_hybrid(config, pattern)
+    moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0), [model]
+    )
+    data = batches(seed=3)
+    losses = []
+    for _ in range(steps):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses.append(forward_backward(model, data))
+        update_successful, _, _ = optimizer.step()
+        assert update_successful
+    return losses, moe_layers
+
+
+IDENTITY_CASES = {
+    f"{contract}_{how}": (contract, how == "upcycled")
+    for contract in ("mean", "learned") for how in ("built", "upcycled")
+}
+
+
+def _single_process_checks(rank, world_size):
+    """Every single-process check in one process (model-parallel state set up once)."""
+    initialize_model_parallel(seed=SEED)
+    results = {"gpt": _hybrid_against_gpt(dict(mhc_output_contract="learned"))}
+    for name, overrides in {"n1": dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
+                            "disabled": dict(enable_mhc_connections=False)}.items():
+        results[name] = _baseline_and_candidate("*-*E", MOE, overrides, upcycle=False)
+    for name, (contract, upcycle) in IDENTITY_CASES.items():
+        results[name] = _baseline_and_candidate(
+            "*-*E", MOE, dict(MHC, mhc_init="identity", mhc_output_contract=contract), upcycle
+        )
+    results["moe_training"] = _train(dict(MHC, **MOE), "*E*E", steps=20)
+    return results
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    return run_distributed(_single_process_checks, 1, timeout_s=600)[0]
+
+
+def test_hybrid_attention_mlp_pattern_is_the_gpt_mhc_model_forward_and_backward(single_process):
+    gpt_logits, hybrid_logits, gpt_grads, hybrid_grads, hybrid_block = single_process["gpt"]
+    assert hybrid_block == 2
+    assert hybrid_grads.keys() == gpt_grads.keys()
+    assert sum("_hyper_connection." in name for name in gpt_grads) == 4 * 2 * 3
+    assert any("mhc_head" in name for name in gpt_grads)
+    # The same modules on the same inputs in the same order: bitwise.
+    assert torch.equal(hybrid_logits, gpt_logits)
+    for name, grad in gpt_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.equal(hybrid_grads[name], grad), name
+
+
+@pytest.mark.parametrize("case", ["n1", "disabled"])
+def test_one_stream_or_disabled_is_the_plain_hybrid_model_bit_for_bit(single_process, case):
+    result = single_process[case]
+    assert result["model"] == "HybridModel" and result["stack"] == "SpecNormHybridStack"
+    assert result["names"] == result["baseline_names"]
+    assert torch.equal(result["candidate"], result["baseline"])
+
+
+@pytest.mark.parametrize("case", IDENTITY_CASES)
+def test_identity_init_n4_computes_the_baseline_hybrid_function(single_process, case):
+    result = single_process[case]
+    assert result["stack"] == "HyperConnectionHybridStack"
+    assert set(result["baseline_names"]) < set(result["names"])
+    base, got = result["baseline"], result["candidate"]
+    assert base.shape == got.shape == (2, 16, VOCAB)
+    scale = base.abs().max()
+    torch.testing.assert_close(got / scale, base / scale, rtol=0, atol=1e-5)
+
+
+def test_hybrid_with_moe_layers_trains(single_process):
+    losses, moe_layers = single_process["moe_training"]
+    assert moe_layers == 2
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def _pp1_and_pp2(rank, world_size, overrides):
+    """Same weights, one forward+backward of two micro-batches with PP = 1 (pattern without
+    stages; DP = 2) and PP = 2 (the pattern split by '|')."""
+    results, full = {}, None
+    for pp, pattern in ((1, "*-*E*-*E"), (2, "*-*E|*-*E")):
+        initialize_model_parallel(1, pp, seed=SEED)
+        model = build_tiny_hybrid(
+            tiny_hybrid_config(pattern, pipeline_model_parallel_size=pp, **overrides), pattern
+        )
+        if full is None:
+            full = full_state_dict(model)
+        load_full_state_dict(model, full)
+        loss = forward_backward(model, batches())
+        results[pp] = (loss, export_grads(model), model.decoder.recompute_block_size)
+        destroy_model_parallel()
+    return results
+
+
+def test_hybrid_pp2_equals_pp1():
+    overrides = dict(MHC, **MOE, mhc_output_contract="learned", mhc_recompute_layer_num="auto")
+    per_rank = run_distributed(_pp1_and_pp2, 2, overrides)
+    # eq. 20 with L = the stage's hybrid layers: 8 layers -> 2, 4 layers -> 1.
+    assert [r[1][2] for r in per_rank] == [2, 2] and [r[2][2] for r in per_rank] == [1, 1]
+    reference_loss = per_rank[0][1][0]
+    assert per_rank[0][2][0] is None and per_rank[1][2][0] == reference_loss
+    reference = merge_full_grads([per_rank[0][1][1]])
+    grads = merge_full_grads([r[2][1] for r in per_rank])
+    assert grads.keys() == reference.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, reference[name]), name
+
+
+@pytest.mark.parametrize("pattern,overrides,message", [
+    ("*-M-", dict(MHC, transformer_impl="transformer_engine"),
+     r"hybrid_layer_pattern='\*-M-' is invalid: Mamba layers \('M'\) are not supported with mHC"),
+    ("*-G-", MHC, r"hybrid_layer_pattern='\*-G-' is invalid: layer types \['G'\] need "
+                  r"transformer_impl='transformer_engine'"),
+    ("+-+-", MHC, r"hybrid_layer_pattern='\+-\+-' is invalid: layer types \['\+'\] "
+                  r"\(multi-latent attention\) need an MLATransformerConfig"),
+    ("*-*x", MHC, r"hybrid_layer_pattern='\*-\*x' is invalid: .*'x' is not a valid layer symbol"),
+    ("*-*E", MHC, r"MHCTransformerConfig.num_moe_experts=None is invalid: .*MoE layers \('E'\)"),
+    ("*-*-/*-", {}, r"hybrid_layer_pattern='\*-\*-/\*-' is invalid: the local hybrid spec has no "
+                    r"multi-token prediction block"),
+], ids=["mamba_with_mhc", "gdn_local", "mla_config", "bad_symbol", "moe_without_experts", "mtp_local"])
+def test_unbuildable_pattern_is_refused_before_building_naming_the_field(
+        pattern, overrides, message):
+    from megatron_mhc.models.hybrid import build_mhc_hybrid_model
+
+    with pytest.raises(ValueError, match=message):
+        build_mhc_hybrid_model(tiny_config(**overrides), VOCAB, 16, pattern)
