@@ -23,7 +23,7 @@ def _is_real(value) -> bool:
 
 @dataclass
 class MHCTransformerConfig(TransformerConfig):
-    """TransformerConfig with manifold-constrained hyper-connections (see ../shared/SPEC.md).
+    """TransformerConfig with manifold-constrained hyper-connections (docs/math.md).
 
     With `enable_mhc_connections` off or a single residual stream the model is exactly the
     plain Megatron model: no extra parameter, no extra op.
@@ -119,8 +119,10 @@ class MHCTransformerConfig(TransformerConfig):
 
         incompatible(self.cuda_graph_impl == "none", "cuda_graph_impl",
                      "must be 'none'; CUDA graphs capture [s, b, hidden_size] layer buffers")
-        incompatible(self.mtp_num_layers is None, "mtp_num_layers",
-                     "must be None; multi-token prediction reads the single-stream decoder state")
+        incompatible(self.mtp_num_layers is None or self.pipeline_model_parallel_layout is None,
+                     "pipeline_model_parallel_layout",
+                     "must be None with mtp_num_layers: the MTP block reads the decoder's stream "
+                     "state at its final norm, so it sits on the last pipeline stage")
         incompatible(self.mlp_chunks_for_training == 1, "mlp_chunks_for_training",
                      "must be 1; the MLP's HC module needs the whole sequence at once")
         incompatible(not self.inference_fuse_tp_communication, "inference_fuse_tp_communication",

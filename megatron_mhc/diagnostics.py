@@ -1,7 +1,7 @@
 """mHC health figures: mean H_pre, mean H_post and the Amax gain of the residual mixing.
 
-SPEC.md (Diagnostics): for the composite residual mapping P = H_res(L) @ ... @ H_res(l) of each
-token (H_res = comb transposed), the forward gain is the largest |row sum| of P and the backward
+As docs/math.md defines them: for the composite residual mapping P = H_res(L) @ ... @ H_res(l)
+of each token (H_res = comb transposed), the forward gain is the largest |row sum| of P and the backward
 gain the largest |column sum|; both are averaged over the tokens of a batch. mHC keeps them near
 1; unconstrained hyper-connections can reach thousands.
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every mHC op: ../shared/SPEC.md written as code.
+"""Pure-PyTorch reference of every mHC op: docs/math.md written as code.
 
 Every fused backend (`megatron_mhc.fusions.<backend>`) exposes these functions under the same
 names and signatures, and every kernel test compares against them. They run anywhere torch runs,
@@ -27,7 +27,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Sinkhorn-Knopp projection of [..., n, n] logits onto the doubly stochastic matrices.
 
     Softmax over the last axis, then alternate column and row normalisation, ending on columns
-    (SPEC step 6): the columns, which weight the streams every output stream reads, sum to 1.
+    (docs/math.md, mappings step 6): the columns, which weight the streams every output stream reads, sum to 1.
     """
     (logits,) = _upcast(logits)
     k = torch.softmax(logits, dim=-1) + eps

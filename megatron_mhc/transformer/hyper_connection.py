@@ -1,9 +1,9 @@
 """Hyper-connection parameters and the calls into the mHC ops (`megatron_mhc.fusions`).
 
-`HyperConnectionModule` wraps one residual sublayer (attention, MLA, MLP or MoE): it computes the mappings from the
-n-stream state, collapses the streams into the sublayer input and writes the sublayer output back
-into the streams. `HyperConnectionHead` is the learned contract of DeepSeek-V4. Parameter layout,
-math and initialisation follow ../shared/SPEC.md; the parameters are fp32 whatever the activation
+`HyperConnectionModule` wraps one residual sublayer (attention, MLA, MLP or MoE): it computes
+the mappings from the n-stream state, collapses the streams into the sublayer input and writes
+the sublayer output back into the streams. `HyperConnectionHead` is the learned contract of DeepSeek-V4. Parameter layout,
+math and initialisation follow docs/math.md; the parameters are fp32 whatever the activation
 dtype, and replicated across tensor-parallel ranks like a layer norm's.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mhc.config import MHCTransformerConfig
-from megatron_mhc.fusions import get_backend
+from megatron_mhc.fusions import model_backend
 from megatron_mhc.fusions.fused_frontend import SaveInputsOnly
 from megatron_mhc.transformer.high_priority_stream import HighPriorityStream
 
@@ -29,7 +29,7 @@ def _logit(p: float) -> float:
 class _FP32ParamsModule(MegatronModule):
     """Keeps its own parameters in fp32 through `.half()`, `.bfloat16()` and Float16Module.
 
-    The mappings are computed in fp32 (SPEC); casting fn/base/scale to bf16 would round the
+    The mappings are computed in fp32 (docs/math.md); casting fn/base/scale to bf16 would round the
     Sinkhorn logits and the gates before they are computed.
     """
 
@@ -82,7 +82,7 @@ class HyperConnectionModule(_FP32ParamsModule):
         n, hidden = config.mhc_num_residual_streams, config.hidden_size
         self.num_streams = n
         self.mhc_type = config.mhc_type
-        self.ops = get_backend(config.mhc_kernel_backend)
+        self.ops = model_backend(config)
         # Set by MHCRecomputeManager when the block recomputes its stream states.
         self.recompute_manager = None
         self.closes_recompute_block = False
@@ -102,7 +102,7 @@ class HyperConnectionModule(_FP32ParamsModule):
         if self.mhc_type == "mhc":
             self.base.zero_()
             if config.mhc_init == "identity":
-                # H_pre = 1/n (+eps), H_post = 1, K uniform: the baseline function (SPEC).
+                # H_pre = 1/n (+eps), H_post = 1, K uniform: the baseline function (docs/math.md).
                 self.fn.zero_()
                 b_pre.fill_(_logit(1.0 / n))
             elif config.perform_initialization:
@@ -171,7 +171,7 @@ class HyperConnectionHead(_FP32ParamsModule):
     def __init__(self, config: MHCTransformerConfig):
         super().__init__(config=config)
         n, hidden = config.mhc_num_residual_streams, config.hidden_size
-        self.ops = get_backend(config.mhc_kernel_backend)
+        self.ops = model_backend(config)
         self.fn = self._new_param(n, n * hidden)
         self.base = self._new_param(n)
         self.scale = self._new_param(1)

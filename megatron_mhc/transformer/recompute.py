@@ -25,7 +25,7 @@ import torch
 def recompute_block_size(
     setting: Union[int, str, None], num_streams: int, num_layers: int
 ) -> Optional[int]:
-    """L_r for a stage of `num_layers` layers: `setting` itself, or eq. 20 of SPEC.md for 'auto'
+    """L_r for a stage of `num_layers` layers: `setting` itself, or eq. 20 (docs/math.md) for 'auto'
     (L_r* = max(1, floor(sqrt(n * L / (n + 2))))), or None (no recompute)."""
     if setting is None or num_layers == 0:
         return None
