@@ -8,6 +8,10 @@
 # then, on the GPU machine, in the repository root:
 #     bash bench/gpu_suite.sh [RESULTS_DIR]        # default: $OUT, else bench/results
 # It installs the wheels into /tmp/site, then runs, each with its log in RESULTS_DIR:
+#   0. `python -m megatron_mhc.fusions.check` (what `mhc_kernel_backend=auto` picks on this GPU:
+#      each fused backend checked op by op against the reference, the HC module timed) and the
+#      GPU test of that check (it passes for Triton at n=4, C=4096, bf16; `auto` takes a fused
+#      backend; its time printed);
 #   1. the GPU tests: Triton kernels at ragged and real sizes, the cuTile kernels (forced on any
 #      CUDA GPU, MHC_CUTILE_TEST_FORCE=1: on Hopper they are expected to fail to compile with
 #      the tileiras that cuda-tile 1.7.0 uses), the high-priority stream;
@@ -59,6 +63,9 @@ step() {  # step NAME COMMAND...: run, log to RESULTS/NAME.log, remember the fir
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/device.txt"
+step backend_check python3 -m megatron_mhc.fusions.check
+step verification_tests python3 -m pytest -q -rs -s -p no:cacheprovider \
+    tests/unit/test_backend_verification.py -k gpu
 step triton_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_triton_kernels.py -k gpu
 step stream_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_high_priority_stream.py
 step cutile_tests env MHC_CUTILE_TEST_FORCE=1 python3 -m pytest -q -rs -p no:cacheprovider \

@@ -3,13 +3,15 @@
 A backend is a module exposing the functions of `reference.py` under the same names and
 signatures. `mhc_kernel_backend` chooses it: `torch` is the pure-PyTorch reference (any device),
 `triton` the fused Triton kernels (CUDA GPUs; on CPU only under TRITON_INTERPRET=1, for tests),
-`cutile` the fused cuTile kernels (GPUs its compiler supports). An explicit choice that cannot run is an error, never a silent
-fallback.
+`cutile` the fused cuTile kernels (GPUs its compiler supports). An explicit choice that cannot
+run is an error, never a silent fallback.
 
-`auto` is meant to take the fastest backend the device runs. The fused kernels pass their tests
-against the reference on CPU (Triton's interpreter, and compiled ahead of time for sm_90 and
-sm_100; cuTile compiled to Tile IR bytecode and emulated) but have not yet run or been timed on
-a GPU, so until they have, `auto` is the reference everywhere.
+`auto`, for a model (`model_backend(config)`), takes the fastest backend that passes a check on
+the device the model runs on: on a CUDA device, each fused backend it supports runs the model's
+ops at the model's shape against the reference, then the HC module is timed with each backend
+that passed and with the reference (`verification.py`; `python -m megatron_mhc.fusions.check`
+prints it as a table). Elsewhere, and for `get_backend("auto")` (no model to check against),
+`auto` is the reference.
 """
 
 import importlib
@@ -45,3 +47,11 @@ def get_backend(name: str = "auto") -> ModuleType:
             f"mhc_kernel_backend={name!r} cannot run here ({err}); "
             f"use 'torch' (runs everywhere) or 'auto'"
         ) from err
+
+
+def model_backend(config) -> ModuleType:
+    """The module implementing the mHC ops for a model built from config: `get_backend`, with
+    `auto` checked on this device once per process and shape (`verification.select`)."""
+    from megatron_mhc.fusions import verification
+
+    return verification.select(config).module
