@@ -292,7 +292,8 @@ def choose(config, tokens: int, device: torch.device, candidates: Dict[str, Modu
     takes the fastest (or `keep`, an explicit choice, if it passed), agreed across ranks."""
     begin = time.perf_counter()
     shape = CheckedShape.from_config(config)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    forked_rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with forked_rng, torch.enable_grad():  # a model may be built under no_grad
         gen = torch.Generator(device=device).manual_seed(0)
         checks = {name: verify(name, ops, shape, tokens, gen)
                   for name, ops in candidates.items()}
@@ -382,7 +383,9 @@ def select(config, tokens: Optional[int] = None,
            timer: Timer = time_hc_module) -> Selection:
     """The backend for a model built from config (`config.mhc_kernel_backend`), checked once
     per process and (device, shape, ops); `tokens` per micro-batch (DEFAULT_TOKENS when None).
-    `gate` gives the fused backends this device runs (tests inject Triton's interpreter)."""
+    `gate` gives the fused backends this device runs (tests inject Triton's interpreter). With
+    torch.distributed initialized, every rank must make the same calls (as every rank builds
+    its model): the check's agreement is a collective."""
     name = config.mhc_kernel_backend
     forced = os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "on", "yes")
     if name != "auto" and (not forced or name == "torch"):
