@@ -18,6 +18,7 @@ way and replaced by the reference if it fails. `python -m megatron_mhc.fusions.c
 same check as a table.
 """
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -295,8 +296,9 @@ def choose(config, tokens: int, device: torch.device, candidates: Dict[str, Modu
     forked_rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with forked_rng, torch.enable_grad():  # a model may be built under no_grad
         gen = torch.Generator(device=device).manual_seed(0)
-        checks = {name: verify(name, ops, shape, tokens, gen)
-                  for name, ops in candidates.items()}
+        with _full_fp32_matmuls():
+            checks = {name: verify(name, ops, shape, tokens, gen)
+                      for name, ops in candidates.items()}
         timed = {name: ops for name, ops in candidates.items()
                  if all(c.passed for c in checks[name])}
         times = {}
@@ -324,6 +326,18 @@ def choose(config, tokens: int, device: torch.device, candidates: Dict[str, Modu
     )
     _report(selection)
     return selection
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls():
+    """The reference's fp32 matmuls in full fp32 (not TF32), whatever the run has set: the
+    spec the kernels are held to."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def _agree(passed: List[bool], times: List[float]) -> Tuple[List[bool], List[float]]:
