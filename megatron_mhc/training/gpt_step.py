@@ -14,6 +14,7 @@ import torch
 
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.data import prepare_default_corpus
+from megatron_mhc.fusions.verification import startup_summary
 from megatron_mhc.models.gpt import build_mhc_gpt_model
 from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 from megatron_mhc.training.mhc_logging import health_log
@@ -29,7 +30,8 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     print_rank_0(
         f"building {kind} model: mHC {'on' if config.mhc_active else 'off'} "
         f"(n={config.mhc_num_residual_streams}, type={config.mhc_type}, "
-        f"contract={config.mhc_output_contract}, recompute={config.mhc_recompute_layer_num})"
+        f"contract={config.mhc_output_contract}, recompute={config.mhc_recompute_layer_num}), "
+        f"{startup_summary(config, args.seq_length, args.micro_batch_size)}"
     )
     model_kwargs = dict(
         vocab_size=args.padded_vocab_size,
