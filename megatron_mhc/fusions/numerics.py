@@ -31,8 +31,8 @@ def mismatch(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
     try:
         torch.testing.assert_close(got.detach().float(), want.detach().float(), rtol=rtol,
                                    atol=atol * max(scale, 1e-6))
-    except AssertionError as err:
-        return str(err)
+    except AssertionError as err:  # its report on one line: it goes into logs and warnings
+        return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return None
 
 

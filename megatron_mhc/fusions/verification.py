@@ -169,8 +169,12 @@ def check_op(name: str, ops: ModuleType, op: str, shape: CheckedShape, tokens: i
     try:
         _compare(result, ops, op, shape, tokens, gen)
     except Exception as err:  # a kernel that does not run here is a failed check, not a crash
-        result.error = f"raised {type(err).__name__}: {err}"
+        result.error = _raised(err)
     return result
+
+
+def _raised(err: Exception) -> str:
+    return f"raised {type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _compare(result: OpCheck, ops, op, shape, tokens, gen) -> None:
@@ -306,8 +310,8 @@ def choose(config, tokens: int, device: torch.device, candidates: Dict[str, Modu
             try:
                 times[name] = timer(config, ops, tokens, device, gen, repeats)
             except Exception as err:  # e.g. out of memory: the backend is not used
-                checks.setdefault(name, []).append(OpCheck(name, "HC module fwd+bwd", tokens,
-                                            f"raised {type(err).__name__}: {err}"))
+                checks.setdefault(name, []).append(
+                    OpCheck(name, "HC module fwd+bwd", tokens, _raised(err)))
     names = (*FUSED_BACKENDS, "torch")
     passed_here = [name == "torch" or (name in checks and all(c.passed for c in checks[name]))
                    for name in names]

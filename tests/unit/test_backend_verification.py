@@ -217,14 +217,18 @@ def test_the_check_command_prints_the_table_on_cpu(interpreted):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (on CPU `auto` checks nothing)")
 def test_auto_verifies_and_takes_a_fused_backend_at_real_size_gpu():
+    from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
+
     config = check.check_config(4, 4096, torch.bfloat16)
     device = torch.device("cuda", torch.cuda.current_device())
     candidates = verification.device_fused_backends(device)
     assert "triton" in candidates
-    first = verification.choose(config, 4096, device, candidates)  # compiles the kernels
-    again = verification.choose(config, 4096, device, candidates)
+    first = verification.select(config, 4096)  # compiles the kernels
+    assert HyperConnectionModule(config, 0).ops is first.module  # the model takes the choice
+    again = verification.choose(config, 4096, device, candidates)  # compiled: the check alone
     print(f"\nauto at n=4, C=4096, 4096 tokens, bf16: first {first.summary()}\n"
           f"again: {again.summary()}")
     assert all(c.passed for c in first.checks["triton"]), first.summary()
+    assert first.backend in verification.FUSED_BACKENDS, first.summary()
     assert again.backend in verification.FUSED_BACKENDS, again.summary()
     assert again.seconds < 1.0, again.summary()
