@@ -20,7 +20,6 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodu
 from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols, parse_hybrid_pattern
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_mhc.config import MHCTransformerConfig
@@ -148,9 +147,11 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
         refuse(str(err))
     symbols = set(parsed.main_pattern or "") - {Symbols.PIPE}
     latent = sorted(symbols & {Symbols.MLA, Symbols.DS_ATTENTION})
-    if latent and not isinstance(config, MLATransformerConfig):
+    if latent:
+        # Checked first: for these megatron.training builds a plain MLATransformerConfig, which
+        # has no mHC fields.
         refuse(f"layer types {latent} (multi-latent attention) need an MLATransformerConfig, and "
-               f"{type(config).__name__} is not one")
+               "MHCTransformerConfig is not one")
     if config.transformer_impl != "transformer_engine":
         unsupported = sorted(symbols - set(LOCAL_HYBRID_LAYER_SYMBOLS))
         if unsupported:
