@@ -143,8 +143,3 @@ class MHCTransformerConfig(TransformerConfig):
                      "mhc_recompute_layer_num",
                      "recompute_granularity='full' already recomputes whole layers; use one or "
                      "the other (selective recompute combines with it)")
-        incompatible(self.virtual_pipeline_model_parallel_size is None
-                     or self.variable_seq_lengths, "virtual_pipeline_model_parallel_size",
-                     "the interleaved schedule sizes its P2P buffers from hidden_size and has no "
-                     "hook to resize them for [s, b, n*hidden_size]: set variable_seq_lengths=True "
-                     "(shapes are then exchanged) or use no virtual pipeline")

@@ -4,8 +4,8 @@ Mixed into Megatron's stacks (TransformerBlock for GPT, HybridStack for HybridMo
 pipeline stage expands the embedding output into n streams; the stage holding the final norm
 contracts them (`mean`, or the `learned` head) right before that norm, through a forward pre-hook
 on the norm, so that Megatron's own stack forward (full recompute, layer extraction) stays
-untouched and the norm keeps the baseline's parameter names. Stages in between exchange
-[s, b, n*C] (see `pipeline_shapes.get_forward_backward_func`). With `mhc_recompute_layer_num`,
+untouched and the norm keeps the baseline's parameter names. Stages in between exchange the
+n-stream state, as [s, b*n, C] (see `pipeline_shapes.py`). With `mhc_recompute_layer_num`,
 an MHCRecomputeManager frees the stream states inside each block of L_r of this stage's layers
 after forward and recomputes them in backward (L_r counts the stack's layers: a GPT layer holds
 two residual sublayers, a HybridModel layer one).
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from megatron.core.utils import WrappedTensor
+from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from megatron_mhc.fusions import model_backend
 from megatron_mhc.transformer.hyper_connection import HyperConnectionHead
@@ -24,7 +24,7 @@ from megatron_mhc.transformer.recompute import MHCRecomputeManager, recompute_bl
 
 
 def expand_streams(hidden_states: Tensor, num_streams: int) -> Tensor:
-    """[s, b, C] -> [s, b, n*C]: every stream starts as the embedding output (SPEC)."""
+    """[s, b, C] -> [s, b, n*C]: every stream starts as the embedding output."""
     streams = hidden_states.unsqueeze(-2).expand(*hidden_states.shape[:-1], num_streams, -1)
     return streams.flatten(-2)
 
@@ -71,9 +71,24 @@ class HyperConnectionStack:
     def _contract_before_final_norm(self, _norm: torch.nn.Module, args: tuple) -> tuple:
         return (self.contract_streams(args[0]), *args[1:])
 
+    def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
+        """The previous stage's state, received as [s, b*n, C] (pipeline_shapes.py), viewed as
+        [s, b, n*C]; autograd returns its gradient in the received shape."""
+        if input_tensor is not None:
+            s, bn, hidden = input_tensor.shape
+            input_tensor = input_tensor.view(s, bn // self.num_streams, self.num_streams * hidden)
+        super().set_input_tensor(input_tensor)
+
     def forward(self, hidden_states, *args, **kwargs):
         if self.pre_process:
             if isinstance(hidden_states, WrappedTensor):
                 hidden_states = hidden_states.unwrap()
             hidden_states = expand_streams(hidden_states, self.num_streams)
-        return super().forward(hidden_states, *args, **kwargs)
+        output = super().forward(hidden_states, *args, **kwargs)
+        if self.post_process:
+            return output
+        # To the next stage as [s, b*n, C]; the schedule frees the storage of what it sent, so
+        # the tensor must own it rather than be a view.
+        s, b, _ = output.shape
+        return make_viewless_tensor(inp=output.view(s, b * self.num_streams, -1),
+                                    requires_grad=output.requires_grad, keep_graph=True)

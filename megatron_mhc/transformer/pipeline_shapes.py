@@ -1,10 +1,13 @@
-"""P2P buffers of [s, b, n*C] between pipeline stages.
+"""The n-stream state between pipeline stages, in the shapes Megatron's schedules exchange.
 
-Megatron's schedules size the tensors exchanged between stages as [s, b, hidden_size]. With mHC
-the stages exchange the n-stream state, n times wider. The non-interleaved 1F1B schedule takes
-an `adjust_tensor_shapes_fn`, which this module supplies; the interleaved schedule has no such
-hook, so MHCTransformerConfig requires `variable_seq_lengths` with it (shapes are then sent
-along with the tensors) and nothing needs resizing.
+Megatron's pipeline schedules (1F1B, interleaved, and the combined 1F1B of the expert-parallel
+overlap) size every tensor they send or receive between stages as [s, micro_batch_size,
+hidden_size], from the `micro_batch_size` they are given and `config.hidden_size`; the
+interleaved ones offer no hook to change it. With mHC a stage sends the n-stream state
+[s, b, n*C], which is the same memory as [s, b*n, C]. So the schedules are run with
+`micro_batch_size * n` (they use it for nothing else), and an mHC stack sends and receives its
+state as [s, b*n, C] (`HyperConnectionStack.set_input_tensor` and its forward), whatever the
+schedule, with or without `variable_seq_lengths`.
 """
 
 import functools
@@ -13,43 +16,20 @@ from megatron.core.pipeline_parallel import schedules
 from megatron.core.utils import get_model_config
 
 
-def widen_tensor_shapes(shapes, config):
-    """[(s, b, hidden_size)] -> [(s, b, n * hidden_size)]; dynamic shapes `()` stay as they are."""
-    return [
-        (*shape[:-1], shape[-1] * config.mhc_num_residual_streams) if shape else shape
-        for shape in shapes
-    ]
-
-
 def get_forward_backward_func(*args, **kwargs):
-    """Megatron's `get_forward_backward_func`, with the P2P buffers sized for mHC models.
+    """Megatron's `get_forward_backward_func`, for models with or without mHC.
 
-    Same arguments and same returned function as Megatron's; for the non-interleaved pipeline
-    schedule the returned function widens the exchanged shapes when the model is an mHC model
-    (any `adjust_tensor_shapes_fn` the caller passes is applied first).
+    Same arguments and same returned function as Megatron's; for an mHC model the returned
+    function passes the schedule `micro_batch_size * n`, the size of the stage-to-stage tensors
+    [s, b*n, C] along their second axis.
     """
     forward_backward_func = schedules.get_forward_backward_func(*args, **kwargs)
-    if forward_backward_func is not schedules.forward_backward_pipelining_without_interleaving:
-        return forward_backward_func
 
     @functools.wraps(forward_backward_func)
-    def forward_backward_with_stream_shapes(*, model, adjust_tensor_shapes_fn=None, **fb_kwargs):
+    def forward_backward_with_stream_shapes(*, model, micro_batch_size, **fb_kwargs):
         config = get_model_config(model[0] if isinstance(model, list) else model)
-        if not getattr(config, "mhc_active", False):
-            return forward_backward_func(
-                model=model, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn, **fb_kwargs
-            )
-
-        def adjust(recv_tensor_shapes, send_tensor_shapes):
-            if adjust_tensor_shapes_fn is not None:
-                recv_tensor_shapes, send_tensor_shapes = adjust_tensor_shapes_fn(
-                    recv_tensor_shapes, send_tensor_shapes
-                )
-            return (
-                widen_tensor_shapes(recv_tensor_shapes, config),
-                widen_tensor_shapes(send_tensor_shapes, config),
-            )
-
-        return forward_backward_func(model=model, adjust_tensor_shapes_fn=adjust, **fb_kwargs)
+        if getattr(config, "mhc_active", False):
+            micro_batch_size *= config.mhc_num_residual_streams
+        return forward_backward_func(model=model, micro_batch_size=micro_batch_size, **fb_kwargs)
 
     return forward_backward_with_stream_shapes

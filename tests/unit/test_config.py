@@ -46,15 +46,14 @@ BAD_CONFIGS = [
     ("mhc_kernel_backend", dict(mhc_kernel_backend="cuda")),
     ("mhc_mlp_high_priority_stream", dict(mhc_mlp_high_priority_stream="yes")),
     ("cuda_graph_impl", dict(cuda_graph_impl="local")),
-    ("mtp_num_layers", dict(mtp_num_layers=1)),
+    ("pipeline_model_parallel_layout",
+     dict(mtp_num_layers=1, num_layers=4, pipeline_model_parallel_size=2,
+          pipeline_model_parallel_layout="Ett|ttmL", pipeline_dtype=torch.float32)),
     ("mlp_chunks_for_training", dict(mlp_chunks_for_training=2)),
     ("cpu_offloading", dict(cpu_offloading=True, cpu_offloading_num_layers=1)),
     ("apply_residual_connection_post_layernorm",
      dict(apply_residual_connection_post_layernorm=True)),
     ("fused_residual_rmsnorm", dict(fused_residual_rmsnorm=True, normalization="RMSNorm")),
-    ("virtual_pipeline_model_parallel_size",
-     dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, num_layers=4,
-          pipeline_dtype=torch.float32)),
 ]
 
 
@@ -67,10 +66,11 @@ def test_bad_config_is_rejected_naming_the_field(field, overrides):
     assert "invalid" in str(err.value)
 
 
-def test_interleaved_pipeline_is_accepted_with_variable_seq_lengths():
+@pytest.mark.parametrize("variable_seq_lengths", [False, True])
+def test_interleaved_pipeline_is_accepted(variable_seq_lengths):
     config = MHCTransformerConfig(**{
         **TINY, "num_layers": 4, "pipeline_model_parallel_size": 2,
-        "virtual_pipeline_model_parallel_size": 2, "variable_seq_lengths": True,
+        "virtual_pipeline_model_parallel_size": 2, "variable_seq_lengths": variable_seq_lengths,
         "pipeline_dtype": torch.float32, "moe_token_dispatcher_type": "alltoall",
     })
     assert config.mhc_active
