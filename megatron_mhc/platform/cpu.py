@@ -16,6 +16,11 @@ is its CPU, and changes nothing else:
   give tensor-parallel-rank-dependent dropout as on GPU, and the rerun state machine and
   checkpoints save and restore it;
 * CUDA streams become torch.cpu's device-agnostic single stream;
+* the streams and events of the combined 1F1B schedule (``overlap_moe_expert_parallel_comm``)
+  and of the ``alltoall`` MoE token dispatcher become ordered no-ops: the CPU runs every op when
+  it is issued, so the order of operations is the order in which the schedule issues them on
+  GPU, and every event is complete when it is recorded; ``Tensor.record_stream`` is a no-op for
+  CPU tensors; the dispatcher's split sizes become the host arrays it makes of them on GPU;
 * parameter type checks that expect ``torch.cuda.*Tensor`` names accept the CPU tensors;
 * ``megatron.training``: one device per process, ``initialize_megatron(allow_no_cuda=True)`` in
   ``pretrain``, no GPU architecture query.
@@ -24,8 +29,9 @@ Nothing happens at import: call :func:`apply_cpu_platform` once per process, bef
 builds anything. It is idempotent and does nothing when CUDA is available. Each patch replaces a
 name in the namespace of the Megatron module that looks it up (a module's own view of ``torch``
 or ``torch.cuda`` where Megatron calls ``torch.<name>`` / ``torch.cuda.<name>``), except the
-four calls of the first item, which are replaced on torch itself: Megatron makes them from too
-many modules to list, and without a GPU they raise, so no working code path changes.
+four calls of the first item and ``Tensor.record_stream``, which are replaced on torch itself:
+Megatron makes them from too many modules to list, and without a GPU they raise (so does
+``record_stream`` on a CPU tensor), so no working code path changes.
 
 Also needed on CPU, outside this module:
 
@@ -45,10 +51,12 @@ Also needed on CPU, outside this module:
   ``allow_no_cuda=True``.
 
 Not patched, so still CUDA-only or unverified on CPU: Transformer Engine, CUDA graphs, fused
-kernels, sequence parallelism (needs a TE or apex norm), the ``alltoall`` MoE token dispatcher,
-overlapped gradient reduction / parameter gather, async checkpoint saving, inference. Resuming
-with ``--use-distributed-optimizer`` fails without Apex / Transformer Engine on any device
-(``DistributedOptimizer.state_dict`` asserts on the empty torch optimizer state).
+kernels, the ``flex`` MoE token dispatcher (DeepEP / HybridEP), ``delay_wgrad_compute`` (a no-op
+with the local spec, whose linears have no deferred weight-gradient pass), fine-grained
+activation offloading, overlapped gradient reduction / parameter gather, async checkpoint
+saving, inference. Resuming with ``--use-distributed-optimizer`` fails without Apex /
+Transformer Engine on any device (``DistributedOptimizer.state_dict`` asserts on the empty torch
+optimizer state).
 """
 
 import contextlib
@@ -124,6 +132,18 @@ def _override_torch_in(module_name: str, cuda: dict | None = None, **torch_attrs
         vars(view.cuda).update(cuda)
     vars(view).update(torch_attrs)
     module.torch = view
+
+
+def _megatron_module_with(module_name: str, name: str) -> types.ModuleType:
+    """Megatron module `module_name`, which must have `name` in its namespace (the name a patch
+    replaces): a Megatron version that moved the code must fail here, not run unpatched."""
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise RuntimeError(
+            f"megatron_mhc CPU platform: {module_name} has no {name!r} to replace; the patches "
+            f"are written for megatron-core 0.19.2"
+        )
+    return module
 
 
 def _cpu_for_cuda(device):
@@ -311,6 +331,113 @@ def _one_cpu_stream():
         )
 
 
+class _OrderedCPUStream(torch.cpu.Stream):
+    """A CUDA stream on CPU, with the methods Megatron's overlap code calls on one.
+
+    The CPU runs each op when it is issued, so work is ordered as the schedule issues it (the
+    order of the GPU's compute and communication streams wherever events order them), and an
+    event recorded on a stream is complete at once: waits and synchronizations are no-ops."""
+
+    def __init__(self, device=None, priority: int = 0):
+        super().__init__(priority)
+
+    @staticmethod
+    def priority_range() -> tuple[int, int]:
+        return 0, 0  # (lowest, highest) as torch.cuda.Stream: the CPU has a single priority
+
+    def record_event(self, event: torch.cpu.Event | None = None) -> torch.cpu.Event:
+        event = torch.cpu.Event() if event is None else event
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_ORDERED_CPU_STREAM = _OrderedCPUStream()
+
+
+def _current_ordered_cpu_stream(device=None) -> _OrderedCPUStream:
+    """torch.cpu's current stream (set by torch.cpu.stream) if it is an ordered one, else the
+    default ordered stream: the one the schedule runs on outside any stream context."""
+    stream = torch.cpu.current_stream()
+    return stream if isinstance(stream, _OrderedCPUStream) else _DEFAULT_ORDERED_CPU_STREAM
+
+
+# Megatron modules of the combined 1F1B schedule (overlap_moe_expert_parallel_comm) and of the
+# alltoall token dispatcher that use CUDA streams and events: the dispatcher copies its split
+# sizes to the host on a side stream and waits on the copy's event; ScheduleNode runs each node
+# on its stream between an event wait and record, and set_streams creates the (high-priority)
+# communication stream; the schedule plan records and waits on its chunk's event around the
+# P2P hooks; the MoE callables record the residual on the current stream.
+_MODULES_OVERLAPPING_ON_CUDA_STREAMS = (
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.models.common.model_chunk_schedule_plan",
+    "megatron.core.models.gpt.fine_grained_callables",
+)
+
+
+def _ordered_cpu_streams_and_events():
+    # torch.cuda.Stream / Event / current_stream raise without a GPU. torch.cpu's device-agnostic
+    # Stream lacks what these modules call (Stream(device=..., priority=...),
+    # Stream.priority_range(), stream.record_event() returning the event the dispatcher
+    # synchronizes on); _OrderedCPUStream adds it, and torch.cpu.Event is already an event
+    # complete when recorded.
+    for module_name in _MODULES_OVERLAPPING_ON_CUDA_STREAMS:
+        _megatron_module_with(module_name, "torch")
+        _override_torch_in(
+            module_name,
+            cuda=dict(
+                Stream=_OrderedCPUStream,
+                Event=torch.cpu.Event,
+                current_stream=_current_ordered_cpu_stream,
+                stream=torch.cpu.stream,
+            ),
+        )
+
+
+def _record_stream_is_a_no_op_for_cpu_tensors():
+    # ScheduleNode (freeing a node's inputs, its output gradients), the MoE callables (the
+    # residual) and the dispatcher's host copies call `tensor.record_stream(stream)` so that
+    # CUDA's caching allocator does not reuse a block while another stream may still read it.
+    # CPU memory is not allocated per stream, and record_stream raises for a CPU tensor
+    # ("unknown parameter type"); CUDA tensors keep torch's record_stream.
+    if not hasattr(torch.Tensor, "record_stream"):
+        raise RuntimeError("megatron_mhc CPU platform: torch.Tensor has no 'record_stream'")
+    record_stream = torch.Tensor.record_stream
+
+    @functools.wraps(record_stream)
+    def record_stream_unless_on_cpu(self, stream):
+        if self.device.type != "cpu":
+            record_stream(self, stream)
+
+    torch.Tensor.record_stream = record_stream_unless_on_cpu
+
+
+def _split_sizes_are_host_arrays():
+    # The alltoall dispatcher moves its split sizes to the host with maybe_move_tensor_to_cpu
+    # (imported by name into token_dispatcher), which converts only CUDA tensors: on GPU they
+    # become numpy arrays (as_numpy=True); on CPU they would stay tensors, which
+    # torch.distributed.all_to_all_single rejects as split sizes. The same conversion for CPU
+    # tensors.
+    dispatcher = _megatron_module_with(
+        _MODULES_OVERLAPPING_ON_CUDA_STREAMS[0], "maybe_move_tensor_to_cpu"
+    )
+    maybe_move_tensor_to_cpu = dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(maybe_move_tensor_to_cpu)
+    def move_to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return maybe_move_tensor_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    dispatcher.maybe_move_tensor_to_cpu = move_to_host
+
+
 def _cpu_tensors_pass_cuda_type_checks():
     # Megatron recognizes fp32 / fp16 / bf16 parameters and gradients by their CUDA type names:
     # clip_grad_by_total_norm_fp32 (looked up in optimizer.py) asserts
@@ -367,6 +494,9 @@ _PATCHES = (
     _cuda_literals_on_cpu,
     _cpu_generator_is_the_cuda_generator,
     _one_cpu_stream,
+    _ordered_cpu_streams_and_events,
+    _record_stream_is_a_no_op_for_cpu_tensors,
+    _split_sizes_are_host_arrays,
     _cpu_tensors_pass_cuda_type_checks,
     _one_cpu_device_per_process,
     _pretrain_allows_no_cuda,

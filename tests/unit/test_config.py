@@ -54,6 +54,10 @@ BAD_CONFIGS = [
     ("apply_residual_connection_post_layernorm",
      dict(apply_residual_connection_post_layernorm=True)),
     ("fused_residual_rmsnorm", dict(fused_residual_rmsnorm=True, normalization="RMSNorm")),
+    # Everything else Megatron requires of the overlap is set: only mHC rejects it.
+    ("overlap_moe_expert_parallel_comm",
+     dict(overlap_moe_expert_parallel_comm=True, num_moe_experts=4, expert_model_parallel_size=2,
+          moe_token_dispatcher_type="alltoall", bf16=True)),
 ]
 
 
