@@ -18,7 +18,9 @@ MICROBATCHES = 4  # the combined schedule pairs micro-batch i's forward with i-1
 # What Megatron requires of the overlap: expert parallelism, the alltoall (or flex) dispatcher,
 # bf16 or fp16. The local spec's expert MLP needs add_bias_linear=False on CPU (it would add the
 # bias in place on a view). Layers 0 and 2 are dense: the schedule builds a dense layer's nodes
-# without dispatch and combine.
+# without dispatch and combine. The last layer is MoE: megatron-core 0.19.2 applies the decoder's
+# final norm in the MoE combine node only, so under the overlap a model whose last layer is dense
+# runs without it (its losses differ from the plain schedule's).
 PLAIN_MOE_GPT = dict(
     num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, moe_layer_freq=[0, 1, 0, 1],
     expert_model_parallel_size=EXPERT_PARALLEL, moe_token_dispatcher_type="alltoall",
