@@ -20,7 +20,9 @@ is its CPU, and changes nothing else:
   and of the ``alltoall`` MoE token dispatcher become ordered no-ops: the CPU runs every op when
   it is issued, so the order of operations is the order in which the schedule issues them on
   GPU, and every event is complete when it is recorded; ``Tensor.record_stream`` is a no-op for
-  CPU tensors; the dispatcher's split sizes become the host arrays it makes of them on GPU;
+  CPU tensors; the dispatcher's split sizes become the host arrays it makes of them on GPU
+  (``delay_wgrad_compute`` runs too: the local spec's linears, which have no deferred
+  weight-gradient pass, compute their weight gradients in the ordinary backward);
 * parameter type checks that expect ``torch.cuda.*Tensor`` names accept the CPU tensors;
 * ``megatron.training``: one device per process, ``initialize_megatron(allow_no_cuda=True)`` in
   ``pretrain``, no GPU architecture query.
@@ -51,12 +53,10 @@ Also needed on CPU, outside this module:
   ``allow_no_cuda=True``.
 
 Not patched, so still CUDA-only or unverified on CPU: Transformer Engine, CUDA graphs, fused
-kernels, the ``flex`` MoE token dispatcher (DeepEP / HybridEP), ``delay_wgrad_compute`` (a no-op
-with the local spec, whose linears have no deferred weight-gradient pass), fine-grained
-activation offloading, overlapped gradient reduction / parameter gather, async checkpoint
-saving, inference. Resuming with ``--use-distributed-optimizer`` fails without Apex /
-Transformer Engine on any device (``DistributedOptimizer.state_dict`` asserts on the empty torch
-optimizer state).
+kernels, the ``flex`` MoE token dispatcher (DeepEP / HybridEP), fine-grained activation
+offloading, overlapped gradient reduction / parameter gather, async checkpoint saving,
+inference. Resuming with ``--use-distributed-optimizer`` fails without Apex / Transformer Engine
+on any device (``DistributedOptimizer.state_dict`` asserts on the empty torch optimizer state).
 """
 
 import contextlib

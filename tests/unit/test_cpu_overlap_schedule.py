@@ -2,7 +2,8 @@
 all-to-alls of one micro-batch overlap the computation of another) and the alltoall token
 dispatcher run on CPU with megatron_mhc.platform.cpu: a plain MoE GPT (no mHC) trained with
 Megatron's DDP, optimizer and schedules has bit-equal losses and gradients with and without the
-overlap, and its loss decreases."""
+overlap (also with `delay_wgrad_compute`: the schedule's delayed weight-gradient steps run, empty
+for the local spec's linears), and its loss decreases."""
 
 import math
 
@@ -27,6 +28,13 @@ PLAIN_MOE_GPT = dict(
     add_bias_linear=False, bf16=True, pipeline_dtype=torch.bfloat16,
 )
 
+# Schedule settings tried in a row, in one set of processes; the first is the plain schedule.
+SCHEDULES = {
+    "plain": dict(),
+    "overlap": dict(overlap_moe_expert_parallel_comm=True),
+    "overlap_delay_wgrad": dict(overlap_moe_expert_parallel_comm=True, delay_wgrad_compute=True),
+}
+
 _schedule_plans_built = 0
 
 
@@ -40,7 +48,7 @@ def _forward_step(data_iterator, model, return_schedule_plan=False):
     return forward_step(data_iterator, model.build_schedule_plan)
 
 
-def _train_with_and_without_overlap(rank, world_size):
+def _train_under_each_schedule(rank, world_size):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -53,8 +61,8 @@ def _train_with_and_without_overlap(rank, world_size):
     data = batches(seed=rank, num=MICROBATCHES)
     weights = None
     runs = {}
-    for overlap in (False, True):
-        config = tiny_config(**PLAIN_MOE_GPT, overlap_moe_expert_parallel_comm=overlap)
+    for schedule, settings in SCHEDULES.items():
+        config = tiny_config(**PLAIN_MOE_GPT, **settings)
         config.finalize_model_grads_func = finalize_model_grads
         gpt = build_tiny_gpt(config)
         if weights is None:
@@ -89,7 +97,7 @@ def _train_with_and_without_overlap(rank, world_size):
             grads.append(export_grads(model))
             update_successful, _, _ = optimizer.step()
             assert update_successful
-        runs[overlap] = dict(
+        runs[schedule] = dict(
             losses=losses,
             grads=grads,
             alltoall_layers=alltoall_layers,
@@ -99,19 +107,22 @@ def _train_with_and_without_overlap(rank, world_size):
 
 
 def test_combined_1f1b_overlap_equals_plain_schedule_bitwise_for_plain_moe_gpt_on_cpu():
-    for rank, runs in enumerate(run_distributed(_train_with_and_without_overlap, EXPERT_PARALLEL)):
-        plain, overlapped = runs[False], runs[True]
-        assert plain["alltoall_layers"] == overlapped["alltoall_layers"] == 2
-        # The overlap ran Megatron's combined schedule (one schedule plan per micro-batch).
+    for rank, runs in enumerate(run_distributed(_train_under_each_schedule, EXPERT_PARALLEL)):
+        plain = runs["plain"]
+        assert plain["alltoall_layers"] == 2
         assert plain["schedule_plans"] == 0
-        assert overlapped["schedule_plans"] == STEPS * MICROBATCHES
-        assert overlapped["losses"] == plain["losses"], rank
-        for step, (plain_grads, overlapped_grads) in enumerate(
-            zip(plain["grads"], overlapped["grads"])
-        ):
-            assert plain_grads.keys() == overlapped_grads.keys()
-            for key, (grad, _) in plain_grads.items():
-                assert torch.equal(overlapped_grads[key][0], grad), (rank, step, key)
+        for schedule in ("overlap", "overlap_delay_wgrad"):
+            overlapped = runs[schedule]
+            assert overlapped["alltoall_layers"] == 2
+            # Megatron's combined schedule ran (it builds one schedule plan per micro-batch).
+            assert overlapped["schedule_plans"] == STEPS * MICROBATCHES, schedule
+            assert overlapped["losses"] == plain["losses"], (rank, schedule)
+            for step, (plain_grads, overlapped_grads) in enumerate(
+                zip(plain["grads"], overlapped["grads"])
+            ):
+                assert plain_grads.keys() == overlapped_grads.keys()
+                for key, (grad, _) in plain_grads.items():
+                    assert torch.equal(overlapped_grads[key][0], grad), (rank, schedule, step, key)
         # The alltoall dispatcher trains: finite loss, decreasing over the steps.
         step_losses = [sum(losses) / MICROBATCHES for losses in plain["losses"]]
         assert all(math.isfinite(loss) for loss in step_losses), step_losses
