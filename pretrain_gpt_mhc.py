@@ -48,6 +48,7 @@ from megatron_mhc.config import MHCTransformerConfig  # noqa: E402
 from megatron_mhc.training import mhc_logging  # noqa: E402
 from megatron_mhc.training.arguments import add_mhc_arguments  # noqa: E402
 from megatron_mhc.training.gpt_step import (  # noqa: E402
+    check_mtp_arguments,
     forward_step,
     model_provider,
     train_valid_test_datasets_provider,
@@ -90,6 +91,7 @@ def main():
         config = core_transformer_config_from_args(args, MHCTransformerConfig)
         if args.hybrid_layer_pattern is not None:
             check_hybrid_layer_pattern(config, args.hybrid_layer_pattern)
+        check_mtp_arguments(args)
     except (ConfigError, ValueError) as err:
         sys.exit(f"pretrain_gpt_mhc.py: {err}")
     if ON_CPU:

@@ -45,7 +45,9 @@ class MHCHealthMonitor:
     def watch(self, model: torch.nn.Module) -> None:
         """Observe the mHC layers of `model` too."""
         for module in model.modules():
-            if isinstance(module, HyperConnectionTransformerLayer):
+            # An MTP layer's streams branch off the stack after its last layer: not part of the
+            # stack's composite mapping, and numbered from 1 again.
+            if isinstance(module, HyperConnectionTransformerLayer) and not module.is_mtp_layer:
                 self._layers.append(module)
                 for position, hyper_connection in enumerate(module.hyper_connections):
                     key = (module.layer_number, position)

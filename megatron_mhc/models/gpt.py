@@ -7,29 +7,39 @@ from megatron.core.models.gpt import gpt_model
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_mhc.config import MHCTransformerConfig
+from megatron_mhc.transformer.multi_token_prediction import (
+    FinalStreamsCapture,
+    MHCMultiTokenPredictionBlock,
+    get_mhc_gpt_mtp_block_spec,
+)
 from megatron_mhc.transformer.specs import get_mhc_gpt_decoder_block_spec
 from megatron_mhc.transformer.transformer_block import HyperConnectionTransformerBlock
 
 
 @contextlib.contextmanager
-def _decoder_block_class(block_class):
-    # GPTModel.__init__ builds its decoder as `TransformerBlock(...)`, looked up in gpt_model's
-    # globals, and offers no argument to choose the class; point the name at the mHC block for
-    # the duration of the construction (single-threaded, restored on any exit).
-    original = gpt_model.TransformerBlock
-    gpt_model.TransformerBlock = block_class
+def _block_classes(**block_classes):
+    # GPTModel.__init__ builds its decoder as `TransformerBlock(...)` and its MTP block as
+    # `MultiTokenPredictionBlock(...)`, looked up in gpt_model's globals, and offers no argument
+    # to choose the classes; point the names at the mHC blocks for the duration of the
+    # construction (single-threaded, restored on any exit).
+    originals = {name: getattr(gpt_model, name) for name in block_classes}
+    for name, block_class in block_classes.items():
+        setattr(gpt_model, name, block_class)
     try:
         yield
     finally:
-        gpt_model.TransformerBlock = original
+        for name, block_class in originals.items():
+            setattr(gpt_model, name, block_class)
 
 
 class MHCGPTModel(GPTModel):
     """Megatron's GPTModel whose decoder is a HyperConnectionTransformerBlock.
 
     Takes GPTModel's arguments; `transformer_layer_spec` should come from
-    `get_mhc_gpt_decoder_block_spec`. Everything else (embedding, output layer, loss, dist
-    checkpointing, pipeline stages) is GPTModel's.
+    `get_mhc_gpt_decoder_block_spec` and `mtp_block_spec` from `get_mhc_gpt_mtp_block_spec`.
+    The MTP block (an MHCMultiTokenPredictionBlock) reads the decoder's stream state before the
+    contract, kept by a FinalStreamsCapture on the final norm. Everything else (embedding,
+    output layer, loss and MTP loss, dist checkpointing, pipeline stages) is GPTModel's.
     """
 
     def __init__(self, config: MHCTransformerConfig, *args, **kwargs):
@@ -40,8 +50,20 @@ class MHCGPTModel(GPTModel):
                 f"{config.mhc_num_residual_streams}); build_mhc_gpt_model returns a plain "
                 "GPTModel otherwise"
             )
-        with _decoder_block_class(HyperConnectionTransformerBlock):
+        with _block_classes(TransformerBlock=HyperConnectionTransformerBlock,
+                            MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
             super().__init__(config, *args, **kwargs)
+        if self.mtp_process:
+            self.final_streams = FinalStreamsCapture(self.decoder.final_layernorm)
+
+    def _postprocess(self, hidden_states, **kwargs):
+        if self.mtp_process:
+            # GPTModel passes `extra_block_kwargs` to its MTP block only (the decoder has run).
+            kwargs["extra_block_kwargs"] = {
+                **(kwargs.get("extra_block_kwargs") or {}),
+                "decoder_streams": self.final_streams.pop(),
+            }
+        return super()._postprocess(hidden_states, **kwargs)
 
 
 def build_mhc_gpt_model(
@@ -58,8 +80,10 @@ def build_mhc_gpt_model(
     """A GPT model for `config`: MHCGPTModel when mHC is active, else Megatron's GPTModel.
 
     The layer spec is Megatron's GPT decoder spec for `config.transformer_impl` ('local' or
-    'transformer_engine'), made mHC by `get_mhc_gpt_decoder_block_spec`; `gpt_model_kwargs`
-    go to GPTModel (position_embedding_type, share_embeddings_and_output_weights, ...).
+    'transformer_engine'), made mHC by `get_mhc_gpt_decoder_block_spec`; with
+    `config.mtp_num_layers` the MTP block spec comes from `get_mhc_gpt_mtp_block_spec` (on the
+    stage that holds it); `gpt_model_kwargs` go to GPTModel (position_embedding_type,
+    share_embeddings_and_output_weights, ...).
     """
     pp_rank = None
     if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
@@ -67,6 +91,10 @@ def build_mhc_gpt_model(
     spec = get_mhc_gpt_decoder_block_spec(
         config, normalization=normalization, vp_stage=vp_stage, pp_rank=pp_rank
     )
+    if config.mtp_num_layers:
+        gpt_model_kwargs["mtp_block_spec"] = get_mhc_gpt_mtp_block_spec(
+            config, spec, vp_stage=vp_stage, pp_rank=pp_rank
+        )
     model_class = MHCGPTModel if config.mhc_active else GPTModel
     return model_class(
         config,

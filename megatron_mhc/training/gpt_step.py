@@ -5,7 +5,12 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-from megatron.core.utils import get_batch_on_this_tp_rank
+from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
+from megatron.core.utils import (
+    get_attr_wrapped_model,
+    get_batch_on_this_tp_rank,
+    get_model_config,
+)
 from megatron.training import get_args, get_tokenizer
 from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import print_rank_0
@@ -56,6 +61,18 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     return model
 
 
+def check_mtp_arguments(args) -> None:
+    """ValueError for the multi-token prediction settings megatron-core 0.19.2 cannot train."""
+    if (args.mtp_num_layers and args.pipeline_model_parallel_size > 1
+            and not args.untie_embeddings_and_output_weights):
+        raise ValueError(
+            f"mtp_num_layers={args.mtp_num_layers} with pipeline_model_parallel_size="
+            f"{args.pipeline_model_parallel_size} needs --untie-embeddings-and-output-weights: "
+            "with tied embeddings megatron-core 0.19.2 keeps an unused output-layer weight on the "
+            "MTP stage and fails to save its checkpoint"
+        )
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples):
     """Megatron's GPT datasets: --data-path, the embedded corpus, or --mock-data."""
     args = get_args()
@@ -97,6 +114,12 @@ train_valid_test_datasets_provider.is_distributed = True
 def forward_step(data_iterator, model):
     """One micro-batch: the model's per-token losses and the masked-mean loss function."""
     args = get_args()
+    config = get_model_config(model)
+    # The MTP block embeds the tokens and rolls the labels and loss mask on its own stage.
+    has_mtp = mtp_on_this_rank(
+        layout=config.pipeline_model_parallel_layout, mtp_num_layers=config.mtp_num_layers,
+        ignore_virtual=False, vp_stage=get_attr_wrapped_model(model, "vp_stage"),
+    )
     batch = {}
     if parallel_state.get_tensor_model_parallel_rank() == 0 and data_iterator is not None:
         batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v
@@ -112,15 +135,15 @@ def forward_step(data_iterator, model):
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
-        mtp_on_this_rank=False,
+        mtp_on_this_rank=has_mtp,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         is_pipeline_first_stage=parallel_state.is_pipeline_first_stage(),
         is_pipeline_last_stage=parallel_state.is_pipeline_last_stage(),
     )
     health_log.start_if_logging()
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"])
     loss_mask = batch["loss_mask"]
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"], loss_mask=loss_mask)
 
     def loss_func(output_tensor):
         losses = output_tensor.view(-1).float()

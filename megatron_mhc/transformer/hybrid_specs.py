@@ -159,6 +159,10 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
                    f"their CUDA packages; the local spec builds {list(LOCAL_HYBRID_LAYER_SYMBOLS)}")
         if parsed.mtp_pattern is not None:
             refuse("the local hybrid spec has no multi-token prediction block ('/' part)")
+    if config.mhc_active and parsed.mtp_pattern is not None:
+        refuse("multi-token prediction ('/' part) with mHC is built for GPT models only "
+               "(--mtp-num-layers without --hybrid-layer-pattern): the hybrid MTP block reads "
+               "the single-stream decoder output")
     if config.mhc_active and Symbols.MAMBA in symbols:
         refuse("Mamba layers ('M') are not supported with mHC (enable_mhc_connections and "
                "mhc_num_residual_streams > 1): MambaLayer adds its own single-stream residual")

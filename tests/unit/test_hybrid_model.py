@@ -309,8 +309,11 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
     ("*-*E", MHC, r"MHCTransformerConfig.num_moe_experts=None is invalid: .*MoE layers \('E'\)"),
     ("*-*-/*-", {}, r"hybrid_layer_pattern='\*-\*-/\*-' is invalid: the local hybrid spec has no "
                     r"multi-token prediction block"),
+    ("*-*-/*-", dict(MHC, transformer_impl="transformer_engine"),
+     r"hybrid_layer_pattern='\*-\*-/\*-' is invalid: multi-token prediction \('/' part\) with "
+     r"mHC is built for GPT models only"),
 ], ids=["mamba_with_mhc", "gdn_local", "mla_config", "bad_symbol", "moe_without_experts",
-        "mtp_local"])
+        "mtp_local", "mtp_with_mhc"])
 def test_unbuildable_pattern_is_refused_before_building_naming_the_field(
         pattern, overrides, message):
     from megatron_mhc.models.hybrid import build_mhc_hybrid_model

@@ -1,0 +1,254 @@
+"""Multi-token prediction with mHC (`mtp_num_layers`) through Megatron's real schedule on gloo
+processes: it trains (main and MTP loss fall), PP = 2 (the MTP block on the last stage) and
+TP = 2 give the loss, MTP loss and gradients of one rank, one stream (or mHC off) is Megatron's
+own MTP model bit for bit, and with the identity init the n-stream MTP computes the function of
+Megatron's single-stream MTP."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_mhc.training.gpt_step import check_mtp_arguments
+from tests.dist_utils import (
+    destroy_model_parallel,
+    export_grads,
+    full_state_dict,
+    initialize_model_parallel,
+    load_full_state_dict,
+    merge_full_grads,
+    run_distributed,
+)
+from tests.tiny_gpt import SEQ, VOCAB, batches, build_tiny_gpt, forward_backward, tiny_config
+
+MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def per_layout():
+    """Every rank's results of `_step_per_layout` for an mHC GPT with one MTP layer."""
+    return run_distributed(_step_per_layout, 2, dict(MHC, mtp_num_layers=1))
+
+
+def _mtp_losses() -> list:
+    """The MTP losses (one per depth) tracked since the last call, summed over micro-batches."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker["loss_values"].tolist()
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    return values
+
+
+def _train(rank, world_size, variants):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    results = {}
+    for name, overrides in variants.items():
+        MTPLossLoggingHelper.tracker.clear()  # sized by the first run's number of depths
+        initialize_model_parallel()
+        config = tiny_config(**overrides)
+        config.finalize_model_grads_func = finalize_model_grads
+        model = DistributedDataParallel(
+            config, DistributedDataParallelConfig(), build_tiny_gpt(config)
+        )
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0), [model]
+        )
+        data = batches(seed=3)
+        steps = []
+        for _ in range(STEPS):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = forward_backward(model, data)
+            steps.append((loss, _mtp_losses()))
+            update_successful, _, _ = optimizer.step()
+            assert update_successful
+        results[name] = steps
+        destroy_model_parallel()
+    return results
+
+
+TRAINED = {
+    "mtp1": dict(MHC, mtp_num_layers=1),
+    "mtp2_learned_contract": dict(MHC, mtp_num_layers=2, mhc_output_contract="learned"),
+}
+
+
+def test_gpt_with_mtp_trains_with_finite_falling_main_and_mtp_losses():
+    results = run_distributed(_train, 1, TRAINED)[0]
+    for name, steps in results.items():
+        depths = TRAINED[name]["mtp_num_layers"]
+        main = [loss for loss, _ in steps]
+        assert all(len(mtp) == depths for _, mtp in steps), name
+        assert all(math.isfinite(v) for v in main), (name, main)
+        assert main[-1] < main[0] - 0.1, (name, main)
+        for depth in range(depths):
+            mtp = [losses[depth] for _, losses in steps]
+            assert all(math.isfinite(v) and v > 0 for v in mtp), (name, depth, mtp)
+            assert mtp[-1] < mtp[0] - 0.1, (name, depth, mtp)
+
+
+LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (TP, PP) on 2 processes; the rest is data parallel
+
+
+def _step_per_layout(rank, world_size, overrides):
+    """The same weights in every layout; one forward-backward of two micro-batches each, in
+    float64 (what is compared is the partitioning of the math)."""
+    torch.set_default_dtype(torch.float64)
+    results, full = {}, None
+    for tp, pp in LAYOUTS:
+        initialize_model_parallel(tp, pp)
+        model = build_tiny_gpt(tiny_config(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            params_dtype=torch.float64, pipeline_dtype=torch.float64, **overrides,
+        ))
+        if full is None:
+            full = full_state_dict(model)
+        load_full_state_dict(model, full)
+        loss = forward_backward(model, batches())
+        mtp = _mtp_losses() if loss is not None else None
+        results[(tp, pp)] = (loss, mtp, export_grads(model))
+        destroy_model_parallel()
+    return results
+
+
+@pytest.mark.parametrize("layout,rtol", [
+    ((1, 2), 1e-10),  # the same ops on the same values, split over two stages
+    # TP sums partial products in another order (and Megatron's vocab-parallel cross entropy
+    # stays fp32): the tolerance of tests/unit/test_parallel_equivalence.py.
+    ((2, 1), 1e-5),
+], ids=["pp2", "tp2"])
+def test_parallel_layouts_with_mtp_match_one_rank(per_layout, layout, rtol):
+    loss, mtp, _ = next(r[(1, 1)] for r in per_layout)
+    reference = merge_full_grads([r[(1, 1)][2] for r in per_layout])
+    assert any(name.startswith("mtp.") and "hyper_connection" in name for name in reference)
+    assert any(name.startswith("mtp.") and "mhc_head" in name for name in reference)
+    # The losses exist on the last stage only (the MTP block's stage).
+    last_stage = [r[layout] for r in per_layout if r[layout][0] is not None]
+    assert len(last_stage) == 2 // layout[1]
+    for got_loss, got_mtp, _ in last_stage:
+        assert got_loss == pytest.approx(loss, rel=rtol)
+        assert got_mtp == pytest.approx(mtp, rel=rtol)
+    grads = merge_full_grads([r[layout][2] for r in per_layout])
+    assert grads.keys() == reference.keys()
+    for name, grad in grads.items():
+        want = reference[name]
+        assert torch.isfinite(grad).all() and want.abs().max() > 0, name
+        torch.testing.assert_close(grad, want, rtol=rtol, atol=rtol * want.abs().max().item(),
+                                   msg=lambda m: f"{layout} {name}: {m}")
+
+
+def _megatron_mtp_gpt(config):
+    """Megatron's own GPTModel with its own local decoder and MTP specs."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    decoder_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    return GPTModel(
+        config, transformer_layer_spec=decoder_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+        mtp_block_spec=get_gpt_mtp_block_spec(config, decoder_spec, use_transformer_engine=False),
+        position_embedding_type="rope",
+    )
+
+
+def _loss_mtp_loss_and_grads(model):
+    loss = forward_backward(model, batches())
+    grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+    return loss, _mtp_losses(), grads
+
+
+def _plain_and_candidate(rank, world_size, overrides):
+    results = []
+    for build in (_megatron_mtp_gpt, build_tiny_gpt):
+        initialize_model_parallel(seed=1234)
+        model = build(tiny_config(mtp_num_layers=1, **overrides))
+        results.append((type(model).__name__, _loss_mtp_loss_and_grads(model)))
+        destroy_model_parallel()
+    return results
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
+    dict(enable_mhc_connections=False, mhc_num_residual_streams=4),
+], ids=["n1", "disabled"])
+def test_one_stream_or_disabled_mtp_model_is_megatrons_bit_for_bit(overrides):
+    (_, (loss, mtp, grads)), (kind, (got_loss, got_mtp, got_grads)) = run_distributed(
+        _plain_and_candidate, 1, overrides
+    )[0]
+    assert kind == "GPTModel"
+    assert got_loss == loss and got_mtp == mtp
+    assert list(got_grads) == list(grads)
+    assert any(name.startswith("mtp.layers.0.eh_proj") for name in grads)
+    for name, grad in grads.items():
+        assert torch.equal(got_grads[name], grad), name
+
+
+def _upcycled_mtp_state_dict(plain_state_dict: dict, candidate_state_dict: dict) -> dict:
+    """The plain model's weights in the identity-initialised mHC model: shared names as they
+    are, `eh_proj` = [e_proj | h_proj] (Megatron concatenates the embedding first)."""
+    state = dict(candidate_state_dict)
+    for name, value in plain_state_dict.items():
+        if name.endswith("._extra_state"):
+            continue
+        if name.endswith(".eh_proj.weight"):
+            prefix = name[: -len("eh_proj.weight")]
+            state[prefix + "e_proj.weight"], state[prefix + "h_proj.weight"] = value.chunk(2, dim=1)
+        else:
+            state[name] = value
+    return state
+
+
+def _identity_against_plain(rank, world_size, overrides):
+    torch.set_default_dtype(torch.float64)
+    config_fields = dict(mtp_num_layers=1, params_dtype=torch.float64,
+                         pipeline_dtype=torch.float64, layernorm_epsilon=0.0)
+    initialize_model_parallel(seed=1234)
+    plain = build_tiny_gpt(tiny_config(**config_fields))
+    candidate = build_tiny_gpt(tiny_config(**config_fields, **overrides))
+    candidate.load_state_dict(
+        _upcycled_mtp_state_dict(plain.state_dict(), candidate.state_dict()), strict=True
+    )
+    return [(type(model).__name__, forward_backward(model, batches()), _mtp_losses())
+            for model in (plain, candidate)]
+
+
+def test_identity_init_n4_mtp_computes_the_single_stream_mtp_function():
+    """Replicated streams through identity HC modules and heads: each stream's e_proj + h_proj
+    is the plain eh_proj, so main and MTP losses are the plain model's.
+
+    Exact with both epsilons 0: mhc_eps = 0 gives H_pre = 1/n and head weights 1/n, and
+    layernorm_epsilon = 0 makes hnorm(final_norm(x)), what Megatron's MTP reads (the decoder
+    output), equal hnorm(x), what DeepSeek-V4's reads (the streams before the final norm), while
+    the final norm's gain is still 1.
+    """
+    identity = dict(MHC, mhc_init="identity", mhc_output_contract="learned", mhc_eps=0.0)
+    (_, loss, mtp), (kind, got_loss, got_mtp) = run_distributed(
+        _identity_against_plain, 1, identity
+    )[0]
+    assert kind == "MHCGPTModel"
+    assert got_loss == pytest.approx(loss, rel=1e-10)
+    assert got_mtp == pytest.approx(mtp, rel=1e-10)
+
+
+@pytest.mark.parametrize("untie,pipeline,refused", [
+    (False, 2, True), (True, 2, False), (False, 1, False),
+])
+def test_mtp_with_tied_embeddings_over_pipeline_stages_is_refused(untie, pipeline, refused):
+    """megatron-core 0.19.2 cannot save such a model: refused before training, naming it."""
+    args = SimpleNamespace(mtp_num_layers=1, pipeline_model_parallel_size=pipeline,
+                           untie_embeddings_and_output_weights=untie)
+    if not refused:
+        check_mtp_arguments(args)
+        return
+    with pytest.raises(ValueError, match="mtp_num_layers=1 with pipeline_model_parallel_size=2 "
+                                         "needs --untie-embeddings-and-output-weights"):
+        check_mtp_arguments(args)
