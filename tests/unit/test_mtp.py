@@ -1,8 +1,8 @@
 """Multi-token prediction with mHC (`mtp_num_layers`) through Megatron's real schedule on gloo
 processes: it trains (main and MTP loss fall), PP = 2 (the MTP block on the last stage) and
 TP = 2 give the loss, MTP loss and gradients of one rank, one stream (or mHC off) is Megatron's
-own MTP model bit for bit, and with the identity init the n-stream MTP computes the function of
-Megatron's single-stream MTP."""
+own MTP model bit for bit, with the identity init the n-stream MTP computes the function of
+Megatron's single-stream MTP, and full or mHC block recompute trains bitwise like none."""
 
 import math
 from types import SimpleNamespace
@@ -252,3 +252,20 @@ def test_mtp_with_tied_embeddings_over_pipeline_stages_is_refused(untie, pipelin
     with pytest.raises(ValueError, match="mtp_num_layers=1 with pipeline_model_parallel_size=2 "
                                          "needs --untie-embeddings-and-output-weights"):
         check_mtp_arguments(args)
+
+
+RECOMPUTED = {
+    "none": dict(MHC, mtp_num_layers=1),
+    # Megatron's full recompute reruns the MTP layer on the stream state in backward.
+    "full": dict(MHC, mtp_num_layers=1, recompute_granularity="full",
+                 recompute_method="uniform", recompute_num_layers=1),
+    # mHC's block recompute frees the decoder's inner stream states; the MTP block reads the
+    # stage output, which the manager keeps.
+    "mhc_blocks": dict(MHC, mtp_num_layers=1, mhc_recompute_layer_num=2),
+}
+
+
+def test_recompute_with_mtp_trains_bitwise_like_no_recompute():
+    results = run_distributed(_train, 1, RECOMPUTED)[0]
+    assert results["full"] == results["none"]
+    assert results["mhc_blocks"] == results["none"]
