@@ -8,6 +8,7 @@ from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
 from megatron.core.utils import (
     get_attr_wrapped_model,
+    get_batch_on_this_cp_rank,
     get_batch_on_this_tp_rank,
     get_model_config,
 )
@@ -139,6 +140,10 @@ def forward_step(data_iterator, model):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         is_pipeline_first_stage=parallel_state.is_pipeline_first_stage(),
         is_pipeline_last_stage=parallel_state.is_pipeline_last_stage(),
+    )
+    # This rank's share of the sequence under context parallelism (the whole batch without it).
+    batch = get_batch_on_this_cp_rank(
+        batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
     )
     health_log.start_if_logging()
     loss_mask = batch["loss_mask"]

@@ -1,5 +1,6 @@
-"""mHC with a MoE MLP, and the `hc` / `hc_static` types, train with Megatron's DDP, optimizer and
-schedule: a few steps on a fixed batch give finite, decreasing loss."""
+"""mHC with a MoE MLP (also with TP=2 and sequence parallelism), and the `hc` / `hc_static` types,
+train with Megatron's DDP, optimizer and schedule: a few steps on a fixed batch give finite,
+decreasing loss."""
 
 import math
 
@@ -17,6 +18,12 @@ VARIANTS = {
         MHC, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64,
         add_bias_linear=False, moe_token_dispatcher_type="allgather",
     ),
+    # Megatron requires sequence parallelism for MoE with TP > 1.
+    "mhc_moe_tp2_sequence_parallel": dict(
+        MHC, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64,
+        add_bias_linear=False, moe_token_dispatcher_type="allgather",
+        tensor_model_parallel_size=2, sequence_parallel=True,
+    ),
     "hc": dict(MHC, mhc_type="hc"),
     "hc_static": dict(MHC, mhc_type="hc_static"),
 }
@@ -28,7 +35,7 @@ def _train(rank, world_size, overrides):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    initialize_model_parallel()
+    initialize_model_parallel(tp=world_size)
     config = tiny_config(**overrides)
     config.finalize_model_grads_func = finalize_model_grads
     model = build_tiny_gpt(config)
@@ -50,7 +57,8 @@ def _train(rank, world_size, overrides):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_trains_with_finite_decreasing_loss(variant):
-    losses, moe_layers = run_distributed(_train, 1, VARIANTS[variant])[0]
+    tp = VARIANTS[variant].get("tensor_model_parallel_size", 1)
+    losses, moe_layers = run_distributed(_train, tp, VARIANTS[variant])[0]
     assert moe_layers == (4 if "moe" in variant else 0)
     assert all(math.isfinite(loss) for loss in losses), losses
     assert losses[-1] < losses[0] - 0.1, losses

@@ -1,0 +1,103 @@
+"""Sequence parallelism on the local spec (its torch norms are SequenceParallelTorchNorms), through
+Megatron's DistributedDataParallel, schedule and finalize_model_grads on 2 gloo processes: TP=2 +
+SP gives the loss and (gathered) gradients of TP=1, with mHC and without; the gradients of the HC
+parameters and norms, partial sums over each rank's sequence shard after backward, are summed
+over the tensor-parallel ranks by finalize_model_grads."""
+
+import pytest
+import torch
+
+from tests.dist_utils import (
+    destroy_model_parallel,
+    export_grads,
+    full_state_dict,
+    initialize_model_parallel,
+    load_full_state_dict,
+    merge_full_grads,
+    run_distributed,
+)
+from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, tiny_config
+
+LAYOUTS = [(1, False), (2, True)]  # (TP, sequence_parallel); TP=1 runs 2 data-parallel replicas
+MODELS = {
+    "baseline": dict(enable_mhc_connections=False),
+    "mhc": dict(enable_mhc_connections=True, mhc_num_residual_streams=4),
+    "mhc_learned_contract": dict(enable_mhc_connections=True, mhc_num_residual_streams=4,
+                                 mhc_output_contract="learned"),
+}
+
+
+def _is_replicated_sequence_parallel(name: str) -> bool:
+    """HC parameters and norms: whole on every TP rank, fed each rank's sequence shard."""
+    return "_hyper_connection." in name or "mhc_head" in name or "layernorm" in name
+
+
+def _step_per_model_and_layout(rank, world_size):
+    """Same weights in every layout; one forward+backward of two micro-batches each, in float64
+    (see test_parallel_equivalence.py). Also returns the gradients as finalize_model_grads found
+    them."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    torch.set_default_dtype(torch.float64)
+    results = {}
+    for model_name, overrides in MODELS.items():
+        full = None
+        for tp, sequence_parallel in LAYOUTS:
+            initialize_model_parallel(tp)
+            config = tiny_config(
+                tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+                params_dtype=torch.float64, pipeline_dtype=torch.float64, **overrides,
+            )
+            before_finalize = {}
+
+            def record_then_finalize(model_chunks, *args, **kwargs):
+                before_finalize.update(export_grads(model_chunks[0].module))
+                finalize_model_grads(model_chunks, *args, **kwargs)
+
+            config.finalize_model_grads_func = record_then_finalize
+            model = build_tiny_gpt(config)
+            if full is None:
+                full = full_state_dict(model)
+            load_full_state_dict(model, full)
+            model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+            loss = forward_backward(model, batches())
+            results[(model_name, tp)] = (loss, export_grads(model.module), before_finalize)
+            destroy_model_parallel()
+    return results
+
+
+@pytest.fixture(scope="module")
+def per_rank():
+    return run_distributed(_step_per_model_and_layout, 2)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tp2_sequence_parallel_matches_tp1(per_rank, model):
+    reference_loss = per_rank[0][(model, 1)][0]
+    reference_grads = merge_full_grads([r[(model, 1)][1] for r in per_rank])
+    for loss in (r[(model, 2)][0] for r in per_rank):
+        assert abs(loss - reference_loss) <= 1e-5 * abs(reference_loss), loss
+    grads = merge_full_grads([r[(model, 2)][1] for r in per_rank])
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        want = reference_grads[name]
+        # Relative to the tensor's scale: TP sums partial products in another order.
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("model", ["mhc", "mhc_learned_contract"])
+def test_hc_and_norm_grads_are_summed_over_tp_ranks_by_finalize_model_grads(per_rank, model):
+    (_, after_0, before_0), (_, after_1, before_1) = (r[(model, 2)] for r in per_rank)
+    names = [key[0] for key in after_0 if _is_replicated_sequence_parallel(key[0])]
+    assert sum("_hyper_connection." in n for n in names) >= 4 * 2 * 3  # 4 layers, 2 HCs, 3 params
+    assert sum("layernorm" in n for n in names) == (4 * 2 + 1) * 2  # LayerNorm weight, bias
+    for name in names:
+        grad_0, grad_1 = after_0[(name, 0, 0)][0], after_1[(name, 1, 0)][0]
+        partial_0, partial_1 = before_0[(name, 0, 0)][0], before_1[(name, 1, 0)][0]
+        # Each rank saw its own half of the sequence: without the all-reduce the ranks disagree.
+        assert not torch.allclose(partial_0, partial_1), name
+        assert torch.equal(grad_0, grad_1), name
+        torch.testing.assert_close(grad_0, partial_0 + partial_1, rtol=1e-12, atol=0,
+                                   msg=lambda m: f"{name}: {m}")
