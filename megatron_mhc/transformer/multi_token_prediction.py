@@ -49,6 +49,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.transformer.hyper_connection import HyperConnectionHead
+from megatron_mhc.transformer.specs import with_sequence_parallel_norms
 
 
 @dataclass
@@ -213,13 +214,16 @@ def get_mhc_gpt_mtp_block_spec(
     """The MTP block spec of this stage (None where it holds no MTP layer).
 
     Megatron's GPT MTP spec, whose inner layer is the last layer of `decoder_block_spec` (so
-    with mHC an HC layer); with mHC active its layers become MHCMultiTokenPredictionLayer.
+    with mHC an HC layer); with mHC active its layers become MHCMultiTokenPredictionLayer. The
+    local spec's torch norms are `SequenceParallelTorchNorm`s, as in the decoder.
     """
+    use_te = config.transformer_impl == "transformer_engine"
     block_spec = get_gpt_mtp_block_spec(
-        config, decoder_block_spec,
-        use_transformer_engine=config.transformer_impl == "transformer_engine",
-        vp_stage=vp_stage, pp_rank=pp_rank,
+        config, decoder_block_spec, use_transformer_engine=use_te, vp_stage=vp_stage,
+        pp_rank=pp_rank,
     )
+    if block_spec is not None and not use_te:
+        block_spec = with_sequence_parallel_norms(block_spec)
     if block_spec is None or not config.mhc_active:
         return block_spec
     return MultiTokenPredictionBlockSubmodules(layer_specs=[

@@ -1,9 +1,9 @@
 """Sequence parallelism on the local spec (its torch norms are SequenceParallelTorchNorms), through
 Megatron's DistributedDataParallel, schedule and finalize_model_grads on 2 gloo processes: TP=2 +
 SP gives the loss and (gathered) gradients of TP=1, with mHC (mean or learned contract, with the
-mHC recompute) and without; the gradients of the HC parameters and norms, partial sums over each
-rank's sequence shard after backward, are summed over the tensor-parallel ranks by
-finalize_model_grads."""
+mHC recompute) and without (also with an MTP layer); the gradients of the HC parameters and
+norms, partial sums over each rank's sequence shard after backward, are summed over the
+tensor-parallel ranks by finalize_model_grads."""
 
 import pytest
 import torch
@@ -27,6 +27,7 @@ MODELS = {
                                  mhc_output_contract="learned"),
     "mhc_recompute": dict(enable_mhc_connections=True, mhc_num_residual_streams=4,
                           mhc_recompute_layer_num=2),
+    "baseline_mtp": dict(enable_mhc_connections=False, mtp_num_layers=1),
 }
 
 
