@@ -44,6 +44,7 @@ from megatron.training.arguments import (  # noqa: E402
 )
 from megatron.training.utils import print_rank_0  # noqa: E402
 
+from megatron_mhc.checkpoint_conversion import check_no_legacy_names  # noqa: E402
 from megatron_mhc.config import MHCTransformerConfig  # noqa: E402
 from megatron_mhc.training import mhc_logging  # noqa: E402
 from megatron_mhc.training.arguments import add_mhc_arguments  # noqa: E402
@@ -92,6 +93,7 @@ def main():
         if args.hybrid_layer_pattern is not None:
             check_hybrid_layer_pattern(config, args.hybrid_layer_pattern)
         check_mtp_arguments(args)
+        check_no_legacy_names(args.load)
     except (ConfigError, ValueError) as err:
         sys.exit(f"pretrain_gpt_mhc.py: {err}")
     if ON_CPU:

@@ -1,5 +1,7 @@
 """What megatron.training.pretrain needs to train an mHC GPT: model, datasets and step."""
 
+import functools
+
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -74,8 +76,9 @@ def check_mtp_arguments(args) -> None:
         )
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples):
-    """Megatron's GPT datasets: --data-path, the embedded corpus, or --mock-data."""
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """Megatron's GPT datasets: --data-path, the embedded corpus, or --mock-data (built where
+    model chunk `vp_stage` of this rank reads tokens)."""
     args = get_args()
     if args.mock_data:
         dataset_type = MockGPTDataset
@@ -97,15 +100,15 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     )
     print_rank_0(f"building GPT datasets from {args.data_path or 'mock data'}")
     return BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples, _builds_data, config
+        dataset_type, train_val_test_num_samples, functools.partial(_reads_data, vp_stage), config
     ).build()
 
 
-def _builds_data():
-    # Only the first and last pipeline stages read tokens; TP rank 0 broadcasts them.
+def _reads_data(vp_stage=None) -> bool:
+    # Only the first and last (virtual) pipeline stages read tokens; TP rank 0 broadcasts them.
     return (
-        parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-        or parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     ) and parallel_state.get_tensor_model_parallel_rank() == 0
 
 
@@ -114,13 +117,40 @@ train_valid_test_datasets_provider.is_distributed = True
 
 def forward_step(data_iterator, model):
     """One micro-batch: the model's per-token losses and the masked-mean loss function."""
-    args = get_args()
     config = get_model_config(model)
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     # The MTP block embeds the tokens and rolls the labels and loss mask on its own stage.
     has_mtp = mtp_on_this_rank(
         layout=config.pipeline_model_parallel_layout, mtp_num_layers=config.mtp_num_layers,
-        ignore_virtual=False, vp_stage=get_attr_wrapped_model(model, "vp_stage"),
+        ignore_virtual=False, vp_stage=vp_stage,
     )
+    if first or last or has_mtp:
+        batch = _batch(data_iterator, has_mtp, first, last)
+    else:
+        # A middle (virtual) stage computes on the previous stage's output and reads no data.
+        batch = dict.fromkeys(("tokens", "position_ids", "attention_mask", "labels", "loss_mask"))
+    health_log.start_if_logging()
+    loss_mask = batch["loss_mask"]
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"], loss_mask=loss_mask)
+
+    def loss_func(output_tensor):
+        losses = output_tensor.view(-1).float()
+        mask = loss_mask.view(-1).float()
+        loss = torch.sum(losses * mask)
+        num_tokens = mask.sum().clone().detach().to(torch.int)
+        return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1),
+                                                        num_tokens.view(1)])}
+
+    return output, loss_func
+
+
+def _batch(data_iterator, has_mtp: bool, first: bool, last: bool) -> dict:
+    """This rank's share of the next micro-batch: read on TP rank 0 and broadcast over TP, then
+    cut to this rank's sequence share under context parallelism."""
+    args = get_args()
     batch = {}
     if parallel_state.get_tensor_model_parallel_rank() == 0 and data_iterator is not None:
         batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v
@@ -138,24 +168,9 @@ def forward_step(data_iterator, model):
         seq_length=args.seq_length,
         mtp_on_this_rank=has_mtp,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        is_pipeline_first_stage=parallel_state.is_pipeline_first_stage(),
-        is_pipeline_last_stage=parallel_state.is_pipeline_last_stage(),
+        is_pipeline_first_stage=first,
+        is_pipeline_last_stage=last,
     )
-    # This rank's share of the sequence under context parallelism (the whole batch without it).
-    batch = get_batch_on_this_cp_rank(
+    return get_batch_on_this_cp_rank(
         batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
     )
-    health_log.start_if_logging()
-    loss_mask = batch["loss_mask"]
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"], loss_mask=loss_mask)
-
-    def loss_func(output_tensor):
-        losses = output_tensor.view(-1).float()
-        mask = loss_mask.view(-1).float()
-        loss = torch.sum(losses * mask)
-        num_tokens = mask.sum().clone().detach().to(torch.int)
-        return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1),
-                                                        num_tokens.view(1)])}
-
-    return output, loss_func
