@@ -1,9 +1,9 @@
 """Sequence parallelism on the local spec (its torch norms are SequenceParallelTorchNorms), through
-Megatron's DistributedDataParallel, schedule and finalize_model_grads on 2 gloo processes: TP=2 +
-SP gives the loss and (gathered) gradients of TP=1, with mHC (mean or learned contract, with the
-mHC recompute) and without (also with an MTP layer); the gradients of the HC parameters and
-norms, partial sums over each rank's sequence shard after backward, are summed over the
-tensor-parallel ranks by finalize_model_grads."""
+Megatron's DistributedDataParallel, schedule and finalize_model_grads on gloo processes: TP=2 +
+SP (also with PP=2) gives the loss and (gathered) gradients of TP=1, with mHC (mean or learned
+contract, with the mHC recompute) and without (also with an MTP layer); the gradients of the HC
+parameters and norms, partial sums over each rank's sequence shard after backward, are summed
+over the tensor-parallel ranks by finalize_model_grads."""
 
 import pytest
 import torch
@@ -19,7 +19,8 @@ from tests.dist_utils import (
 )
 from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, tiny_config
 
-LAYOUTS = [(1, False), (2, True)]  # (TP, sequence_parallel); TP=1 runs 2 data-parallel replicas
+# (TP, PP); sequence parallel wherever TP > 1; the remaining ranks are data-parallel replicas.
+TP1, TP2, TP2_PP2 = (1, 1), (2, 1), (2, 2)
 MODELS = {
     "baseline": dict(enable_mhc_connections=False),
     "mhc": dict(enable_mhc_connections=True, mhc_num_residual_streams=4),
@@ -36,7 +37,7 @@ def _is_replicated_sequence_parallel(name: str) -> bool:
     return "_hyper_connection." in name or "mhc_head" in name or "layernorm" in name
 
 
-def _step_per_model_and_layout(rank, world_size):
+def _step_per_model_and_layout(rank, world_size, models, layouts):
     """Same weights in every layout; one forward+backward of two micro-batches each, in float64
     (see test_parallel_equivalence.py). Also returns the gradients as finalize_model_grads found
     them."""
@@ -45,13 +46,14 @@ def _step_per_model_and_layout(rank, world_size):
 
     torch.set_default_dtype(torch.float64)
     results = {}
-    for model_name, overrides in MODELS.items():
+    for model_name in models:
         full = None
-        for tp, sequence_parallel in LAYOUTS:
-            initialize_model_parallel(tp)
+        for tp, pp in layouts:
+            initialize_model_parallel(tp, pp)
             config = tiny_config(
-                tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-                params_dtype=torch.float64, pipeline_dtype=torch.float64, **overrides,
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                sequence_parallel=tp > 1, params_dtype=torch.float64,
+                pipeline_dtype=torch.float64, **MODELS[model_name],
             )
             before_finalize = {}
 
@@ -66,23 +68,19 @@ def _step_per_model_and_layout(rank, world_size):
             load_full_state_dict(model, full)
             model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
             loss = forward_backward(model, batches())
-            results[(model_name, tp)] = (loss, export_grads(model.module), before_finalize)
+            results[(model_name, tp, pp)] = (loss, export_grads(model.module), before_finalize)
             destroy_model_parallel()
     return results
 
 
-@pytest.fixture(scope="module")
-def per_rank():
-    return run_distributed(_step_per_model_and_layout, 2)
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_tp2_sequence_parallel_matches_tp1(per_rank, model):
-    reference_loss = per_rank[0][(model, 1)][0]
-    reference_grads = merge_full_grads([r[(model, 1)][1] for r in per_rank])
-    for loss in (r[(model, 2)][0] for r in per_rank):
+def _assert_layout_matches_tp1(per_rank, model, layout):
+    reference_loss = per_rank[0][(model, *TP1)][0]
+    reference_grads = merge_full_grads([r[(model, *TP1)][1] for r in per_rank])
+    losses = [r[(model, *layout)][0] for r in per_rank if r[(model, *layout)][0] is not None]
+    assert losses
+    for loss in losses:
         assert abs(loss - reference_loss) <= 1e-5 * abs(reference_loss), loss
-    grads = merge_full_grads([r[(model, 2)][1] for r in per_rank])
+    grads = merge_full_grads([r[(model, *layout)][1] for r in per_rank])
     assert grads.keys() == reference_grads.keys()
     for name, grad in grads.items():
         want = reference_grads[name]
@@ -91,9 +89,25 @@ def test_tp2_sequence_parallel_matches_tp1(per_rank, model):
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.fixture(scope="module")
+def per_rank():
+    return run_distributed(_step_per_model_and_layout, 2, list(MODELS), [TP1, TP2])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tp2_sequence_parallel_matches_tp1(per_rank, model):
+    _assert_layout_matches_tp1(per_rank, model, TP2)
+
+
+def test_tp2_pp2_sequence_parallel_matches_tp1():
+    """The pipeline stages exchange the sequence shard of the n-stream state."""
+    per_rank = run_distributed(_step_per_model_and_layout, 4, ["mhc"], [TP1, TP2_PP2])
+    _assert_layout_matches_tp1(per_rank, "mhc", TP2_PP2)
+
+
 @pytest.mark.parametrize("model", ["mhc", "mhc_learned_contract"])
 def test_hc_and_norm_grads_are_summed_over_tp_ranks_by_finalize_model_grads(per_rank, model):
-    (_, after_0, before_0), (_, after_1, before_1) = (r[(model, 2)] for r in per_rank)
+    (_, after_0, before_0), (_, after_1, before_1) = (r[(model, *TP2)] for r in per_rank)
     names = [key[0] for key in after_0 if _is_replicated_sequence_parallel(key[0])]
     assert sum("_hyper_connection." in n for n in names) >= 4 * 2 * 3  # 4 layers, 2 HCs, 3 params
     assert sum("layernorm" in n for n in names) == (4 * 2 + 1) * 2  # LayerNorm weight, bias
