@@ -185,18 +185,17 @@ class FinalStreamsCapture:
         return streams
 
 
-def get_mhc_mtp_layer_spec(mtp_layer_spec: ModuleSpec, norm) -> ModuleSpec:
+def get_mhc_mtp_layer_spec(mtp_layer_spec: ModuleSpec) -> ModuleSpec:
     """Megatron's MTP layer spec made the mHC one: `e_proj` and `h_proj` of the linear class
-    of its `eh_proj`, the learned head, the same inner layer, and `norm` (the decoder's final
-    norm class, so that a sequence-parallel norm there is one here too) for its three norms."""
+    of its `eh_proj`, the learned head, the same norms and inner layer."""
     submodules = mtp_layer_spec.submodules
     return ModuleSpec(
         module=MHCMultiTokenPredictionLayer,
         params=dict(mtp_layer_spec.params),
         submodules=MHCMultiTokenPredictionLayerSubmodules(
-            enorm=norm,
-            hnorm=norm,
-            layer_norm=norm,
+            enorm=submodules.enorm,
+            hnorm=submodules.hnorm,
+            layer_norm=submodules.layer_norm,
             eh_proj=IdentityOp,
             e_proj=submodules.eh_proj,
             h_proj=submodules.eh_proj,
@@ -226,7 +225,6 @@ def get_mhc_gpt_mtp_block_spec(
         block_spec = with_sequence_parallel_norms(block_spec)
     if block_spec is None or not config.mhc_active:
         return block_spec
-    return MultiTokenPredictionBlockSubmodules(layer_specs=[
-        get_mhc_mtp_layer_spec(spec, decoder_block_spec.layer_norm)
-        for spec in block_spec.layer_specs
-    ])
+    return MultiTokenPredictionBlockSubmodules(
+        layer_specs=[get_mhc_mtp_layer_spec(spec) for spec in block_spec.layer_specs]
+    )

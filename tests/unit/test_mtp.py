@@ -1,8 +1,9 @@
 """Multi-token prediction with mHC (`mtp_num_layers`) through Megatron's real schedule on gloo
-processes: it trains (main and MTP loss fall), PP = 2 (the MTP block on the last stage) and
-TP = 2 give the loss, MTP loss and gradients of one rank, one stream (or mHC off) is Megatron's
-own MTP model bit for bit, with the identity init the n-stream MTP computes the function of
-Megatron's single-stream MTP, and full or mHC block recompute trains bitwise like none."""
+processes: it trains (main and MTP loss fall); PP = 2 (the MTP block on the last stage), TP = 2
+and TP = 2 with sequence parallelism give the loss, MTP loss and gradients of one rank; one
+stream (or mHC off) is Megatron's own MTP model bit for bit; with the identity init the n-stream
+MTP computes the function of Megatron's single-stream MTP; full or mHC block recompute trains
+bitwise like none."""
 
 import math
 from types import SimpleNamespace
@@ -94,39 +95,51 @@ def test_gpt_with_mtp_trains_with_finite_falling_main_and_mtp_losses():
             assert mtp[-1] < mtp[0] - 0.1, (name, depth, mtp)
 
 
-LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (TP, PP) on 2 processes; the rest is data parallel
+# (TP, PP, sequence parallel) on 2 processes; the rest is data parallel.
+LAYOUTS = [(1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True)]
 
 
 def _step_per_layout(rank, world_size, overrides):
     """The same weights in every layout; one forward-backward of two micro-batches each, in
     float64 (what is compared is the partitioning of the math)."""
+    from megatron.core import parallel_state
+
     torch.set_default_dtype(torch.float64)
     results, full = {}, None
-    for tp, pp in LAYOUTS:
+    for tp, pp, sequence_parallel in LAYOUTS:
         initialize_model_parallel(tp, pp)
         model = build_tiny_gpt(tiny_config(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            params_dtype=torch.float64, pipeline_dtype=torch.float64, **overrides,
+            sequence_parallel=sequence_parallel, params_dtype=torch.float64,
+            pipeline_dtype=torch.float64, **overrides,
         ))
         if full is None:
             full = full_state_dict(model)
         load_full_state_dict(model, full)
         loss = forward_backward(model, batches())
+        if sequence_parallel:
+            # What finalize_model_grads does: each rank saw its share of the tokens.
+            for param in model.parameters():
+                if getattr(param, "sequence_parallel", False):
+                    torch.distributed.all_reduce(
+                        param.grad, group=parallel_state.get_tensor_model_parallel_group()
+                    )
         mtp = _mtp_losses() if loss is not None else None
-        results[(tp, pp)] = (loss, mtp, export_grads(model))
+        results[(tp, pp, sequence_parallel)] = (loss, mtp, export_grads(model))
         destroy_model_parallel()
     return results
 
 
 @pytest.mark.parametrize("layout,rtol", [
-    ((1, 2), 1e-10),  # the same ops on the same values, split over two stages
+    ((1, 2, False), 1e-10),  # the same ops on the same values, split over two stages
     # TP sums partial products in another order (and Megatron's vocab-parallel cross entropy
     # stays fp32): the tolerance of tests/unit/test_parallel_equivalence.py.
-    ((2, 1), 1e-5),
-], ids=["pp2", "tp2"])
+    ((2, 1, False), 1e-5),
+    ((2, 1, True), 1e-5),
+], ids=["pp2", "tp2", "tp2_sequence_parallel"])
 def test_parallel_layouts_with_mtp_match_one_rank(per_layout, layout, rtol):
-    loss, mtp, _ = next(r[(1, 1)] for r in per_layout)
-    reference = merge_full_grads([r[(1, 1)][2] for r in per_layout])
+    loss, mtp, _ = per_layout[0][(1, 1, False)]
+    reference = merge_full_grads([r[(1, 1, False)][2] for r in per_layout])
     assert any(name.startswith("mtp.") and "hyper_connection" in name for name in reference)
     assert any(name.startswith("mtp.") and "mhc_head" in name for name in reference)
     # The losses exist on the last stage only (the MTP block's stage).
