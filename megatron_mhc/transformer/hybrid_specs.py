@@ -4,9 +4,9 @@ Megatron ships only Transformer Engine hybrid specs (`hybrid_layer_specs.hybrid_
 `get_local_hybrid_stack_spec` builds each single-sublayer HybridModel layer from Megatron's local
 GPT layer submodules, keeping one half of the GPT layer: an attention layer (`*`) is a GPT layer
 without its MLP half, an MLP (`-`) or MoE (`E`) layer one without its attention half, so that a
-hybrid `*-` pair holds exactly the modules of one GPT layer. The norms are
-`SequenceParallelTorchNorm`s (the local torch norms, usable with sequence parallelism), the
-stack's final norm included.
+hybrid `*-` pair holds exactly the modules of one GPT layer. Its torch norms, the stack's final
+norm included, are `SequenceParallelTorchNorm`s (`with_sequence_parallel_norms`, as for the GPT
+spec), so sequence parallelism runs on it.
 
 `get_mhc_hybrid_stack_spec` turns a hybrid stack spec (local or Transformer Engine) into the mHC
 one: a HyperConnectionHybridStack whose TransformerLayer-family layers (attention, MLA, DSA, GDN,
@@ -28,8 +28,7 @@ from megatron_mhc.transformer.hybrid_stack import (
     HyperConnectionHybridStack,
     SpecNormHybridStack,
 )
-from megatron_mhc.transformer.specs import get_mhc_layer_spec
-from megatron_mhc.transformer.torch_norm import SequenceParallelTorchNorm
+from megatron_mhc.transformer.specs import get_mhc_layer_spec, with_sequence_parallel_norms
 
 LOCAL_HYBRID_LAYER_SYMBOLS = (Symbols.ATTENTION, Symbols.MLP, Symbols.MOE)
 """The layer types of the local hybrid spec. Mamba `M` and GDN `G` need CUDA packages (mamba_ssm,
@@ -43,8 +42,7 @@ _TRANSFORMER_LAYER_SLOTS = ("attention_layer", "mla_layer", "dsa_layer", "gdn_la
 def _attention_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodules:
     """A GPT layer's submodules without the MLP half."""
     return dataclasses.replace(
-        submodules, input_layernorm=SequenceParallelTorchNorm, pre_mlp_layernorm=IdentityOp,
-        mlp=IdentityOp, mlp_bda=IdentityFuncOp,
+        submodules, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp,
         sharded_state_dict_keys_map={
             k: v for k, v in submodules.sharded_state_dict_keys_map.items()
             if k == "input_layernorm."
@@ -56,7 +54,7 @@ def _mlp_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodu
     """A GPT layer's submodules without the attention half."""
     return dataclasses.replace(
         submodules, input_layernorm=IdentityOp, self_attention=IdentityOp,
-        self_attn_bda=IdentityFuncOp, pre_mlp_layernorm=SequenceParallelTorchNorm,
+        self_attn_bda=IdentityFuncOp,
         sharded_state_dict_keys_map={
             k: v for k, v in submodules.sharded_state_dict_keys_map.items()
             if k == "pre_mlp_layernorm."
@@ -65,7 +63,8 @@ def _mlp_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodu
 
 
 def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
-    """A HybridStack spec of Megatron-Core's local modules for `*`, `-` and `E` layers."""
+    """A HybridStack spec of Megatron-Core's local modules for `*`, `-` and `E` layers; its
+    final norm is the layers' norm, as in Megatron's local GPT block spec."""
     local = dict(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     dense = get_gpt_layer_local_submodules(**local)
     layer = dict(module=TransformerLayer)
@@ -75,15 +74,15 @@ def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm, **local
         )
         moe_layer = ModuleSpec(**layer, submodules=_mlp_half(moe))
-    return ModuleSpec(
+    return with_sequence_parallel_norms(ModuleSpec(
         module=SpecNormHybridStack,
         submodules=HybridStackWithNormSubmodules(
             attention_layer=ModuleSpec(**layer, submodules=_attention_half(dense)),
             mlp_layer=ModuleSpec(**layer, submodules=_mlp_half(dense)),
             moe_layer=moe_layer,
-            final_norm=SequenceParallelTorchNorm,
+            final_norm=dense.input_layernorm,
         ),
-    )
+    ))
 
 
 def get_te_hybrid_stack_spec() -> ModuleSpec:

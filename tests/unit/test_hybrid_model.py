@@ -259,7 +259,9 @@ def _per_layout(rank, world_size, overrides):
 
 @pytest.fixture(scope="module")
 def per_layout():
-    overrides = dict(MHC, **MOE, mhc_output_contract="learned", mhc_recompute_layer_num="auto")
+    # qk_layernorm: the attention's own norms run under sequence parallelism too.
+    overrides = dict(MHC, **MOE, mhc_output_contract="learned", mhc_recompute_layer_num="auto",
+                     qk_layernorm=True)
     return run_distributed(_per_layout, 2, overrides, timeout_s=600)
 
 
