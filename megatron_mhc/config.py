@@ -139,11 +139,11 @@ class MHCTransformerConfig(TransformerConfig):
         incompatible(not self.apply_residual_connection_post_layernorm,
                      "apply_residual_connection_post_layernorm",
                      "must be False; the residual is the stream state, not a norm output")
-        incompatible(not self.overlap_moe_expert_parallel_comm,
+        incompatible(not (self.overlap_moe_expert_parallel_comm and self.mtp_num_layers),
                      "overlap_moe_expert_parallel_comm",
-                     "must be False; the combined 1F1B schedule splits each layer into schedule "
-                     "nodes, which the mHC layer (HyperConnectionTransformerLayer) does not "
-                     "provide yet")
+                     "must be False with mtp_num_layers: under the combined 1F1B schedule the "
+                     "MTP layers' nodes would have to read the decoder's stream state, which "
+                     "only the decoder's forward keeps (MHCGPTModel's FinalStreamsCapture)")
         incompatible(self.mhc_recompute_layer_num is None or self.recompute_granularity != "full",
                      "mhc_recompute_layer_num",
                      "recompute_granularity='full' already recomputes whole layers; use one or "

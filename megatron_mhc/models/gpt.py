@@ -3,6 +3,7 @@
 import contextlib
 from typing import Optional
 
+from megatron.core.models.common import model_chunk_schedule_plan
 from megatron.core.models.gpt import gpt_model
 from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -12,24 +13,26 @@ from megatron_mhc.transformer.multi_token_prediction import (
     MHCMultiTokenPredictionBlock,
     get_mhc_gpt_mtp_block_spec,
 )
+from megatron_mhc.transformer.schedule_nodes import MHCModelChunkSchedulePlan
 from megatron_mhc.transformer.specs import get_mhc_gpt_decoder_block_spec
 from megatron_mhc.transformer.transformer_block import HyperConnectionTransformerBlock
 
 
 @contextlib.contextmanager
-def _block_classes(**block_classes):
+def _classes_in(module, **classes):
     # GPTModel.__init__ builds its decoder as `TransformerBlock(...)` and its MTP block as
-    # `MultiTokenPredictionBlock(...)`, looked up in gpt_model's globals, and offers no argument
-    # to choose the classes; point the names at the mHC blocks for the duration of the
-    # construction (single-threaded, restored on any exit).
-    originals = {name: getattr(gpt_model, name) for name in block_classes}
-    for name, block_class in block_classes.items():
-        setattr(gpt_model, name, block_class)
+    # `MultiTokenPredictionBlock(...)`, looked up in gpt_model's globals, and
+    # GPTModel.build_schedule_plan builds `TransformerModelChunkSchedulePlan(...)`, imported from
+    # its module at the call; neither offers an argument to choose the class. Point the names at
+    # the mHC classes for the duration of the call (single-threaded, restored on any exit).
+    originals = {name: getattr(module, name) for name in classes}
+    for name, cls in classes.items():
+        setattr(module, name, cls)
     try:
         yield
     finally:
-        for name, block_class in originals.items():
-            setattr(gpt_model, name, block_class)
+        for name, cls in originals.items():
+            setattr(module, name, cls)
 
 
 class MHCGPTModel(GPTModel):
@@ -38,8 +41,9 @@ class MHCGPTModel(GPTModel):
     Takes GPTModel's arguments; `transformer_layer_spec` should come from
     `get_mhc_gpt_decoder_block_spec` and `mtp_block_spec` from `get_mhc_gpt_mtp_block_spec`.
     The MTP block (an MHCMultiTokenPredictionBlock) reads the decoder's stream state before the
-    contract, kept by a FinalStreamsCapture on the final norm. Everything else (embedding,
-    output layer, loss and MTP loss, dist checkpointing, pipeline stages) is GPTModel's.
+    contract, kept by a FinalStreamsCapture on the final norm. `build_schedule_plan` (the
+    combined 1F1B schedule) gives the mHC layer's nodes. Everything else (embedding, output
+    layer, loss and MTP loss, dist checkpointing, pipeline stages) is GPTModel's.
     """
 
     def __init__(self, config: MHCTransformerConfig, *args, **kwargs):
@@ -50,11 +54,18 @@ class MHCGPTModel(GPTModel):
                 f"{config.mhc_num_residual_streams}); build_mhc_gpt_model returns a plain "
                 "GPTModel otherwise"
             )
-        with _block_classes(TransformerBlock=HyperConnectionTransformerBlock,
-                            MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
+        with _classes_in(gpt_model, TransformerBlock=HyperConnectionTransformerBlock,
+                         MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
             super().__init__(config, *args, **kwargs)
         if self.mtp_process:
             self.final_streams = FinalStreamsCapture(self.decoder.final_layernorm)
+
+    def build_schedule_plan(self, *args, **kwargs):
+        """GPTModel's schedule plan for the combined 1F1B schedule, with the mHC layer's nodes
+        (an MHCModelChunkSchedulePlan, see megatron_mhc/transformer/schedule_nodes.py)."""
+        with _classes_in(model_chunk_schedule_plan,
+                         TransformerModelChunkSchedulePlan=MHCModelChunkSchedulePlan):
+            return super().build_schedule_plan(*args, **kwargs)
 
     def _postprocess(self, hidden_states, **kwargs):
         if self.mtp_process:

@@ -28,6 +28,12 @@ def build_mhc_hybrid_model(
     (position_embedding_type, share_embeddings_and_output_weights, ...). A pattern the config
     cannot build is a ValueError before anything is built.
     """
+    if config.overlap_moe_expert_parallel_comm:
+        raise ValueError(
+            "overlap_moe_expert_parallel_comm=True is not supported with a HybridModel "
+            f"(hybrid_layer_pattern={hybrid_layer_pattern!r}): megatron-core 0.19.2's "
+            "HybridModel has no build_schedule_plan, which the combined 1F1B schedule calls"
+        )
     check_hybrid_layer_pattern(config, hybrid_layer_pattern)
     return HybridModel(
         config,

@@ -148,15 +148,20 @@ class HyperConnectionModule(_FP32ParamsModule):
             return SaveInputsOnly.apply(op, *inputs)
         return op(*inputs)
 
-    def update(self, streams, output_with_bias, h_post, comb, dropout_p: float) -> torch.Tensor:
-        """Megatron's bias-dropout-add with the residual add replaced by the stream mixing."""
+    def update(self, streams, output_with_bias, h_post, comb, dropout_p: float,
+               use_update_stream: bool = True) -> torch.Tensor:
+        """Megatron's bias-dropout-add with the residual add replaced by the stream mixing.
+
+        The mixing runs on `update_stream` when there is one, unless `use_update_stream` is False:
+        a caller that already runs on the stream it wants (the overlap's schedule node) says so.
+        """
         y, bias = output_with_bias
         if bias is not None:
             y = y + bias
         if self.training and dropout_p > 0:
             y = F.dropout(y, p=dropout_p)
         update = functools.partial(self._call, self.ops.mhc_update)
-        if self.update_stream is not None:
+        if self.update_stream is not None and use_update_stream:
             out = self.update_stream.run(update, streams, y, h_post, comb)
         else:
             out = update(streams, y, h_post, comb)

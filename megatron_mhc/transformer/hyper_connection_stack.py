@@ -87,8 +87,12 @@ class HyperConnectionStack:
         output = super().forward(hidden_states, *args, **kwargs)
         if self.post_process:
             return output
-        # To the next stage as [s, b*n, C]; the schedule frees the storage of what it sent, so
-        # the tensor must own it rather than be a view.
+        return self.to_next_stage(output)
+
+    def to_next_stage(self, output: Tensor) -> Tensor:
+        """This stage's state [s, b, n*C] as sent to the next stage, [s, b*n, C]."""
+        # The schedule frees the storage of what it sent, so the tensor must own it rather than
+        # be a view.
         s, b, _ = output.shape
         return make_viewless_tensor(inp=output.view(s, b * self.num_streams, -1),
                                     requires_grad=output.requires_grad, keep_graph=True)

@@ -45,6 +45,9 @@ class MHCRecomputeManager:
         self.block_size = block_size
         self.ops = ops
         self._open_block: List[tuple] = []
+        # The streams the open block's updates ran on: under the combined 1F1B schedule the
+        # attention's and the MLP's updates run in different schedule nodes, on different streams.
+        self._open_block_streams = set()
         hyper_connections = [layer.hyper_connections for layer in layers]
         # Streams other than the caller's that read the stream states (the MLP updates' with
         # mhc_mlp_high_priority_stream).
@@ -61,18 +64,20 @@ class MHCRecomputeManager:
         if not (module.training and torch.is_grad_enabled() and streams_out.requires_grad):
             return  # eval and forward-only passes keep everything
         self._open_block.append((streams_in, y, h_post, comb))
+        if streams_out.is_cuda:
+            self._open_block_streams.add(torch.cuda.current_stream(streams_out.device))
         if module.closes_recompute_block:
             steps, self._open_block = self._open_block, []
-            self._discard_and_register_recompute(steps, streams_out)
+            streams, self._open_block_streams = self._open_block_streams, set()
+            self._discard_and_register_recompute(steps, streams_out, streams)
 
-    def _discard_and_register_recompute(self, steps, block_output):
+    def _discard_and_register_recompute(self, steps, block_output, block_streams):
         # The inputs of steps 1.. are the states inside the block; step 0's is the block input.
         inner_states = [step[0] for step in steps[1:]]
         for state in inner_states:
             state.untyped_storage().resize_(0)
-        readers = ()
-        if block_output.is_cuda:
-            readers = (torch.cuda.current_stream(block_output.device), *self._side_streams)
+        # Every stream the block's forward ran on reads these states in backward.
+        readers = block_streams | self._side_streams
         # The hook holds the block input and the small tensors, never the block output: the
         # pipeline schedule frees a stage output after sending it.
         block_output.register_hook(functools.partial(self._recompute, steps, readers))

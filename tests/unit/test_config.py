@@ -54,10 +54,10 @@ BAD_CONFIGS = [
     ("apply_residual_connection_post_layernorm",
      dict(apply_residual_connection_post_layernorm=True)),
     ("fused_residual_rmsnorm", dict(fused_residual_rmsnorm=True, normalization="RMSNorm")),
-    # Everything else Megatron requires of the overlap is set: only mHC rejects it.
+    # Everything else Megatron requires of the overlap (and of MTP with it) is set.
     ("overlap_moe_expert_parallel_comm",
      dict(overlap_moe_expert_parallel_comm=True, num_moe_experts=4, expert_model_parallel_size=2,
-          moe_token_dispatcher_type="alltoall", bf16=True)),
+          moe_token_dispatcher_type="alltoall", bf16=True, mtp_num_layers=1)),
 ]
 
 
@@ -76,6 +76,14 @@ def test_interleaved_pipeline_is_accepted(variable_seq_lengths):
         **TINY, "num_layers": 4, "pipeline_model_parallel_size": 2,
         "virtual_pipeline_model_parallel_size": 2, "variable_seq_lengths": variable_seq_lengths,
         "pipeline_dtype": torch.float32, "moe_token_dispatcher_type": "alltoall",
+    })
+    assert config.mhc_active
+
+
+def test_overlap_moe_expert_parallel_comm_is_accepted_without_mtp():
+    config = MHCTransformerConfig(**{
+        **TINY, "overlap_moe_expert_parallel_comm": True, "num_moe_experts": 4,
+        "expert_model_parallel_size": 2, "moe_token_dispatcher_type": "alltoall", "bf16": True,
     })
     assert config.mhc_active
 

@@ -1,0 +1,184 @@
+"""The mHC layer's nodes for Megatron's combined 1F1B schedule (`overlap_moe_expert_parallel_comm`).
+
+The schedule (megatron.core.pipeline_parallel.combined_1f1b) splits every layer of a model chunk
+into nodes and interleaves the forward of one micro-batch with the backward of another, so that
+the expert-parallel all-to-alls (on the communication stream) overlap computation. A
+HyperConnectionTransformerLayer gives these nodes (`TransformerLayerSchedulePlan.run` order):
+
+- `pre_dispatch_computation` (compute stream): the attention's HC module (mappings, collapse),
+  the attention, its HC update; the MLP's HC mappings and collapse; for a MoE layer also the
+  pre-MLP norm, router and dispatch preprocess;
+- `moe_dispatch`, `moe_combine` (communication stream) and `mlp` (compute stream): Megatron's
+  dispatch and experts; the combine node stops after the combine and MoE postprocess. A dense
+  layer's `mlp` node is the pre-MLP norm and the MLP;
+- `mhc_mlp_update`: the MLP's HC update, the stream mixing that replaces the MLP's
+  bias-dropout-add, on the high-priority stream with `mhc_mlp_high_priority_stream`, else on the
+  compute stream. It sits in the layer plan's last slot (Megatron's `mtp_post_process`, empty in
+  a decoder layer), which the schedule runs after the combine and before the next layer's
+  pre-dispatch node in forward, and first in the layer's backward. Like every node it waits for
+  the chunk's event before it starts and records it when done, in both directions, so every
+  kernel sees what it would see on one stream.
+
+The MLP's mappings (streams, H_post, comb) pass from the pre-dispatch node to the update node
+through the layer state, detached, so that their gradients flow back into the pre-dispatch
+node's backward. The chunk's first stage expands the embedding output into n streams (the
+pre-process node); the last layer of the last stage applies the decoder's final norm, whose
+forward pre-hook contracts the streams (exactly once: the combine node no longer applies it); the
+last layer of another stage hands the next stage [s, b*n, C], as the block's forward does.
+"""
+
+import functools
+
+import torch
+
+from megatron.core.models.common.model_chunk_schedule_plan import (
+    TransformerLayerSchedulePlan,
+    TransformerModelChunkSchedulePlan,
+)
+from megatron.core.models.common.utils import PreProcessNode, TransformerLayerNode
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_mhc.transformer.hyper_connection_stack import expand_streams
+
+MLP_UPDATE_NODE = "mhc_mlp_update"
+
+
+class StreamsExpandingPreProcessNode(PreProcessNode):
+    """Megatron's pre-process node (embedding, rotary embeddings); on the first stage its output
+    is expanded into the n-stream state [s, b, n*C]."""
+
+    def forward_impl(self):
+        hidden_states = super().forward_impl()
+        if not self.model.pre_process:
+            return hidden_states  # the previous stage's state, already [s, b, n*C]
+        return expand_streams(hidden_states, self.model.config.mhc_num_residual_streams)
+
+
+class HyperConnectionLayerCallables:
+    """The node functions of one HyperConnectionTransformerLayer (`fn(node, *inputs)`), built
+    from the layer's own pieces: `_hyper_connected` and `_attention` (attention half),
+    the MLP HC module's forward and update, `_forward_pre_mlp_layernorm`, `_mlp` (dense)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.is_moe = isinstance(layer.mlp, MoELayer)
+
+    def pre_dispatch(self, node, hidden_states):
+        """[s, b, n*C] -> the MLP's input: (tokens, probs) to dispatch, or the collapsed
+        input [s, b, C] of a dense MLP."""
+        layer, chunk = self.layer, node.chunk_state
+        streams = hidden_states.unflatten(-1, (layer.num_streams, -1))
+        streams = layer._hyper_connected(
+            layer.self_attention_hyper_connection, streams, functools.partial(
+                layer._attention,
+                attention_mask=chunk.attention_mask,
+                inference_context=None,
+                rotary_pos_emb=chunk.rotary_pos_emb,
+                rotary_pos_cos=chunk.rotary_pos_cos,
+                rotary_pos_sin=chunk.rotary_pos_sin,
+                rotary_pos_cos_sin=None,
+                attention_bias=chunk.attention_bias,
+                packed_seq_params=chunk.packed_seq_params,
+                sequence_len_offset=chunk.sequence_len_offset,
+            ),
+        )
+        hc = layer.mlp_hyper_connection(streams)
+        state = node.layer_state
+        state.mlp_streams = node.detach(hc.streams)
+        state.mlp_h_post = node.detach(hc.h_post)
+        state.mlp_comb = node.detach(hc.comb)
+        state.mlp_bias = None  # a dense MLP's bias, set by its node
+        if not self.is_moe:
+            return hc.sublayer_input
+        # What MoELayer.forward does before its dispatch.
+        normed = layer._forward_pre_mlp_layernorm(hc.sublayer_input)
+        shared_expert_output = layer.mlp.shared_experts_compute(normed)
+        probs, routing_map = layer.mlp.route(normed, padding_mask=chunk.padding_mask)
+        local_tokens, probs = layer.mlp.preprocess(normed, probs, routing_map)
+        if shared_expert_output is not None:
+            state.shared_expert_output = node.detach(shared_expert_output)
+        return local_tokens, probs
+
+    def dense_mlp(self, node, mlp_input):
+        """The collapsed input [s, b, C] -> the dense MLP's output (its bias goes to the update
+        through the layer state)."""
+        output, bias = self.layer._mlp(mlp_input, padding_mask=node.chunk_state.padding_mask,
+                                       packed_seq_params=node.chunk_state.packed_seq_params)
+        node.layer_state.mlp_bias = None if bias is None else node.detach(bias)
+        return output
+
+    def moe_combine(self, node, expert_output):
+        """Megatron's combine all-to-all and MoE postprocess; the update is the next node's."""
+        mlp = self.layer.mlp
+        shared_expert_output = getattr(node.layer_state, "shared_expert_output", None)
+        output = mlp.postprocess(mlp.combine(expert_output), shared_expert_output)
+        if shared_expert_output is not None:
+            # Made on the compute stream, read on this (communication) stream.
+            shared_expert_output.record_stream(torch.cuda.current_stream())
+            node.layer_state.shared_expert_output = None
+        return output
+
+    def mlp_update(self, node, mlp_output, compute_stream=None):
+        """The MLP's output -> the layer's output [s, b, n*C] (X' = H_post y + comb X).
+
+        `compute_stream`: the stream the other nodes compute on, given when this node runs on
+        another one (the high-priority stream).
+        """
+        layer, state = self.layer, node.layer_state
+        inputs = (state.mlp_streams, mlp_output, state.mlp_h_post, state.mlp_comb)
+        streams = layer.mlp_hyper_connection.update(
+            state.mlp_streams, (mlp_output, state.mlp_bias), state.mlp_h_post, state.mlp_comb,
+            layer.hidden_dropout, use_update_stream=False,
+        )
+        state.mlp_streams = state.mlp_h_post = state.mlp_comb = state.mlp_bias = None
+        if compute_stream is not None:
+            # Tell the caching allocator who else uses these memories: the inputs were made on
+            # the compute and communication streams and are read here, the output is made here
+            # and read by the compute stream.
+            for tensor in inputs:
+                tensor.record_stream(torch.cuda.current_stream())
+            streams.record_stream(compute_stream)
+        output = streams.flatten(-2)
+        if node.is_last_layer:
+            decoder = node.chunk_state.model.decoder
+            if decoder.final_layernorm is not None:
+                output = decoder.final_layernorm(output)  # its pre-hook contracts the streams
+            elif not decoder.post_process:
+                return decoder.to_next_stage(output)
+        return make_viewless_tensor(inp=output, requires_grad=output.requires_grad,
+                                    keep_graph=True)
+
+
+class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
+    """Megatron's layer plan (its nodes, streams, free-input policy and delayed weight-gradient
+    map) with the node functions of a HyperConnectionTransformerLayer and the MLP's HC update
+    as a node of its own (see the module docstring)."""
+
+    def _build_callable_nodes(self, event, comp_stream, comm_stream, extra_args):
+        super()._build_callable_nodes(event, comp_stream, comm_stream, extra_args)
+        callables = HyperConnectionLayerCallables(self.layer)
+        self.pre_dispatch_computation.submodule = callables.pre_dispatch
+        if callables.is_moe:
+            self.moe_combine.submodule = callables.moe_combine
+        else:
+            self.mlp.submodule = callables.dense_mlp
+        update_stream = self.layer.mlp_hyper_connection.update_stream
+        update = callables.mlp_update
+        if update_stream is not None:
+            update_stream = update_stream.stream
+            update = functools.partial(update, compute_stream=comp_stream())
+        # `mtp_post_process` is the slot the schedule runs right after the combine: see the
+        # module docstring. The update has no delayed weight gradients (HC parameters are not
+        # Transformer Engine linears).
+        self.mtp_post_process = TransformerLayerNode(
+            update_stream or comp_stream, event, self.layer_state, self.chunk_state, update,
+            name=MLP_UPDATE_NODE, extra_args=extra_args,
+        )
+
+
+class MHCModelChunkSchedulePlan(TransformerModelChunkSchedulePlan):
+    """Megatron's model-chunk plan for an MHCGPTModel chunk."""
+
+    LAYER_SCHEDULE_PLAN_CLASS = HyperConnectionLayerSchedulePlan
+    PRE_PROCESS_NODE_CLASS = StreamsExpandingPreProcessNode

@@ -1,0 +1,192 @@
+"""mHC layers under Megatron's combined 1F1B schedule (`overlap_moe_expert_parallel_comm`), on CPU.
+
+A MoE mHC GPT (EP=2 on 2 gloo processes, bf16, dense and MoE layers, the last one dense) trained
+with Megatron's DDP, optimizer and real schedules has bit-equal losses and gradients with and
+without the overlap, also with the mHC recompute manager and with `delay_wgrad_compute`; the
+MLP's HC update runs as its own schedule node right after its layer's combine (or dense MLP)
+and before the next layer's pre-dispatch node, first in its layer's backward, and the streams are
+contracted before the final norm once per micro-batch. A HybridModel (no schedule plan in
+megatron-core 0.19.2) with the overlap is refused before it is built.
+"""
+
+import pytest
+import torch
+
+from tests.dist_utils import export_grads, full_state_dict, initialize_model_parallel
+from tests.dist_utils import load_full_state_dict, run_distributed
+from tests.tiny_gpt import MICRO_BATCH, SEQ, batches, build_tiny_gpt, forward_step, tiny_config
+
+EXPERT_PARALLEL = 2
+STEPS = 2
+MICROBATCHES = 4  # the combined schedule pairs micro-batch i's forward with i-1's backward
+MOE_LAYER_FREQ = [0, 1, 1, 0]
+# Megatron's requirements of the overlap as in test_cpu_overlap_schedule.py; dropout on, so that
+# the random numbers drawn by forward must come in the same order in both schedules.
+MHC_MOE_GPT = dict(
+    enable_mhc_connections=True, hidden_dropout=0.1,
+    num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
+    expert_model_parallel_size=EXPERT_PARALLEL, moe_token_dispatcher_type="alltoall",
+    add_bias_linear=False, bf16=True, pipeline_dtype=torch.bfloat16,
+)
+OVERLAP = dict(overlap_moe_expert_parallel_comm=True)
+# Schedule settings tried in a row, in one set of processes; the first is the plain schedule.
+SCHEDULES = {
+    "plain": dict(),
+    "overlap": OVERLAP,
+    "overlap_mhc_recompute": dict(**OVERLAP, mhc_recompute_layer_num=2),
+    "overlap_delay_wgrad": dict(**OVERLAP, delay_wgrad_compute=True),
+}
+
+# The nodes of each layer of the schedule plans built, by layer state: (micro-batch, layer).
+_layer_of_node_state = {}
+_node_calls = []  # (micro-batch, layer, node name, "forward" or "backward") in call order
+
+
+def _forward_step(data_iterator, model, return_schedule_plan=False):
+    # The combined 1F1B schedule asks for the model's schedule plan, built from the same inputs,
+    # in place of its output.
+    if not return_schedule_plan:
+        return forward_step(data_iterator, model)
+    plan, loss_func = forward_step(data_iterator, model.build_schedule_plan)
+    micro_batch = len({mb for mb, _ in _layer_of_node_state.values()})
+    for index in range(plan.num_layers()):
+        _layer_of_node_state[plan.get_layer(index).layer_state] = (micro_batch, index)
+    return plan, loss_func
+
+
+def _record_node_calls():
+    """Wrap Megatron's TransformerLayerNode forward and backward to log the order they run in
+    (the nodes themselves run unchanged)."""
+    from megatron.core.models.common.utils import TransformerLayerNode
+
+    for direction in ("forward", "backward"):
+        run = getattr(TransformerLayerNode, direction)
+
+        def logged(node, *args, _run=run, _direction=direction):
+            _node_calls.append((*_layer_of_node_state[node.layer_state], node.name, _direction))
+            return _run(node, *args)
+
+        setattr(TransformerLayerNode, direction, logged)
+
+
+def _train_under_each_schedule(rank, world_size):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
+
+    initialize_model_parallel(expert_model_parallel_size=world_size)
+    _record_node_calls()
+    data = batches(seed=rank, num=MICROBATCHES)
+    weights = rng_state = None
+    runs = {}
+    for schedule, settings in SCHEDULES.items():
+        config = tiny_config(**MHC_MOE_GPT, **settings)
+        config.finalize_model_grads_func = finalize_model_grads
+        gpt = build_tiny_gpt(config)
+        if weights is None:
+            weights = full_state_dict(gpt)
+            rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
+        load_full_state_dict(gpt, weights)
+        # The same dropout masks in every run.
+        torch.set_rng_state(rng_state[0])
+        get_cuda_rng_tracker().set_states(rng_state[1])
+        contracts = []
+        gpt.decoder.final_layernorm.register_forward_pre_hook(
+            lambda _norm, args: contracts.append(args[0].shape[-1]))
+        # As megatron.training's get_model: bf16 weights (Float16Module), DDP with fp32 grads.
+        model = DistributedDataParallel(
+            config, DistributedDataParallelConfig(), Float16Module(config, gpt)
+        )
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, bf16=True),
+            [model],
+        )
+        _layer_of_node_state.clear()
+        _node_calls.clear()
+        losses, grads = [], []
+        for _ in range(STEPS):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            outputs = get_forward_backward_func()(
+                forward_step_func=_forward_step,
+                data_iterator=iter(data),
+                model=[model],
+                num_microbatches=MICROBATCHES,
+                seq_length=SEQ,
+                micro_batch_size=MICRO_BATCH,
+            )
+            losses.append([output["loss"].item() for output in outputs])
+            grads.append(export_grads(model))
+            update_successful, _, _ = optimizer.step()
+            assert update_successful
+        runs[schedule] = dict(
+            losses=losses, grads=grads, node_calls=list(_node_calls),
+            # The final norm's input width seen by its pre-hooks: n*C before the contract.
+            contracts=contracts, hidden=config.hidden_size,
+            schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
+        )
+    return runs
+
+
+def _expected_nodes_of_a_micro_batch(direction):
+    """(layer, node) in the order the schedule runs one micro-batch's nodes in `direction`."""
+    nodes = []
+    for layer, moe in enumerate(MOE_LAYER_FREQ):
+        middle = ["moe_dispatch", "mlp", "moe_combine"] if moe else ["mlp"]
+        for name in ["pre_dispatch_computation", *middle, "mhc_mlp_update"]:
+            nodes.append((layer, name))
+    return nodes if direction == "forward" else nodes[::-1]
+
+
+@pytest.fixture(scope="module")
+def runs_by_rank():
+    # One set of processes for both tests.
+    return run_distributed(_train_under_each_schedule, EXPERT_PARALLEL)
+
+
+def test_mhc_moe_gpt_under_combined_1f1b_equals_plain_schedule_bitwise_on_cpu(runs_by_rank):
+    for rank, runs in enumerate(runs_by_rank):
+        plain = runs["plain"]
+        assert plain["schedule_plans"] == 0 and plain["node_calls"] == []
+        for schedule in SCHEDULES:
+            run = runs[schedule]
+            # One contract per micro-batch, right before the final norm (input n*C wide).
+            assert len(run["contracts"]) == STEPS * MICROBATCHES, (schedule, run["contracts"])
+            assert all(width == run["hidden"] for width in run["contracts"]), schedule
+            if schedule == "plain":
+                continue
+            # Megatron's combined schedule ran: one schedule plan per micro-batch.
+            assert run["schedule_plans"] == STEPS * MICROBATCHES, schedule
+            assert run["losses"] == plain["losses"], (rank, schedule)
+            for step, (plain_grads, grads) in enumerate(zip(plain["grads"], run["grads"])):
+                assert plain_grads.keys() == grads.keys()
+                for key, (grad, _) in plain_grads.items():
+                    assert torch.equal(grads[key][0], grad), (rank, schedule, step, key)
+
+
+def test_mlp_hc_update_node_runs_after_its_layers_combine_and_before_the_next_layer(
+        runs_by_rank):
+    calls = runs_by_rank[0]["overlap"]["node_calls"]
+    for micro_batch in range(STEPS * MICROBATCHES):
+        for direction in ("forward", "backward"):
+            nodes = [(layer, name) for mb, layer, name, d in calls
+                     if mb == micro_batch and d == direction]
+            assert nodes == _expected_nodes_of_a_micro_batch(direction), (micro_batch, direction)
+    # The forward of one micro-batch and the backward of the previous one are interleaved
+    # node by node (the combined 1F1B schedule, not one micro-batch after the other).
+    directions = [(mb, d) for mb, _, _, d in calls]
+    assert any(directions[i:i + 2] == [(1, "forward"), (0, "backward")]
+               for i in range(len(directions) - 1))
+
+
+def test_hybrid_model_with_the_overlap_is_refused_naming_the_field():
+    from megatron_mhc.models.hybrid import build_mhc_hybrid_model
+
+    config = tiny_config(**MHC_MOE_GPT, **OVERLAP)
+    with pytest.raises(ValueError, match="overlap_moe_expert_parallel_comm=True.*HybridModel"):
+        build_mhc_hybrid_model(config, vocab_size=128, max_sequence_length=SEQ,
+                               hybrid_layer_pattern="*-*E")
