@@ -5,7 +5,9 @@ with Megatron's DDP, optimizer and real schedules has bit-equal losses and gradi
 without the overlap, also with the mHC recompute manager and with `delay_wgrad_compute`; the
 MLP's HC update runs as its own schedule node right after its layer's combine (or dense MLP)
 and before the next layer's pre-dispatch node, first in its layer's backward, and the streams are
-contracted before the final norm once per micro-batch. A HybridModel (no schedule plan in
+contracted before the final norm once per micro-batch. Under an interleaved pipeline (EP=2 x
+PP=2 x VPP=2 on 4 processes) the overlap's losses and gradients equal those of Megatron's plain
+interleaved schedule bit for bit, also with the recompute manager. A HybridModel (no schedule plan in
 megatron-core 0.19.2) with the overlap is refused before it is built.
 """
 
@@ -181,6 +183,75 @@ def test_mlp_hc_update_node_runs_after_its_layers_combine_and_before_the_next_la
     directions = [(mb, d) for mb, _, _, d in calls]
     assert any(directions[i:i + 2] == [(1, "forward"), (0, "backward")]
                for i in range(len(directions) - 1))
+
+
+# Interleaved pipeline: EP=2 x PP=2 x VPP=2 on 4 processes, one layer per model chunk (the
+# stage exchange [s, b*n, C] wraps around from the last stage to the next chunk of the first).
+INTERLEAVED = dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                   overlap_p2p_comm=True, batch_p2p_comm=False)
+INTERLEAVED_SCHEDULES = {
+    "plain": dict(),
+    "overlap": OVERLAP,
+    "overlap_mhc_recompute": dict(**OVERLAP, mhc_recompute_layer_num=1),
+}
+
+
+def _interleaved_step_under_each_schedule(rank, world_size):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
+    from tests.unit.test_interleaved_pipeline import _chunks
+
+    initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=2,
+                              expert_model_parallel_size=EXPERT_PARALLEL)
+    data = batches(seed=parallel_state.get_expert_model_parallel_rank(), num=MICROBATCHES)
+    weights = rng_state = None
+    runs = {}
+    for schedule, settings in INTERLEAVED_SCHEDULES.items():
+        config = tiny_config(**MHC_MOE_GPT, **INTERLEAVED, **settings)
+        chunks = _chunks(config)
+        if weights is None:
+            weights = [{name: value.clone() if isinstance(value, torch.Tensor) else value
+                        for name, value in chunk.state_dict().items()} for chunk in chunks]
+            rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
+        for chunk, chunk_weights in zip(chunks, weights):
+            chunk.load_state_dict(chunk_weights)
+        torch.set_rng_state(rng_state[0])
+        get_cuda_rng_tracker().set_states(rng_state[1])
+        _layer_of_node_state.clear()
+        outputs = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=[iter(data) for _ in chunks],
+            model=[Float16Module(config, chunk) for chunk in chunks],
+            num_microbatches=MICROBATCHES,
+            seq_length=SEQ,
+            micro_batch_size=MICRO_BATCH,
+        )
+        runs[schedule] = dict(
+            losses=[output["loss"].item() for output in outputs],
+            grads={f"{index}.{name}": param.grad for index, chunk in enumerate(chunks)
+                   for name, param in chunk.named_parameters()},
+            schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
+        )
+    return runs
+
+
+def test_interleaved_pipeline_under_combined_1f1b_equals_plain_interleaved_bitwise_on_cpu():
+    for rank, runs in enumerate(
+            run_distributed(_interleaved_step_under_each_schedule, 2 * EXPERT_PARALLEL)):
+        plain = runs["plain"]
+        assert plain["schedule_plans"] == 0
+        for schedule in ("overlap", "overlap_mhc_recompute"):
+            run = runs[schedule]
+            # One plan per model chunk and micro-batch.
+            assert run["schedule_plans"] == 2 * MICROBATCHES, (rank, schedule)
+            assert run["losses"] == plain["losses"], (rank, schedule)
+            assert run["grads"].keys() == plain["grads"].keys()
+            for name, grad in plain["grads"].items():
+                assert grad is not None, name
+                assert torch.equal(run["grads"][name], grad), (rank, schedule, name)
 
 
 def test_hybrid_model_with_the_overlap_is_refused_naming_the_field():
