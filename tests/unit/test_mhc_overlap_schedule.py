@@ -7,8 +7,8 @@ MLP's HC update runs as its own schedule node right after its layer's combine (o
 and before the next layer's pre-dispatch node, first in its layer's backward, and the streams are
 contracted before the final norm once per micro-batch. Under an interleaved pipeline (EP=2 x
 PP=2 x VPP=2 on 4 processes) the overlap's losses and gradients equal those of Megatron's plain
-interleaved schedule bit for bit, also with the recompute manager. A HybridModel (no schedule plan in
-megatron-core 0.19.2) with the overlap is refused before it is built.
+interleaved schedule bit for bit, also with the recompute manager. A HybridModel (no schedule
+plan in megatron-core 0.19.2) with the overlap is refused before it is built.
 """
 
 import pytest
