@@ -488,6 +488,23 @@ def _no_gpu_architecture():
     arguments.get_device_arch_version = lambda: 0
 
 
+def _jit_warmup_leaves_the_weights_generator_alone():
+    # initialize_megatron warms up the fused functions on random tensors sized by the TP and SP
+    # settings, drawn from "the CUDA generator", which on CPU is the generator the weights are
+    # initialised from next (use_cpu_initialization): the starting weights would then depend on
+    # the parallel layout. On GPU the warm-up draws from the GPU's generator and leaves them
+    # alone; on CPU it runs with the CPU generator's state saved and restored.
+    initialize = _megatron_module_with("megatron.training.initialize", "_warmup_jit_function")
+    warmup = initialize._warmup_jit_function
+
+    @functools.wraps(warmup)
+    def warmup_without_consuming_random_numbers(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return warmup(*args, **kwargs)
+
+    initialize._warmup_jit_function = warmup_without_consuming_random_numbers
+
+
 _PATCHES = (
     _cpu_is_the_current_device,
     _cpu_is_where_cuda_moves_to,
@@ -501,4 +518,5 @@ _PATCHES = (
     _one_cpu_device_per_process,
     _pretrain_allows_no_cuda,
     _no_gpu_architecture,
+    _jit_warmup_leaves_the_weights_generator_alone,
 )
