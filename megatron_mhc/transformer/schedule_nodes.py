@@ -29,8 +29,6 @@ last layer of another stage hands the next stage [s, b*n, C], as the block's for
 
 import functools
 
-import torch
-
 from megatron.core.models.common.model_chunk_schedule_plan import (
     TransformerLayerSchedulePlan,
     TransformerModelChunkSchedulePlan,
@@ -115,7 +113,7 @@ class HyperConnectionLayerCallables:
         output = mlp.postprocess(mlp.combine(expert_output), shared_expert_output)
         if shared_expert_output is not None:
             # Made on the compute stream, read on this (communication) stream.
-            shared_expert_output.record_stream(torch.cuda.current_stream())
+            shared_expert_output.record_stream(node.stream)
             node.layer_state.shared_expert_output = None
         return output
 
@@ -126,7 +124,8 @@ class HyperConnectionLayerCallables:
         another one (the high-priority stream).
         """
         layer, state = self.layer, node.layer_state
-        inputs = (state.mlp_streams, mlp_output, state.mlp_h_post, state.mlp_comb)
+        inputs = [tensor for tensor in (state.mlp_streams, mlp_output, state.mlp_bias,
+                                        state.mlp_h_post, state.mlp_comb) if tensor is not None]
         streams = layer.mlp_hyper_connection.update(
             state.mlp_streams, (mlp_output, state.mlp_bias), state.mlp_h_post, state.mlp_comb,
             layer.hidden_dropout, use_update_stream=False,
@@ -137,7 +136,7 @@ class HyperConnectionLayerCallables:
             # the compute and communication streams and are read here, the output is made here
             # and read by the compute stream.
             for tensor in inputs:
-                tensor.record_stream(torch.cuda.current_stream())
+                tensor.record_stream(node.stream)
             streams.record_stream(compute_stream)
         output = streams.flatten(-2)
         if node.is_last_layer:

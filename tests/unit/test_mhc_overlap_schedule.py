@@ -22,11 +22,13 @@ EXPERT_PARALLEL = 2
 STEPS = 2
 MICROBATCHES = 4  # the combined schedule pairs micro-batch i's forward with i-1's backward
 MOE_LAYER_FREQ = [0, 1, 1, 0]
-# Megatron's requirements of the overlap as in test_cpu_overlap_schedule.py; dropout on, so that
-# the random numbers drawn by forward must come in the same order in both schedules.
+# Megatron's requirements of the overlap as in test_cpu_overlap_schedule.py; a shared expert
+# (computed in the pre-dispatch node, added in the combine node); dropout on, so that the random
+# numbers drawn by forward must come in the same order in both schedules.
 MHC_MOE_GPT = dict(
     enable_mhc_connections=True, hidden_dropout=0.1,
     num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
+    moe_shared_expert_intermediate_size=32,
     expert_model_parallel_size=EXPERT_PARALLEL, moe_token_dispatcher_type="alltoall",
     add_bias_linear=False, bf16=True, pipeline_dtype=torch.bfloat16,
 )
