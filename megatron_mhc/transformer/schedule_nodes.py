@@ -22,9 +22,10 @@ HyperConnectionTransformerLayer gives these nodes (`TransformerLayerSchedulePlan
 The MLP's mappings (streams, H_post, comb) pass from the pre-dispatch node to the update node
 through the layer state, detached, so that their gradients flow back into the pre-dispatch
 node's backward. The chunk's first stage expands the embedding output into n streams (the
-pre-process node); the last layer of the last stage applies the decoder's final norm, whose
-forward pre-hook contracts the streams (exactly once: the combine node no longer applies it); the
-last layer of another stage hands the next stage [s, b*n, C], as the block's forward does.
+pre-process node). The update node of a chunk's last layer applies the decoder's final norm on
+the last stage, whose forward pre-hook contracts the streams (exactly once: the combine node no
+longer applies it, and a dense last layer gets it too), and on another stage hands the next
+stage [s, b*n, C], as the block's forward does.
 """
 
 import functools
