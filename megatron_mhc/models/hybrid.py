@@ -2,10 +2,35 @@
 
 from typing import Optional
 
+from megatron.core.models.hybrid import hybrid_model
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 
 from megatron_mhc.config import MHCTransformerConfig
+from megatron_mhc.models.gpt import _classes_in
 from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern, get_hybrid_stack_spec
+from megatron_mhc.transformer.multi_token_prediction import (
+    FinalStreamsCapture,
+    MHCMultiTokenPredictionBlock,
+)
+
+
+class MHCHybridModel(HybridModel):
+    """Megatron's HybridModel whose MTP block (the pattern's part after `/`) carries the n
+    streams: an MHCMultiTokenPredictionBlock, handed the decoder's stream state before the
+    contract (the input of the stack's final norm) by a FinalStreamsCapture on each forward.
+
+    Takes HybridModel's arguments, its stack spec an mHC one (`get_hybrid_stack_spec`); the rest
+    (stack, embedding, output layer, loss and MTP loss, checkpointing) is HybridModel's.
+    """
+
+    def __init__(self, config: MHCTransformerConfig, *args, **kwargs):
+        # HybridModel.__init__ constructs `MultiTokenPredictionBlock(...)` by the name in its
+        # module, with no argument to choose the class.
+        with _classes_in(hybrid_model, MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
+            super().__init__(config, *args, **kwargs)
+        if self.mtp_process:
+            self.final_streams = FinalStreamsCapture(self.decoder.final_norm)
+            self.final_streams.pass_to(self.mtp)
 
 
 def build_mhc_hybrid_model(
@@ -20,7 +45,8 @@ def build_mhc_hybrid_model(
     **hybrid_model_kwargs,
 ) -> HybridModel:
     """Megatron's HybridModel for `hybrid_layer_pattern` (e.g. `*-*-E`, `|` between pipeline
-    stages), its stack an mHC HyperConnectionHybridStack when mHC is active.
+    stages, `/` before each MTP depth), an MHCHybridModel with an mHC HyperConnectionHybridStack
+    when mHC is active.
 
     The stack spec follows `config.transformer_impl`: 'local' (this project's local hybrid spec:
     `*`, `-`, `E` layers) or 'transformer_engine' (Megatron's). HybridModel builds the stack from
@@ -35,7 +61,8 @@ def build_mhc_hybrid_model(
             "HybridModel has no build_schedule_plan, which the combined 1F1B schedule calls"
         )
     check_hybrid_layer_pattern(config, hybrid_layer_pattern)
-    return HybridModel(
+    model_class = MHCHybridModel if config.mhc_active else HybridModel
+    return model_class(
         config,
         hybrid_stack_spec=get_hybrid_stack_spec(config),
         vocab_size=vocab_size,

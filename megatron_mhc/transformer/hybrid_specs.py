@@ -4,13 +4,17 @@ Megatron ships only Transformer Engine hybrid specs (`hybrid_layer_specs.hybrid_
 `get_local_hybrid_stack_spec` builds each single-sublayer HybridModel layer from Megatron's local
 GPT layer submodules, keeping one half of the GPT layer: an attention layer (`*`) is a GPT layer
 without its MLP half, an MLP (`-`) or MoE (`E`) layer one without its attention half, so that a
-hybrid `*-` pair holds exactly the modules of one GPT layer. Its torch norms, the stack's final
-norm included, are `SequenceParallelTorchNorm`s (`with_sequence_parallel_norms`, as for the GPT
-spec), so sequence parallelism runs on it.
+hybrid `*-` pair holds exactly the modules of one GPT layer. Its MTP block (the pattern's part
+after `/`) is Megatron's hybrid one with the local norms and linear of Megatron's local GPT MTP
+layer; each MTP depth's inner layers are a HybridStack of the same layer specs. Its torch norms,
+the stack's final norm and the MTP norms included, are `SequenceParallelTorchNorm`s
+(`with_sequence_parallel_norms`, as for the GPT spec), so sequence parallelism runs on it.
 
 `get_mhc_hybrid_stack_spec` turns a hybrid stack spec (local or Transformer Engine) into the mHC
 one: a HyperConnectionHybridStack whose TransformerLayer-family layers (attention, MLA, DSA, GDN,
-MLP, MoE) get a hyper-connection around their sublayer (`get_mhc_layer_spec`).
+MLP, MoE) get a hyper-connection around their sublayer (`get_mhc_layer_spec`), and whose MTP
+layers are MHCMultiTokenPredictionLayers (see multi_token_prediction.py): their inner HybridStack
+is built from the same mHC layer specs, so each MTP sublayer has its own HC module.
 """
 
 import dataclasses
@@ -19,6 +23,11 @@ import importlib.util
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols, parse_hybrid_pattern
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlock,
+    MultiTokenPredictionBlockSubmodules,
+    get_mtp_layer_spec,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -28,6 +37,7 @@ from megatron_mhc.transformer.hybrid_stack import (
     HyperConnectionHybridStack,
     SpecNormHybridStack,
 )
+from megatron_mhc.transformer.multi_token_prediction import get_mhc_mtp_block_submodules
 from megatron_mhc.transformer.specs import get_mhc_layer_spec, with_sequence_parallel_norms
 
 LOCAL_HYBRID_LAYER_SYMBOLS = (Symbols.ATTENTION, Symbols.MLP, Symbols.MOE)
@@ -64,7 +74,9 @@ def _mlp_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodu
 
 def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
     """A HybridStack spec of Megatron-Core's local modules for `*`, `-` and `E` layers; its
-    final norm is the layers' norm, as in Megatron's local GPT block spec."""
+    final norm is the layers' norm, as in Megatron's local GPT block spec; its MTP block spec
+    has Megatron's local MTP layer without an inner layer (HybridModel builds each depth's inner
+    HybridStack from the pattern's MTP part), as Megatron's Transformer Engine hybrid spec."""
     local = dict(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     dense = get_gpt_layer_local_submodules(**local)
     layer = dict(module=TransformerLayer)
@@ -81,6 +93,12 @@ def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
             mlp_layer=ModuleSpec(**layer, submodules=_mlp_half(dense)),
             moe_layer=moe_layer,
             final_norm=dense.input_layernorm,
+            mtp_block_spec=ModuleSpec(
+                module=MultiTokenPredictionBlock,
+                submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[
+                    get_mtp_layer_spec(mtp_model_layer_spec=None, use_transformer_engine=False)
+                ]),
+            ),
         ),
     ))
 
@@ -100,14 +118,21 @@ def get_te_hybrid_stack_spec() -> ModuleSpec:
 
 def get_mhc_hybrid_stack_spec(stack_spec: ModuleSpec) -> ModuleSpec:
     """The same stack on n streams: every TransformerLayer-family layer spec made an HC layer
-    (`get_mhc_layer_spec`); the Mamba slot is left as it is (`check_hybrid_layer_pattern`
-    refuses `M` with mHC)."""
+    (`get_mhc_layer_spec`) and the MTP layers the mHC ones; the Mamba slot is left as it is
+    (`check_hybrid_layer_pattern` refuses `M` with mHC)."""
     submodules = stack_spec.submodules
     mhc_layers = {
         slot: get_mhc_layer_spec(getattr(submodules, slot))
         for slot in _TRANSFORMER_LAYER_SLOTS
         if isinstance(getattr(submodules, slot), ModuleSpec)
     }
+    mtp_block_spec = submodules.mtp_block_spec
+    if mtp_block_spec is not None:
+        # HybridModel constructs its MTP block class itself (MHCHybridModel makes it the mHC
+        # one); the spec gives the layers.
+        mhc_layers["mtp_block_spec"] = dataclasses.replace(
+            mtp_block_spec, submodules=get_mhc_mtp_block_submodules(mtp_block_spec.submodules)
+        )
     return ModuleSpec(
         module=HyperConnectionHybridStack,
         params=dict(stack_spec.params),
@@ -144,7 +169,8 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
         parsed = parse_hybrid_pattern(hybrid_layer_pattern)
     except ValueError as err:
         refuse(str(err))
-    symbols = set(parsed.main_pattern or "") - {Symbols.PIPE}
+    # The MTP part's layers are built from the same stack spec as the main part's.
+    symbols = set((parsed.main_pattern or "") + (parsed.mtp_pattern or "")) - {Symbols.PIPE}
     latent = sorted(symbols & {Symbols.MLA, Symbols.DS_ATTENTION})
     if latent:
         # Checked first: for these megatron.training builds a plain MLATransformerConfig, which
@@ -156,12 +182,16 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
         if unsupported:
             refuse(f"layer types {unsupported} need transformer_impl='transformer_engine' and "
                    f"their CUDA packages; the local spec builds {list(LOCAL_HYBRID_LAYER_SYMBOLS)}")
-        if parsed.mtp_pattern is not None:
-            refuse("the local hybrid spec has no multi-token prediction block ('/' part)")
-    if config.mhc_active and parsed.mtp_pattern is not None:
-        refuse("multi-token prediction ('/' part) with mHC is built for GPT models only "
-               "(--mtp-num-layers without --hybrid-layer-pattern): the hybrid MTP block reads "
-               "the single-stream decoder output")
+    mtp_depths = parsed.mtp_num_depths if parsed.mtp_pattern is not None else 0
+    if (config.mtp_num_layers or 0) != mtp_depths:
+        # HybridModel builds the MTP block from the pattern and runs config.mtp_num_layers
+        # depths of it; megatron.training sets the field from the pattern.
+        raise ValueError(
+            f"MHCTransformerConfig.mtp_num_layers={config.mtp_num_layers} is invalid with "
+            f"hybrid_layer_pattern={hybrid_layer_pattern!r}: a HybridModel's MTP depths are the "
+            f"pattern's parts after '/' ({mtp_depths} here), and mtp_num_layers must equal "
+            "their number (None or 0 without a '/' part)"
+        )
     if config.mhc_active and Symbols.MAMBA in symbols:
         refuse("Mamba layers ('M') are not supported with mHC (enable_mhc_connections and "
                "mhc_num_residual_streams > 1): MambaLayer adds its own single-stream residual")

@@ -25,7 +25,7 @@ model hands it that norm's input (`FinalStreamsCapture`). Megatron's `process_mt
 unchanged. Without mHC the model uses Megatron's own MTP spec.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -177,6 +177,14 @@ class FinalStreamsCapture:
     def _keep(self, _norm: torch.nn.Module, args: tuple) -> None:
         self._streams = args[0]
 
+    def pass_to(self, mtp_block: MHCMultiTokenPredictionBlock) -> None:
+        """Hand the kept streams to every forward of `mtp_block` as `decoder_streams`, for a
+        model whose forward calls its MTP block without a way to add arguments (HybridModel)."""
+        mtp_block.register_forward_pre_hook(self._add_decoder_streams, with_kwargs=True)
+
+    def _add_decoder_streams(self, _block: torch.nn.Module, args: tuple, kwargs: dict):
+        return args, {**kwargs, "decoder_streams": self.pop()}
+
     def pop(self) -> Tensor:
         """The streams of the latest forward, released here (one reader per forward)."""
         streams, self._streams = self._streams, None
@@ -225,6 +233,15 @@ def get_mhc_gpt_mtp_block_spec(
         block_spec = with_sequence_parallel_norms(block_spec)
     if block_spec is None or not config.mhc_active:
         return block_spec
-    return MultiTokenPredictionBlockSubmodules(
-        layer_specs=[get_mhc_mtp_layer_spec(spec) for spec in block_spec.layer_specs]
+    return get_mhc_mtp_block_submodules(block_spec)
+
+
+def get_mhc_mtp_block_submodules(
+    block_submodules: MultiTokenPredictionBlockSubmodules,
+) -> MultiTokenPredictionBlockSubmodules:
+    """An MTP block's submodules with every layer spec made the mHC one
+    (`get_mhc_mtp_layer_spec`)."""
+    return replace(
+        block_submodules,
+        layer_specs=[get_mhc_mtp_layer_spec(spec) for spec in block_submodules.layer_specs],
     )

@@ -309,13 +309,15 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
                   r"\(multi-latent attention\) need an MLATransformerConfig"),
     ("*-*x", MHC, r"hybrid_layer_pattern='\*-\*x' is invalid: .*'x' is not a valid layer symbol"),
     ("*-*E", MHC, r"MHCTransformerConfig.num_moe_experts=None is invalid: .*MoE layers \('E'\)"),
-    ("*-*-/*-", {}, r"hybrid_layer_pattern='\*-\*-/\*-' is invalid: the local hybrid spec has no "
-                    r"multi-token prediction block"),
-    ("*-*-/*-", dict(MHC, transformer_impl="transformer_engine"),
-     r"hybrid_layer_pattern='\*-\*-/\*-' is invalid: multi-token prediction \('/' part\) with "
-     r"mHC is built for GPT models only"),
+    ("*-*-/*-", MHC, r"MHCTransformerConfig.mtp_num_layers=None is invalid with "
+                     r"hybrid_layer_pattern='\*-\*-/\*-': .* \(1 here\)"),
+    ("*-*-", dict(MHC, mtp_num_layers=1), r"MHCTransformerConfig.mtp_num_layers=1 is invalid "
+                                          r"with hybrid_layer_pattern='\*-\*-': .* \(0 here\)"),
+    ("*-*-/G-", dict(MHC, mtp_num_layers=1),
+     r"hybrid_layer_pattern='\*-\*-/G-' is invalid: layer types \['G'\] need "
+     r"transformer_impl='transformer_engine'"),
 ], ids=["mamba_with_mhc", "gdn_local", "mla_config", "bad_symbol", "moe_without_experts",
-        "mtp_local", "mtp_with_mhc"])
+        "mtp_part_without_mtp_num_layers", "mtp_num_layers_without_mtp_part", "gdn_in_mtp_part"])
 def test_unbuildable_pattern_is_refused_before_building_naming_the_field(
         pattern, overrides, message):
     from megatron_mhc.models.hybrid import build_mhc_hybrid_model

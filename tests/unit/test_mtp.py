@@ -1,11 +1,13 @@
-"""Multi-token prediction with mHC (`mtp_num_layers`) through Megatron's real schedule on gloo
-processes: it trains (main and MTP loss fall); PP = 2 (the MTP block on the last stage), TP = 2
-and TP = 2 with sequence parallelism give the loss, MTP loss and gradients of one rank; one
-stream (or mHC off) is Megatron's own MTP model bit for bit; with the identity init the n-stream
-MTP computes the function of Megatron's single-stream MTP; full or mHC block recompute trains
-bitwise like none."""
+"""Multi-token prediction with mHC (`mtp_num_layers`; a HybridModel's `/` pattern part) through
+Megatron's real schedule on gloo processes: GPT and HybridModel train (main and MTP loss fall);
+PP = 2 (the MTP block on the last stage), TP = 2 and TP = 2 with sequence parallelism give the
+loss, MTP loss and gradients of one rank; one stream (or mHC off) is Megatron's own MTP model bit
+for bit; a `*-*-*-*-/*-` hybrid is the GPT MTP model with the same weights; with the identity
+init the n-stream MTP computes the function of Megatron's single-stream MTP; full or mHC block
+recompute trains bitwise like none."""
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -22,15 +24,39 @@ from tests.dist_utils import (
     run_distributed,
 )
 from tests.tiny_gpt import SEQ, VOCAB, batches, build_tiny_gpt, forward_backward, tiny_config
+from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
+from tests.unit.test_hybrid_model import gpt_name
 
 MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
 STEPS = 6
+# The tiny GPT's 4 layers as hybrid layers, and one MTP depth of an attention and an MLP layer.
+HYBRID_MAIN, HYBRID_MTP = "*-*-*-*-", "/*-"
+_MTP_HYBRID_LAYER = re.compile(r"^(mtp\.layers\.\d+\.mtp_model_layer\.)layers\.\d+\.")
+
+
+def _hybrid_pattern(pipeline_stages: int = 1) -> str:
+    """HYBRID_MAIN split into `pipeline_stages` equal stages ('|'), then HYBRID_MTP."""
+    size = len(HYBRID_MAIN) // pipeline_stages
+    stages = [HYBRID_MAIN[i:i + size] for i in range(0, len(HYBRID_MAIN), size)]
+    return "|".join(stages) + HYBRID_MTP
+
+
+def _build(hybrid: bool, pipeline_stages: int = 1, **config_fields):
+    """The tiny GPT, or the tiny hybrid of `_hybrid_pattern`, for `config_fields`."""
+    if not hybrid:
+        return build_tiny_gpt(tiny_config(**config_fields))
+    pattern = _hybrid_pattern(pipeline_stages)
+    return build_tiny_hybrid(tiny_hybrid_config(pattern, **config_fields), pattern)
 
 
 @pytest.fixture(scope="module")
 def per_layout():
-    """Every rank's results of `_step_per_layout` for an mHC GPT with one MTP layer."""
-    return run_distributed(_step_per_layout, 2, dict(MHC, mtp_num_layers=1))
+    """Every rank's results of `_step_per_layout` for an mHC GPT with one MTP layer, and for
+    the mHC hybrid `*-*-*-*-/*-` (with PP = 2, `*-*-|*-*-/*-`)."""
+    return {
+        "gpt": run_distributed(_step_per_layout, 2, dict(MHC, mtp_num_layers=1), False),
+        "hybrid": run_distributed(_step_per_layout, 2, dict(MHC, mtp_num_layers=1), True),
+    }
 
 
 def _mtp_losses() -> list:
@@ -42,7 +68,7 @@ def _mtp_losses() -> list:
     return values
 
 
-def _train(rank, world_size, variants):
+def _train(rank, world_size, variants, hybrid=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -53,11 +79,10 @@ def _train(rank, world_size, variants):
     for name, overrides in variants.items():
         MTPLossLoggingHelper.tracker.clear()  # sized by the first run's number of depths
         initialize_model_parallel()
-        config = tiny_config(**overrides)
+        model = _build(hybrid, **overrides)
+        config = model.config
         config.finalize_model_grads_func = finalize_model_grads
-        model = DistributedDataParallel(
-            config, DistributedDataParallelConfig(), build_tiny_gpt(config)
-        )
+        model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
         optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0), [model]
         )
@@ -81,8 +106,13 @@ TRAINED = {
 }
 
 
-def test_gpt_with_mtp_trains_with_finite_falling_main_and_mtp_losses():
-    results = run_distributed(_train, 1, TRAINED)[0]
+@pytest.mark.parametrize("hybrid", [False, True], ids=["gpt", "hybrid"])
+def test_model_with_mtp_trains_with_finite_falling_main_and_mtp_losses(hybrid):
+    variants = TRAINED
+    if hybrid:
+        # The pattern sets the MTP depths.
+        variants = {"mtp1": TRAINED["mtp1"]}
+    results = run_distributed(_train, 1, variants, hybrid)[0]
     for name, steps in results.items():
         depths = TRAINED[name]["mtp_num_layers"]
         main = [loss for loss, _ in steps]
@@ -99,7 +129,7 @@ def test_gpt_with_mtp_trains_with_finite_falling_main_and_mtp_losses():
 LAYOUTS = [(1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True)]
 
 
-def _step_per_layout(rank, world_size, overrides):
+def _step_per_layout(rank, world_size, overrides, hybrid):
     """The same weights in every layout; one forward-backward of two micro-batches each, in
     float64 (what is compared is the partitioning of the math)."""
     from megatron.core import parallel_state
@@ -108,11 +138,11 @@ def _step_per_layout(rank, world_size, overrides):
     results, full = {}, None
     for tp, pp, sequence_parallel in LAYOUTS:
         initialize_model_parallel(tp, pp)
-        model = build_tiny_gpt(tiny_config(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            sequence_parallel=sequence_parallel, params_dtype=torch.float64,
-            pipeline_dtype=torch.float64, **overrides,
-        ))
+        model = _build(
+            hybrid, pipeline_stages=pp, tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
+            params_dtype=torch.float64, pipeline_dtype=torch.float64, **overrides,
+        )
         if full is None:
             full = full_state_dict(model)
         load_full_state_dict(model, full)
@@ -130,6 +160,7 @@ def _step_per_layout(rank, world_size, overrides):
     return results
 
 
+@pytest.mark.parametrize("model", ["gpt", "hybrid"])
 @pytest.mark.parametrize("layout,rtol", [
     ((1, 2, False), 1e-10),  # the same ops on the same values, split over two stages
     # TP sums partial products in another order (and Megatron's vocab-parallel cross entropy
@@ -137,7 +168,8 @@ def _step_per_layout(rank, world_size, overrides):
     ((2, 1, False), 1e-5),
     ((2, 1, True), 1e-5),
 ], ids=["pp2", "tp2", "tp2_sequence_parallel"])
-def test_parallel_layouts_with_mtp_match_one_rank(per_layout, layout, rtol):
+def test_parallel_layouts_with_mtp_match_one_rank(per_layout, model, layout, rtol):
+    per_layout = per_layout[model]
     loss, mtp, _ = per_layout[0][(1, 1, False)]
     reference = merge_full_grads([r[(1, 1, False)][2] for r in per_layout])
     assert any(name.startswith("mtp.") and "hyper_connection" in name for name in reference)
@@ -173,35 +205,90 @@ def _megatron_mtp_gpt(config):
     )
 
 
+def _megatron_mtp_hybrid(config):
+    """Megatron's own HybridModel on the project's local hybrid spec (Megatron ships none)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from megatron_mhc.transformer.hybrid_specs import get_local_hybrid_stack_spec
+
+    return HybridModel(
+        config, hybrid_stack_spec=get_local_hybrid_stack_spec(config), vocab_size=VOCAB,
+        max_sequence_length=SEQ, hybrid_layer_pattern=_hybrid_pattern(),
+        position_embedding_type="rope",
+    )
+
+
 def _loss_mtp_loss_and_grads(model):
     loss = forward_backward(model, batches())
     grads = {name: param.grad.clone() for name, param in model.named_parameters()}
     return loss, _mtp_losses(), grads
 
 
-def _plain_and_candidate(rank, world_size, overrides):
+def _plain_and_candidate(rank, world_size, overrides, hybrid):
     results = []
-    for build in (_megatron_mtp_gpt, build_tiny_gpt):
+    for megatron_model in (True, False):
         initialize_model_parallel(seed=1234)
-        model = build(tiny_config(mtp_num_layers=1, **overrides))
+        if not megatron_model:
+            model = _build(hybrid, mtp_num_layers=1, **overrides)
+        elif hybrid:
+            model = _megatron_mtp_hybrid(
+                tiny_hybrid_config(_hybrid_pattern(), mtp_num_layers=1, **overrides))
+        else:
+            model = _megatron_mtp_gpt(tiny_config(mtp_num_layers=1, **overrides))
         results.append((type(model).__name__, _loss_mtp_loss_and_grads(model)))
         destroy_model_parallel()
     return results
 
 
+@pytest.mark.parametrize("hybrid", [False, True], ids=["gpt", "hybrid"])
 @pytest.mark.parametrize("overrides", [
     dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
     dict(enable_mhc_connections=False, mhc_num_residual_streams=4),
 ], ids=["n1", "disabled"])
-def test_one_stream_or_disabled_mtp_model_is_megatrons_bit_for_bit(overrides):
+def test_one_stream_or_disabled_mtp_model_is_megatrons_bit_for_bit(overrides, hybrid):
     (_, (loss, mtp, grads)), (kind, (got_loss, got_mtp, got_grads)) = run_distributed(
-        _plain_and_candidate, 1, overrides
+        _plain_and_candidate, 1, overrides, hybrid
     )[0]
-    assert kind == "GPTModel"
+    assert kind == ("HybridModel" if hybrid else "GPTModel")
     assert got_loss == loss and got_mtp == mtp
     assert list(got_grads) == list(grads)
     assert any(name.startswith("mtp.layers.0.eh_proj") for name in grads)
     for name, grad in grads.items():
+        assert torch.equal(got_grads[name], grad), name
+
+
+def _gpt_name(hybrid_name: str) -> str:
+    """The parameter of the GPT MTP model holding `hybrid_name` of the `*-*-*-*-/*-` hybrid: the
+    MTP depth's hybrid layers 0 (attention) and 1 (MLP) are the halves of its GPT layer."""
+    return gpt_name(_MTP_HYBRID_LAYER.sub(r"\1", hybrid_name))
+
+
+def _gpt_and_hybrid(rank, world_size):
+    initialize_model_parallel(seed=1234)
+    gpt = _build(False, **MHC, mtp_num_layers=1)
+    hybrid = _build(True, **MHC, mtp_num_layers=1)
+    gpt_state = gpt.state_dict()
+    hybrid.load_state_dict({name: gpt_state[_gpt_name(name)] for name in hybrid.state_dict()},
+                           strict=True)
+    (loss, mtp, grads), (got_loss, got_mtp, got_grads) = (
+        _loss_mtp_loss_and_grads(model) for model in (gpt, hybrid)
+    )
+    return (type(hybrid).__name__, (loss, mtp, grads),
+            (got_loss, got_mtp, {_gpt_name(name): grad for name, grad in got_grads.items()}))
+
+
+def test_hybrid_mtp_is_the_gpt_mtp_model_with_the_same_weights_bit_for_bit():
+    """`*-*-*-*-/*-` holds the GPT MTP model's modules (decoder and MTP layer) and runs them on
+    the same values in the same order: main loss, MTP loss and every gradient bitwise."""
+    kind, (loss, mtp, grads), (got_loss, got_mtp, got_grads) = run_distributed(
+        _gpt_and_hybrid, 1
+    )[0]
+    assert kind == "MHCHybridModel"
+    assert got_loss == loss and got_mtp == mtp
+    assert got_grads.keys() == grads.keys()
+    assert sum(name.startswith("mtp.") and "_hyper_connection." in name for name in grads) == 6
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
         assert torch.equal(got_grads[name], grad), name
 
 
