@@ -1,10 +1,11 @@
-"""MHCTransformerConfig: Megatron's TransformerConfig plus the mHC fields, validated on creation."""
+"""MHCTransformerConfig: Megatron's TransformerConfig plus the mHC fields, validated on creation;
+MHCMLATransformerConfig: the same fields on Megatron's MLATransformerConfig."""
 
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_mhc.fusions import KERNEL_BACKENDS
 
@@ -148,3 +149,13 @@ class MHCTransformerConfig(TransformerConfig):
                      "mhc_recompute_layer_num",
                      "recompute_granularity='full' already recomputes whole layers; use one or "
                      "the other (selective recompute combines with it)")
+
+
+@dataclass
+class MHCMLATransformerConfig(MLATransformerConfig, MHCTransformerConfig):
+    """MLATransformerConfig (multi-latent attention) with the mHC fields of MHCTransformerConfig.
+
+    MLATransformerConfig comes first so that its defaults of TransformerConfig's fields win
+    (multi_latent_attention=True, RMSNorm, YaRN); its `__post_init__` reaches
+    MHCTransformerConfig's through `super()`, so the mHC fields are validated there, once.
+    """

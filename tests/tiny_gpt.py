@@ -1,10 +1,11 @@
 """Tiny GPT models, data and steps shared by the tests (CPU-friendly Megatron settings).
 
-`tiny_config(**overrides)` is an MHCTransformerConfig for a 4-layer, 32-wide model on the local
-(pure PyTorch) spec with Megatron's CUDA-only fusions off; with `enable_mhc_connections=False`
-(the default here) it describes the plain Megatron model. `build_tiny_gpt(config)` builds this
-pipeline stage's part through `build_mhc_gpt_model`; `forward_backward` runs Megatron's real
-schedule (through megatron_mhc's `get_forward_backward_func`) on `batches()`.
+`tiny_config(**overrides)` is an MHCTransformerConfig (or `config_class`: the MLA one) for a
+4-layer, 32-wide model on the local (pure PyTorch) spec with Megatron's CUDA-only fusions off;
+with `enable_mhc_connections=False` (the default here) it describes the plain Megatron model.
+`build_tiny_gpt(config)` builds this pipeline stage's part through `build_mhc_gpt_model`;
+`forward_backward` runs Megatron's real schedule (through megatron_mhc's
+`get_forward_backward_func`) on `batches()`.
 """
 
 import torch
@@ -16,7 +17,7 @@ from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
 SEQ, MICRO_BATCH, NUM_MICROBATCHES, VOCAB = 16, 2, 2, 128
 
 
-def tiny_config(**overrides) -> MHCTransformerConfig:
+def tiny_config(config_class: type = MHCTransformerConfig, **overrides) -> MHCTransformerConfig:
     fields = dict(
         num_layers=4,
         hidden_size=32,
@@ -34,7 +35,7 @@ def tiny_config(**overrides) -> MHCTransformerConfig:
         persist_layer_norm=False,
     )
     fields.update(overrides)
-    return MHCTransformerConfig(**fields)
+    return config_class(**fields)
 
 
 def build_tiny_gpt(config: MHCTransformerConfig, **gpt_kwargs):

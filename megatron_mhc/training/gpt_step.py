@@ -1,7 +1,9 @@
 """What megatron.training.pretrain needs to train an mHC GPT: model, datasets and step."""
 
+import contextlib
 import functools
 
+import megatron.core.transformer
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -20,7 +22,7 @@ from megatron.training.utils import print_rank_0
 
 import torch
 
-from megatron_mhc.config import MHCTransformerConfig
+from megatron_mhc.config import MHCMLATransformerConfig, MHCTransformerConfig
 from megatron_mhc.data import prepare_default_corpus
 from megatron_mhc.fusions.verification import startup_summary
 from megatron_mhc.models.gpt import build_mhc_gpt_model
@@ -28,12 +30,33 @@ from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 from megatron_mhc.training.mhc_logging import health_log
 
 
+def mhc_config_from_args(args) -> MHCTransformerConfig:
+    """megatron.training's config from the parsed flags, with the mHC fields: an
+    MHCTransformerConfig, or an MHCMLATransformerConfig with --multi-latent-attention (which
+    megatron.training also sets for a hybrid pattern with MLA layers)."""
+    with _mla_config_class(MHCMLATransformerConfig):
+        return core_transformer_config_from_args(args, MHCTransformerConfig)
+
+
+@contextlib.contextmanager
+def _mla_config_class(config_class: type):
+    # core_transformer_config_from_args replaces the class it is given with the
+    # MLATransformerConfig it imports from megatron.core.transformer whenever MLA is on, which
+    # would drop the mHC fields; it reads that name when called, so it gets ours meanwhile.
+    original = megatron.core.transformer.MLATransformerConfig
+    megatron.core.transformer.MLATransformerConfig = config_class
+    try:
+        yield
+    finally:
+        megatron.core.transformer.MLATransformerConfig = original
+
+
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
                    pg_collection=None):
     """An mHC GPT (or Megatron's GPTModel when mHC is off) from the parsed flags; a HybridModel
     (with mHC when on) when --hybrid-layer-pattern is given."""
     args = get_args()
-    config = core_transformer_config_from_args(args, MHCTransformerConfig)
+    config = mhc_config_from_args(args)
     kind = f"HybridModel {args.hybrid_layer_pattern}" if args.hybrid_layer_pattern else "GPT"
     print_rank_0(
         f"building {kind} model: mHC {'on' if config.mhc_active else 'off'} "

@@ -29,6 +29,7 @@ from megatron.core.transformer.multi_token_prediction import (
     get_mtp_layer_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_mhc.config import MHCTransformerConfig
@@ -37,12 +38,13 @@ from megatron_mhc.transformer.hybrid_stack import (
     HyperConnectionHybridStack,
     SpecNormHybridStack,
 )
+from megatron_mhc.transformer.latent_attention import with_latent_dot_product_attention
 from megatron_mhc.transformer.multi_token_prediction import get_mhc_mtp_block_submodules
 from megatron_mhc.transformer.specs import get_mhc_layer_spec, with_sequence_parallel_norms
 
-LOCAL_HYBRID_LAYER_SYMBOLS = (Symbols.ATTENTION, Symbols.MLP, Symbols.MOE)
+LOCAL_HYBRID_LAYER_SYMBOLS = (Symbols.ATTENTION, Symbols.MLA, Symbols.MLP, Symbols.MOE)
 """The layer types of the local hybrid spec. Mamba `M` and GDN `G` need CUDA packages (mamba_ssm,
-FLA); MLA `+` and DSA `D` need an MLATransformerConfig, which MHCTransformerConfig is not."""
+FLA); DSA `D` needs Transformer Engine's linears and fused kernels for its indexer."""
 
 # HybridStackSubmodules slot of each TransformerLayer-family layer type.
 _TRANSFORMER_LAYER_SLOTS = ("attention_layer", "mla_layer", "dsa_layer", "gdn_layer",
@@ -73,12 +75,14 @@ def _mlp_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodu
 
 
 def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
-    """A HybridStack spec of Megatron-Core's local modules for `*`, `-` and `E` layers; its
-    final norm is the layers' norm, as in Megatron's local GPT block spec; its MTP block spec
-    has Megatron's local MTP layer without an inner layer (HybridModel builds each depth's inner
+    """A HybridStack spec of Megatron-Core's local modules for `*`, `+`, `-` and `E` layers (the
+    MLA layers' core attention a LatentDotProductAttention, which Megatron lacks); its final norm
+    is the layers' norm, as in Megatron's local GPT block spec; its MTP block spec has Megatron's
+    local MTP layer without an inner layer (HybridModel builds each depth's inner
     HybridStack from the pattern's MTP part), as Megatron's Transformer Engine hybrid spec."""
     local = dict(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     dense = get_gpt_layer_local_submodules(**local)
+    latent = get_gpt_layer_local_submodules(multi_latent_attention=True, **local)
     layer = dict(module=TransformerLayer)
     moe_layer = IdentityOp
     if config.num_moe_experts is not None:
@@ -86,10 +90,11 @@ def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm, **local
         )
         moe_layer = ModuleSpec(**layer, submodules=_mlp_half(moe))
-    return with_sequence_parallel_norms(ModuleSpec(
+    return with_latent_dot_product_attention(with_sequence_parallel_norms(ModuleSpec(
         module=SpecNormHybridStack,
         submodules=HybridStackWithNormSubmodules(
             attention_layer=ModuleSpec(**layer, submodules=_attention_half(dense)),
+            mla_layer=ModuleSpec(**layer, submodules=_attention_half(latent)),
             mlp_layer=ModuleSpec(**layer, submodules=_mlp_half(dense)),
             moe_layer=moe_layer,
             final_norm=dense.input_layernorm,
@@ -100,7 +105,7 @@ def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
                 ]),
             ),
         ),
-    ))
+    )))
 
 
 def get_te_hybrid_stack_spec() -> ModuleSpec:
@@ -172,11 +177,10 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
     # The MTP part's layers are built from the same stack spec as the main part's.
     symbols = set((parsed.main_pattern or "") + (parsed.mtp_pattern or "")) - {Symbols.PIPE}
     latent = sorted(symbols & {Symbols.MLA, Symbols.DS_ATTENTION})
-    if latent:
-        # Checked first: for these megatron.training builds a plain MLATransformerConfig, which
-        # has no mHC fields.
-        refuse(f"layer types {latent} (multi-latent attention) need an MLATransformerConfig, and "
-               "MHCTransformerConfig is not one")
+    if latent and not isinstance(config, MLATransformerConfig):
+        refuse(f"layer types {latent} (multi-latent attention) need an MLATransformerConfig "
+               "(MHCMLATransformerConfig, which megatron_mhc builds for --multi-latent-attention "
+               f"or a pattern with them), not {type(config).__name__}")
     if config.transformer_impl != "transformer_engine":
         unsupported = sorted(symbols - set(LOCAL_HYBRID_LAYER_SYMBOLS))
         if unsupported:

@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
+from megatron_mhc.transformer.latent_attention import with_latent_dot_product_attention
 from megatron_mhc.transformer.torch_norm import SequenceParallelTorchNorm
 from megatron_mhc.transformer.transformer_layer import (
     HyperConnectionTransformerLayer,
@@ -67,7 +68,8 @@ def get_mhc_gpt_decoder_block_spec(
     The backend follows `config.transformer_impl` ('local' or 'transformer_engine'); Transformer
     Engine is imported only when asked for; `normalization` defaults to `config.normalization`.
     The local spec's torch norms are `SequenceParallelTorchNorm`s (the same norms, usable with
-    sequence parallelism). Without mHC (disabled, or one stream) this is Megatron's spec otherwise
+    sequence parallelism) and its MLA core attention a `LatentDotProductAttention` (which Megatron's
+    local spec lacks). Without mHC (disabled, or one stream) this is Megatron's spec otherwise
     unchanged.
     """
     use_te = config.transformer_impl == "transformer_engine"
@@ -81,7 +83,7 @@ def get_mhc_gpt_decoder_block_spec(
         qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank,
     )
     if not use_te:
-        block_spec = with_sequence_parallel_norms(block_spec)
+        block_spec = with_latent_dot_product_attention(with_sequence_parallel_norms(block_spec))
     if not config.mhc_active:
         return block_spec
     return TransformerBlockSubmodules(
