@@ -8,7 +8,8 @@ state, and DeepSeek-V4 (and Megatron-LM's dev branch) keep it so through the MTP
     X^0        the decoder's stream state entering its contract (before the final norm)
     e          = enorm(embedding(tokens rolled k ahead))                      [s, b, C]
     Z_i        = e_proj(e) + h_proj(hnorm(X^{k-1}_i))   for every stream i     [s, b, n, C]
-    X^k        = the decoder's last layer (its attention and MLP HC modules) on Z
+    X^k        = the decoder's last layer (its attention and MLP HC modules) on Z; in a
+                 HybridModel, the layers of the pattern's MTP part (each with its HC module)
     loss input = final_layernorm(mhc_head(X^k))         (the layer's own learned head)
 
 so depth k+1 reads the n streams of depth k, not a contraction of them. `e_proj` and `h_proj`
@@ -20,9 +21,10 @@ block always has one (`hc_head_fn/base/scale`), and the MTP layer's streams have
 by its own HC modules, so the decoder's contract weights do not apply to them.
 
 The MTP block runs on the last pipeline stage, which also holds the decoder's final norm; the
-model hands it that norm's input (`FinalStreamsCapture`). Megatron's `process_mtp_loss`,
-`MTPLossAutoScaler` and `MTPLossLoggingHelper` then compute, scale and log the MTP loss
-unchanged. Without mHC the model uses Megatron's own MTP spec.
+model (MHCGPTModel, MHCHybridModel) hands it that norm's input (`FinalStreamsCapture`).
+Megatron's `process_mtp_loss`, `MTPLossAutoScaler` and `MTPLossLoggingHelper` then compute, scale
+and log the MTP loss unchanged. Without mHC the model uses Megatron's own MTP spec (for a
+HybridModel, the hybrid stack spec's).
 """
 
 from dataclasses import dataclass, replace
@@ -148,7 +150,7 @@ class MHCMultiTokenPredictionBlock(MultiTokenPredictionBlock):
         if decoder_streams is None:
             raise ValueError(
                 "MHCMultiTokenPredictionBlock needs decoder_streams, the decoder's stream state "
-                "before its final norm (MHCGPTModel passes it)"
+                "before its final norm (MHCGPTModel and MHCHybridModel pass it)"
             )
         streams = decoder_streams.detach() if self.config.mtp_detach_heads else decoder_streams
         outputs = [hidden_states]
