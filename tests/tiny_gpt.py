@@ -97,3 +97,35 @@ def forward_backward(model, data, forward_only: bool = False):
     if not parallel_state.is_pipeline_last_stage():
         return None
     return torch.stack([x["loss"] for x in losses]).mean().item()
+
+
+def megatron_training(model, config, bf16: bool = False):
+    """`model` set up as megatron.training trains it: gradients finalised by Megatron's
+    `finalize_model_grads`, bf16 weights (Float16Module) with `bf16`, DistributedDataParallel,
+    and Megatron's Adam (lr 3e-3, clip 1) -> (wrapped model, optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    config.finalize_model_grads_func = finalize_model_grads
+    if bf16:
+        model = Float16Module(config, model)
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, bf16=bf16),
+        [model],
+    )
+    return model, optimizer
+
+
+def train_step(model, optimizer, forward_backward_step):
+    """One optimizer step: gradients zeroed, `forward_backward_step(model)` (its result is
+    returned), then the update, which must succeed."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = forward_backward_step(model)
+    update_successful, _, _ = optimizer.step()
+    assert update_successful
+    return result
+

@@ -33,7 +33,9 @@ from tests.tiny_gpt import (
     forward_backward,
     forward_step,
     logits,
+    megatron_training,
     tiny_config,
+    train_step,
 )
 from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 
@@ -113,27 +115,15 @@ def _baseline_and_candidate(pattern, baseline_overrides, candidate_overrides, up
 
 
 def _train(overrides, pattern, steps):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     config = tiny_hybrid_config(pattern, **overrides)
-    config.finalize_model_grads_func = finalize_model_grads
     model = build_tiny_hybrid(config, pattern)
     moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0), [model]
-    )
+    model, optimizer = megatron_training(model, config)
     data = batches(seed=3)
-    losses = []
-    for _ in range(steps):
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses.append(forward_backward(model, data))
-        update_successful, _, _ = optimizer.step()
-        assert update_successful
+    losses = [train_step(model, optimizer, lambda m: forward_backward(m, data))
+              for _ in range(steps)]
     return losses, moe_layers
 
 

@@ -16,7 +16,16 @@ import torch
 
 from tests.dist_utils import export_grads, full_state_dict, initialize_model_parallel
 from tests.dist_utils import load_full_state_dict, run_distributed
-from tests.tiny_gpt import MICRO_BATCH, SEQ, batches, build_tiny_gpt, forward_step, tiny_config
+from tests.tiny_gpt import (
+    MICRO_BATCH,
+    SEQ,
+    batches,
+    build_tiny_gpt,
+    forward_step,
+    megatron_training,
+    tiny_config,
+    train_step,
+)
 
 EXPERT_PARALLEL = 2
 STEPS = 2
@@ -74,11 +83,7 @@ def _record_node_calls():
 
 
 def _train_under_each_schedule(rank, world_size):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
-    from megatron.core.transformer.module import Float16Module
 
     from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
 
@@ -89,7 +94,6 @@ def _train_under_each_schedule(rank, world_size):
     runs = {}
     for schedule, settings in SCHEDULES.items():
         config = tiny_config(**MHC_MOE_GPT, **settings)
-        config.finalize_model_grads_func = finalize_model_grads
         gpt = build_tiny_gpt(config)
         if weights is None:
             weights = full_state_dict(gpt)
@@ -102,31 +106,17 @@ def _train_under_each_schedule(rank, world_size):
         gpt.decoder.final_layernorm.register_forward_pre_hook(
             lambda _norm, args: contracts.append(args[0].shape[-1]))
         # As megatron.training's get_model: bf16 weights (Float16Module), DDP with fp32 grads.
-        model = DistributedDataParallel(
-            config, DistributedDataParallelConfig(), Float16Module(config, gpt)
-        )
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, bf16=True),
-            [model],
-        )
+        model, optimizer = megatron_training(gpt, config, bf16=True)
         _layer_of_node_state.clear()
         _node_calls.clear()
         losses, grads = [], []
         for _ in range(STEPS):
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            outputs = get_forward_backward_func()(
-                forward_step_func=_forward_step,
-                data_iterator=iter(data),
-                model=[model],
-                num_microbatches=MICROBATCHES,
-                seq_length=SEQ,
-                micro_batch_size=MICRO_BATCH,
-            )
+            outputs = train_step(model, optimizer, lambda m: get_forward_backward_func()(
+                forward_step_func=_forward_step, data_iterator=iter(data), model=[m],
+                num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH,
+            ))
             losses.append([output["loss"].item() for output in outputs])
             grads.append(export_grads(model))
-            update_successful, _, _ = optimizer.step()
-            assert update_successful
         runs[schedule] = dict(
             losses=losses, grads=grads, node_calls=list(_node_calls),
             # The final norm's input width seen by its pre-hooks: n*C before the contract.

@@ -19,7 +19,9 @@ from tests.tiny_gpt import (
     causal_mask,
     forward_backward,
     logits,
+    megatron_training,
     tiny_config,
+    train_step,
 )
 from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 
@@ -61,27 +63,13 @@ def _logits_against_baseline(build, overrides):
 
 
 def _train(build, steps):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     model = build(**MHC)
-    config = model.config
-    config.finalize_model_grads_func = finalize_model_grads
     attention = [type(layer.self_attention.core_attention) for layer in model.decoder.layers
                  if hasattr(layer.self_attention, "core_attention")]
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0), [model]
-    )
+    model, optimizer = megatron_training(model, model.config)
     data = batches(seed=3)
-    losses = []
-    for _ in range(steps):
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses.append(forward_backward(model, data))
-        update_successful, _, _ = optimizer.step()
-        assert update_successful
+    losses = [train_step(model, optimizer, lambda m: forward_backward(m, data))
+              for _ in range(steps)]
     return losses, attention
 
 

@@ -7,7 +7,14 @@ import math
 import pytest
 
 from tests.dist_utils import initialize_model_parallel, run_distributed
-from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, tiny_config
+from tests.tiny_gpt import (
+    batches,
+    build_tiny_gpt,
+    forward_backward,
+    megatron_training,
+    tiny_config,
+    train_step,
+)
 
 STEPS = 6
 MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
@@ -30,28 +37,16 @@ VARIANTS = {
 
 
 def _train(rank, world_size, overrides):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     initialize_model_parallel(tp=world_size)
     config = tiny_config(**overrides)
-    config.finalize_model_grads_func = finalize_model_grads
     model = build_tiny_gpt(config)
     moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0), [model]
-    )
+    model, optimizer = megatron_training(model, config)
     data = batches(seed=3)
-    losses = []
-    for _ in range(STEPS):
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses.append(forward_backward(model, data))
-        update_successful, _, _ = optimizer.step()
-        assert update_successful
+    losses = [train_step(model, optimizer, lambda m: forward_backward(m, data))
+              for _ in range(STEPS)]
     return losses, moe_layers
 
 
