@@ -15,7 +15,9 @@
 #   1. the GPU tests: Triton kernels at ragged and real sizes, the cuTile kernels (forced on any
 #      CUDA GPU, MHC_CUTILE_TEST_FORCE=1: on Hopper they are expected to fail to compile with
 #      the tileiras that cuda-tile 1.7.0 uses), the high-priority stream, context parallelism
-#      (CP=2 equals CP=1; needs 2 GPUs and Transformer Engine, skipped without them);
+#      (CP=2 equals CP=1; needs 2 GPUs and Transformer Engine, skipped without them), the MLP's
+#      HC update node on the high-priority stream under the EP all-to-all overlap (bitwise the
+#      same losses with and without it; needs 2 GPUs, skipped without them);
 #   2. bench/bench_kernels.py (ours, the reference, torch.compile, and the peers that import);
 #   3. bench/bench_step.py (baseline vs mHC, torch and triton backends);
 #   4. bench/activation_memory.py on the GPU (peak allocated memory, CUDA-event times).
@@ -73,6 +75,7 @@ step cutile_tests env MHC_CUTILE_TEST_FORCE=1 python3 -m pytest -q -rs -p no:cac
     tests/unit/test_cutile_kernels.py -k gpu
 step context_parallel_tests python3 -m pytest -q -rs -p no:cacheprovider \
     tests/functional/test_context_parallel_gpu.py
+step overlap_tests python3 -m pytest -q -rs -p no:cacheprovider tests/functional/test_overlap_gpu.py
 step bench_kernels python3 bench/bench_kernels.py
 step bench_step python3 bench/bench_step.py
 step activation_memory python3 bench/activation_memory.py

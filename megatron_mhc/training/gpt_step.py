@@ -1,6 +1,5 @@
 """What megatron.training.pretrain needs to train an mHC GPT: model, datasets and step."""
 
-import contextlib
 import functools
 
 import megatron.core.transformer
@@ -25,6 +24,7 @@ import torch
 from megatron_mhc.config import MHCMLATransformerConfig, MHCTransformerConfig
 from megatron_mhc.data import prepare_default_corpus
 from megatron_mhc.fusions.verification import startup_summary
+from megatron_mhc.megatron_names import names_in
 from megatron_mhc.models.gpt import build_mhc_gpt_model
 from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 from megatron_mhc.training.mhc_logging import health_log
@@ -34,21 +34,11 @@ def mhc_config_from_args(args) -> MHCTransformerConfig:
     """megatron.training's config from the parsed flags, with the mHC fields: an
     MHCTransformerConfig, or an MHCMLATransformerConfig with --multi-latent-attention (which
     megatron.training also sets for a hybrid pattern with MLA layers)."""
-    with _mla_config_class(MHCMLATransformerConfig):
+    # core_transformer_config_from_args replaces the class it is given by the
+    # MLATransformerConfig it looks up in megatron.core.transformer whenever MLA is on, which
+    # would drop the mHC fields.
+    with names_in(megatron.core.transformer, MLATransformerConfig=MHCMLATransformerConfig):
         return core_transformer_config_from_args(args, MHCTransformerConfig)
-
-
-@contextlib.contextmanager
-def _mla_config_class(config_class: type):
-    # core_transformer_config_from_args replaces the class it is given with the
-    # MLATransformerConfig it imports from megatron.core.transformer whenever MLA is on, which
-    # would drop the mHC fields; it reads that name when called, so it gets ours meanwhile.
-    original = megatron.core.transformer.MLATransformerConfig
-    megatron.core.transformer.MLATransformerConfig = config_class
-    try:
-        yield
-    finally:
-        megatron.core.transformer.MLATransformerConfig = original
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
@@ -138,8 +128,10 @@ def _reads_data(vp_stage=None) -> bool:
 train_valid_test_datasets_provider.is_distributed = True
 
 
-def forward_step(data_iterator, model):
-    """One micro-batch: the model's per-token losses and the masked-mean loss function."""
+def forward_step(data_iterator, model, return_schedule_plan=False):
+    """One micro-batch: the model's per-token losses and the masked-mean loss function; with
+    `return_schedule_plan` (the combined 1F1B schedule of --overlap-moe-expert-parallel-comm)
+    the model's schedule plan for the micro-batch instead of its output."""
     config = get_model_config(model)
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -156,8 +148,10 @@ def forward_step(data_iterator, model):
         batch = dict.fromkeys(("tokens", "position_ids", "attention_mask", "labels", "loss_mask"))
     health_log.start_if_logging()
     loss_mask = batch["loss_mask"]
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"], loss_mask=loss_mask)
+    # The combined schedule runs the plan's nodes itself, interleaved with another micro-batch.
+    run = model.build_schedule_plan if return_schedule_plan else model
+    output = run(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                 labels=batch["labels"], loss_mask=loss_mask)
 
     def loss_func(output_tensor):
         losses = output_tensor.view(-1).float()
