@@ -1,6 +1,5 @@
 """GPT with mHC, built from an MHCTransformerConfig."""
 
-import contextlib
 from typing import Optional
 
 from megatron.core.models.common import model_chunk_schedule_plan
@@ -8,6 +7,7 @@ from megatron.core.models.gpt import gpt_model
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_mhc.config import MHCTransformerConfig
+from megatron_mhc.megatron_names import names_in
 from megatron_mhc.transformer.multi_token_prediction import (
     FinalStreamsCapture,
     MHCMultiTokenPredictionBlock,
@@ -16,23 +16,6 @@ from megatron_mhc.transformer.multi_token_prediction import (
 from megatron_mhc.transformer.schedule_nodes import MHCModelChunkSchedulePlan
 from megatron_mhc.transformer.specs import get_mhc_gpt_decoder_block_spec
 from megatron_mhc.transformer.transformer_block import HyperConnectionTransformerBlock
-
-
-@contextlib.contextmanager
-def _classes_in(module, **classes):
-    # GPTModel.__init__ builds its decoder as `TransformerBlock(...)` and its MTP block as
-    # `MultiTokenPredictionBlock(...)`, looked up in gpt_model's globals, and
-    # GPTModel.build_schedule_plan builds `TransformerModelChunkSchedulePlan(...)`, imported from
-    # its module at the call; neither offers an argument to choose the class. Point the names at
-    # the mHC classes for the duration of the call (single-threaded, restored on any exit).
-    originals = {name: getattr(module, name) for name in classes}
-    for name, cls in classes.items():
-        setattr(module, name, cls)
-    try:
-        yield
-    finally:
-        for name, cls in originals.items():
-            setattr(module, name, cls)
 
 
 class MHCGPTModel(GPTModel):
@@ -54,7 +37,7 @@ class MHCGPTModel(GPTModel):
                 f"{config.mhc_num_residual_streams}); build_mhc_gpt_model returns a plain "
                 "GPTModel otherwise"
             )
-        with _classes_in(gpt_model, TransformerBlock=HyperConnectionTransformerBlock,
+        with names_in(gpt_model, TransformerBlock=HyperConnectionTransformerBlock,
                          MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
             super().__init__(config, *args, **kwargs)
         if self.mtp_process:
@@ -63,7 +46,7 @@ class MHCGPTModel(GPTModel):
     def build_schedule_plan(self, *args, **kwargs):
         """GPTModel's schedule plan for the combined 1F1B schedule, with the mHC layer's nodes
         (an MHCModelChunkSchedulePlan, see megatron_mhc/transformer/schedule_nodes.py)."""
-        with _classes_in(model_chunk_schedule_plan,
+        with names_in(model_chunk_schedule_plan,
                          TransformerModelChunkSchedulePlan=MHCModelChunkSchedulePlan):
             return super().build_schedule_plan(*args, **kwargs)
 

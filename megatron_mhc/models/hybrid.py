@@ -6,7 +6,7 @@ from megatron.core.models.hybrid import hybrid_model
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 
 from megatron_mhc.config import MHCTransformerConfig
-from megatron_mhc.models.gpt import _classes_in
+from megatron_mhc.megatron_names import names_in
 from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern, get_hybrid_stack_spec
 from megatron_mhc.transformer.multi_token_prediction import (
     FinalStreamsCapture,
@@ -26,7 +26,7 @@ class MHCHybridModel(HybridModel):
     def __init__(self, config: MHCTransformerConfig, *args, **kwargs):
         # HybridModel.__init__ constructs `MultiTokenPredictionBlock(...)` by the name in its
         # module, with no argument to choose the class.
-        with _classes_in(hybrid_model, MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
+        with names_in(hybrid_model, MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
             super().__init__(config, *args, **kwargs)
         if self.mtp_process:
             self.final_streams = FinalStreamsCapture(self.decoder.final_norm)

@@ -23,7 +23,16 @@ from tests.dist_utils import (
     merge_full_grads,
     run_distributed,
 )
-from tests.tiny_gpt import SEQ, VOCAB, batches, build_tiny_gpt, forward_backward, tiny_config
+from tests.tiny_gpt import (
+    SEQ,
+    VOCAB,
+    batches,
+    build_tiny_gpt,
+    forward_backward,
+    megatron_training,
+    tiny_config,
+    train_step,
+)
 from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 from tests.unit.test_hybrid_model import gpt_name
 
@@ -69,10 +78,6 @@ def _mtp_losses() -> list:
 
 
 def _train(rank, world_size, variants, hybrid=False):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     results = {}
@@ -80,22 +85,12 @@ def _train(rank, world_size, variants, hybrid=False):
         MTPLossLoggingHelper.tracker.clear()  # sized by the first run's number of depths
         initialize_model_parallel()
         model = _build(hybrid, **overrides)
-        config = model.config
-        config.finalize_model_grads_func = finalize_model_grads
-        model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0), [model]
-        )
+        model, optimizer = megatron_training(model, model.config)
         data = batches(seed=3)
-        steps = []
-        for _ in range(STEPS):
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss = forward_backward(model, data)
-            steps.append((loss, _mtp_losses()))
-            update_successful, _, _ = optimizer.step()
-            assert update_successful
-        results[name] = steps
+        results[name] = [
+            train_step(model, optimizer, lambda m: (forward_backward(m, data), _mtp_losses()))
+            for _ in range(STEPS)
+        ]
         destroy_model_parallel()
     return results
 
