@@ -46,6 +46,7 @@ from megatron_mhc.training import mhc_logging  # noqa: E402
 from megatron_mhc.training.arguments import add_mhc_arguments  # noqa: E402
 from megatron_mhc.training.gpt_step import (  # noqa: E402
     check_mtp_arguments,
+    check_optimizer_checkpointing,
     forward_step,
     mhc_config_from_args,
     model_provider,
@@ -90,6 +91,7 @@ def main():
         if args.hybrid_layer_pattern is not None:
             check_hybrid_layer_pattern(config, args.hybrid_layer_pattern)
         check_mtp_arguments(args)
+        check_optimizer_checkpointing(args, config)
         check_no_legacy_names(args.load)
     except (ConfigError, ValueError) as err:
         sys.exit(f"pretrain_gpt_mhc.py: {err}")
