@@ -36,6 +36,9 @@ def test_shipped_configs_are_valid(parser):
         # A HybridModel's layers come from its pattern (megatron.training derives num_layers).
         assert ("num_layers" in values) != ("hybrid_layer_pattern" in values), path.name
         assert "enable_mhc_connections" in values, path.name
+        # pretrain_gpt_mhc.py refuses a bf16 mHC run that would checkpoint optimizer state.
+        if values["enable_mhc_connections"] and values.get("bf16") and values.get("save"):
+            assert values.get("no_save_optim") is True, path.name
 
 
 def test_paper_hybrid_config_is_the_27b_moe_one_sublayer_per_layer(parser):
