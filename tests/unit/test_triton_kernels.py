@@ -20,6 +20,7 @@ import torch
 
 from megatron_mhc.platform.cpu import CPU_ENV
 from tests.dist_utils import environment
+from tests.functional.pretrain_runs import PORTABLE_CPU_NUMERICS
 from tests.numerics import DTYPES, assert_close, assert_close_to_exact
 
 CUDA = torch.cuda.is_available()
@@ -246,7 +247,10 @@ def check_recompute_with_triton_backend():
 # ----------------------------------------------------------------------------------------------
 # CPU: the interpreter worker.
 # ----------------------------------------------------------------------------------------------
-_WORKER_ENV = {**CPU_ENV, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+# The portable CPU numerics too: the gating factors' gradients are sums over all tokens that
+# cancel, and how close the fp32 reference comes to float64 there depends on the CPU's kernels.
+_WORKER_ENV = {**CPU_ENV, **PORTABLE_CPU_NUMERICS, "TRITON_INTERPRET": "1",
+               "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _enter_interpreter():
