@@ -38,22 +38,16 @@ if ON_CPU:
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.training import initialize, pretrain, training  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
-from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 from megatron.training.utils import print_rank_0  # noqa: E402
 
-from megatron_mhc.checkpoint_conversion import check_no_legacy_names  # noqa: E402
 from megatron_mhc.training import mhc_logging  # noqa: E402
-from megatron_mhc.training.arguments import add_mhc_arguments  # noqa: E402
 from megatron_mhc.training.gpt_step import (  # noqa: E402
-    check_mtp_arguments,
-    check_optimizer_checkpointing,
     forward_step,
-    mhc_config_from_args,
     model_provider,
     train_valid_test_datasets_provider,
 )
+from megatron_mhc.training.launch_checks import parse_and_check_arguments  # noqa: E402
 from megatron_mhc.training.yaml_config import ConfigError  # noqa: E402
-from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern  # noqa: E402
 from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func  # noqa: E402
 
 
@@ -84,15 +78,7 @@ def main():
     initialize._compile_dependencies = _dataset_helpers_are_prebuilt
     mhc_logging.install(training)
     try:
-        args = parse_and_validate_args(extra_args_provider=add_mhc_arguments)
-        # Validate the model config (mHC fields included) and the hybrid layer pattern now,
-        # before Megatron sets anything up.
-        config = mhc_config_from_args(args)
-        if args.hybrid_layer_pattern is not None:
-            check_hybrid_layer_pattern(config, args.hybrid_layer_pattern)
-        check_mtp_arguments(args)
-        check_optimizer_checkpointing(args, config)
-        check_no_legacy_names(args.load)
+        args, _ = parse_and_check_arguments()
     except (ConfigError, ValueError) as err:
         sys.exit(f"pretrain_gpt_mhc.py: {err}")
     if ON_CPU:

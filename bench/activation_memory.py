@@ -48,18 +48,31 @@ def build(args, streams, recompute, device):
 
     on_gpu = device.type == "cuda"
     config = MHCTransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        hidden_dropout=args.dropout, attention_dropout=args.dropout,
-        bf16=on_gpu, params_dtype=torch.bfloat16 if on_gpu else torch.float32,
-        use_cpu_initialization=not on_gpu, transformer_impl="local",
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        enable_mhc_connections=streams > 1, mhc_num_residual_streams=streams,
-        mhc_recompute_layer_num=recompute, mhc_kernel_backend="torch",
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        hidden_dropout=args.dropout,
+        attention_dropout=args.dropout,
+        bf16=on_gpu,
+        params_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        use_cpu_initialization=not on_gpu,
+        transformer_impl="local",
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        enable_mhc_connections=streams > 1,
+        mhc_num_residual_streams=streams,
+        mhc_recompute_layer_num=recompute,
+        mhc_kernel_backend="torch",
     )
     torch.manual_seed(0)
     return build_mhc_gpt_model(
-        config, vocab_size=args.vocab, max_sequence_length=args.seq,
+        config,
+        vocab_size=args.vocab,
+        max_sequence_length=args.seq,
         position_embedding_type="rope",
     ).to(device)
 
@@ -91,7 +104,9 @@ def measure(args, model, device):
 
     tokens = torch.randint(0, args.vocab, (args.micro_batch, args.seq), device=device)
     positions = torch.arange(args.seq, device=device).expand(args.micro_batch, -1)
-    mask = torch.triu(torch.ones(args.seq, args.seq, dtype=torch.bool, device=device), 1)[None, None]
+    mask = torch.triu(torch.ones(args.seq, args.seq, dtype=torch.bool, device=device), 1)[
+        None, None
+    ]
 
     def step():
         loss = model(tokens, positions, mask, labels=tokens).float().mean()
@@ -136,8 +151,9 @@ def main():
         apply_cpu_platform()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = dist.HashStore()  # one process: no rendezvous port to collide on
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1
+    )
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -152,20 +168,26 @@ def main():
         del model
     base_saved = rows[0][2]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"device: {device_name}; torch {torch.__version__}; layers={args.layers} "
-          f"hidden={args.hidden} heads={args.heads} seq={args.seq} "
-          f"micro_batch={args.micro_batch} dropout={args.dropout}; "
-          f"median of {args.repeats} steps after {args.warmup} warm-up")
-    header = ("| variant | L_r | saved activations (MiB) | vs baseline | step time (ms) "
-              "| recompute time (ms) | recompute / step |")
+    print(
+        f"device: {device_name}; torch {torch.__version__}; layers={args.layers} "
+        f"hidden={args.hidden} heads={args.heads} seq={args.seq} "
+        f"micro_batch={args.micro_batch} dropout={args.dropout}; "
+        f"median of {args.repeats} steps after {args.warmup} warm-up"
+    )
+    header = (
+        "| variant | L_r | saved activations (MiB) | vs baseline | step time (ms) "
+        "| recompute time (ms) | recompute / step |"
+    )
     if device.type == "cuda":
         header += " peak allocated (MiB) |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for name, block, saved, seconds, recompute, peak in rows:
         cost = f"{recompute * 1e3:.1f} | {recompute / seconds * 100:.1f}%" if block else "- | -"
-        line = (f"| {name} | {block or '-'} | {saved / 2**20:.2f} | {saved / base_saved:.3f}x | "
-                f"{seconds * 1e3:.1f} | {cost} |")
+        line = (
+            f"| {name} | {block or '-'} | {saved / 2**20:.2f} | {saved / base_saved:.3f}x | "
+            f"{seconds * 1e3:.1f} | {cost} |"
+        )
         if peak is not None:
             line += f" {peak / 2**20:.1f} |"
         print(line)

@@ -52,12 +52,31 @@ import os
 import torch
 
 try:  # run as a script (python bench/bench_kernels.py) or imported as bench.bench_kernels
-    from common import (DTYPES, add_device_arguments, copy_bandwidth, device_name, print_table,
-                        resolve_copy_mib, setup_device, synchronize, time_call, versions)
+    from common import (
+        DTYPES,
+        add_device_arguments,
+        copy_bandwidth,
+        device_name,
+        print_table,
+        resolve_copy_mib,
+        setup_device,
+        synchronize,
+        time_call,
+        versions,
+    )
 except ImportError:  # pragma: no cover
-    from bench.common import (DTYPES, add_device_arguments, copy_bandwidth, device_name,
-                              print_table, resolve_copy_mib, setup_device, synchronize, time_call,
-                              versions)
+    from bench.common import (
+        DTYPES,
+        add_device_arguments,
+        copy_bandwidth,
+        device_name,
+        print_table,
+        resolve_copy_mib,
+        setup_device,
+        synchronize,
+        time_call,
+        versions,
+    )
 
 OPS = ("mappings", "collapse", "update", "head", "module")
 OUR_BACKENDS = ("torch", "triton", "cutile")
@@ -69,20 +88,25 @@ CPU_VARIANTS = ("torch", "torch.compile")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
-    parser.add_argument("--tokens", type=ints, default=[8192, 32768],
-                        help="comma-separated token counts T")
-    parser.add_argument("--hidden", type=ints, default=[4096, 7168],
-                        help="comma-separated hidden sizes C")
+    parser.add_argument(
+        "--tokens", type=ints, default=[8192, 32768], help="comma-separated token counts T"
+    )
+    parser.add_argument(
+        "--hidden", type=ints, default=[4096, 7168], help="comma-separated hidden sizes C"
+    )
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--sinkhorn-iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--ops", default=",".join(OPS))
-    parser.add_argument("--backends", default=None,
-                        help=f"comma-separated variants out of {','.join(ALL_VARIANTS)} "
-                             f"(default: all on cuda, 'torch' on cpu; on cpu only "
-                             f"{', '.join(CPU_VARIANTS)} run, the others are only detected)")
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated variants out of {','.join(ALL_VARIANTS)} "
+        f"(default: all on cuda, 'torch' on cpu; on cpu only "
+        f"{', '.join(CPU_VARIANTS)} run, the others are only detected)",
+    )
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     args.ops = [op for op in args.ops.split(",") if op]
@@ -110,8 +134,7 @@ def op_bytes(op, tokens, hidden, n, e):
     nce, ce = n * hidden * e, hidden * e
     fn_bytes = maps * n * hidden * f
     if op == "mappings":
-        return (tokens * (nce + maps * f) + fn_bytes,
-                tokens * (2 * nce + maps * f) + 2 * fn_bytes)
+        return (tokens * (nce + maps * f) + fn_bytes, tokens * (2 * nce + maps * f) + 2 * fn_bytes)
     if op == "collapse":
         return tokens * (nce + n * f + ce), tokens * (ce + 2 * nce + 2 * n * f)
     if op == "update":
@@ -150,8 +173,12 @@ def make_inputs(tokens, hidden, n, dtype, device, iters):
     }
     with torch.no_grad():
         h_pre, h_post, comb = reference.mhc_mappings(
-            inputs["x"][: min(tokens, 4096)], inputs["fn"], inputs["base"], inputs["scale"],
-            sinkhorn_iters=iters)
+            inputs["x"][: min(tokens, 4096)],
+            inputs["fn"],
+            inputs["base"],
+            inputs["scale"],
+            sinkhorn_iters=iters,
+        )
         reps = -(-tokens // h_pre.shape[0])
         inputs["h_pre"] = h_pre.repeat(reps, 1)[:tokens].contiguous()
         inputs["h_post"] = h_post.repeat(reps, 1)[:tokens].contiguous()
@@ -254,8 +281,10 @@ class TorchCompile:
     def prepare_mappings(self, inp, cfg):
         args = leaves(inp["x"], inp["fn"], inp["base"], inp["scale"])
         iters = cfg["iters"]
-        fn = self.compiled(("mappings", iters), lambda x, f, b, s: self.ref.mhc_mappings(
-            x, f, b, s, sinkhorn_iters=iters))
+        fn = self.compiled(
+            ("mappings", iters),
+            lambda x, f, b, s: self.ref.mhc_mappings(x, f, b, s, sinkhorn_iters=iters),
+        )
         return (lambda: fn(*args)), args
 
     def prepare_collapse(self, inp, cfg):
@@ -299,7 +328,8 @@ class TileKernelsPeer:
             from tile_kernels.modeling.mhc import functional
         except Exception as err:
             raise NotBenchmarked(
-                f"tile_kernels.modeling.mhc.functional cannot be imported: {err}") from err
+                f"tile_kernels.modeling.mhc.functional cannot be imported: {err}"
+            ) from err
         for fn_name in ("mhc_pre", "mhc_post", "mhc_head"):
             if not callable(getattr(functional, fn_name, None)):
                 raise NotBenchmarked(f"tile_kernels has no functional.{fn_name}")
@@ -307,23 +337,33 @@ class TileKernelsPeer:
 
     def _pre(self, x, fn, scale, base, cfg):
         n = x.shape[-2]
-        return self.f.mhc_pre(x, fn, scale, base, norm_eps=1e-6, mhc_mult=n,
-                              post_mult_value=2.0, pre_eps=1e-6, sinkhorn_eps=1e-6,
-                              sinkhorn_repeat=cfg["iters"])
+        return self.f.mhc_pre(
+            x,
+            fn,
+            scale,
+            base,
+            norm_eps=1e-6,
+            mhc_mult=n,
+            post_mult_value=2.0,
+            pre_eps=1e-6,
+            sinkhorn_eps=1e-6,
+            sinkhorn_repeat=cfg["iters"],
+        )
 
     def prepare_update(self, inp, cfg):
         with torch.no_grad():
-            _, (post_mix, comb_mix) = self._pre(inp["x"], inp["fn"], inp["scale"],
-                                                inp["base"], cfg)
+            _, (post_mix, comb_mix) = self._pre(inp["x"], inp["fn"], inp["scale"], inp["base"], cfg)
         x, y, post, comb = args = leaves(inp["x"], inp["y"], post_mix, comb_mix)
         return (lambda: self.f.mhc_post(y, x, post, comb)), args
 
     def prepare_head(self, inp, cfg):
-        x, fn, base, scale = args = leaves(inp["x"], inp["head_fn"], inp["head_base"],
-                                           inp["head_scale"])
+        x, fn, base, scale = args = leaves(
+            inp["x"], inp["head_fn"], inp["head_base"], inp["head_scale"]
+        )
         n = x.shape[-2]
-        return (lambda: self.f.mhc_head(x, fn, scale, base, norm_eps=1e-6, mhc_mult=n,
-                                        pre_eps=1e-6)), args
+        return (
+            lambda: self.f.mhc_head(x, fn, scale, base, norm_eps=1e-6, mhc_mult=n, pre_eps=1e-6)
+        ), args
 
     def prepare_module(self, inp, cfg):
         x, fn, base, scale = args = leaves(inp["x"], inp["fn"], inp["base"], inp["scale"])
@@ -339,8 +379,13 @@ class TransformerEnginePeer:
     """Transformer Engine (>= 2.20) Triton mHC ops; streams last: x [T, 1, C, n]."""
 
     name = "te"
-    FUNCTIONS = ("mhc_fused_projection", "mhc_fused_scale", "mhc_fused_sinkhorn",
-                 "mhc_fused_aggregate", "mhc_fused_expand_combine")
+    FUNCTIONS = (
+        "mhc_fused_projection",
+        "mhc_fused_scale",
+        "mhc_fused_sinkhorn",
+        "mhc_fused_aggregate",
+        "mhc_fused_expand_combine",
+    )
 
     def __init__(self):
         try:
@@ -348,12 +393,15 @@ class TransformerEnginePeer:
             from transformer_engine.pytorch.triton import mhc
         except Exception as err:
             raise NotBenchmarked(
-                f"transformer_engine.pytorch.triton.mhc cannot be imported: {err}") from err
+                f"transformer_engine.pytorch.triton.mhc cannot be imported: {err}"
+            ) from err
         missing = [f for f in self.FUNCTIONS if not callable(getattr(mhc, f, None))]
         if missing:
             version = getattr(transformer_engine, "__version__", "?")
-            raise NotBenchmarked(f"Transformer Engine {version} has no {', '.join(missing)} "
-                                 "(API differs from the one this adapter knows)")
+            raise NotBenchmarked(
+                f"Transformer Engine {version} has no {', '.join(missing)} "
+                "(API differs from the one this adapter knows)"
+            )
         self.m = mhc
 
     @staticmethod
@@ -374,7 +422,7 @@ class TransformerEnginePeer:
 
     def prepare_mappings(self, inp, cfg):
         n = inp["x"].shape[-2]
-        x, = leaves(self._te_x(inp["x"]))
+        (x,) = leaves(self._te_x(inp["x"]))
         phi, alpha, beta = params = self._params(inp)
         return (lambda: self._mappings(x, phi, alpha, beta, n)), [x, *params]
 
@@ -386,14 +434,16 @@ class TransformerEnginePeer:
     def prepare_update(self, inp, cfg):
         n, dtype = inp["x"].shape[-2], inp["x"].dtype
         x, y, h_post, h_res = args = leaves(
-            self._te_x(inp["x"]), inp["y"].unsqueeze(1), inp["h_post"].to(dtype).unsqueeze(1),
-            inp["comb"].to(dtype).unsqueeze(1))
-        return (lambda: self.m.mhc_fused_expand_combine(y, None, h_post, x, h_res, n,
-                                                        False)), args
+            self._te_x(inp["x"]),
+            inp["y"].unsqueeze(1),
+            inp["h_post"].to(dtype).unsqueeze(1),
+            inp["comb"].to(dtype).unsqueeze(1),
+        )
+        return (lambda: self.m.mhc_fused_expand_combine(y, None, h_post, x, h_res, n, False)), args
 
     def prepare_module(self, inp, cfg):
         n = inp["x"].shape[-2]
-        x, = leaves(self._te_x(inp["x"]))
+        (x,) = leaves(self._te_x(inp["x"]))
         phi, alpha, beta = params = self._params(inp)
 
         def run():
@@ -431,27 +481,31 @@ class LigerPeer:
         return leaves(inp["fn"].t().contiguous(), inp["base"], s[0:1], s[1:2], s[2:3])
 
     def prepare_mappings(self, inp, cfg):
-        x, = leaves(inp["x"])
+        (x,) = leaves(inp["x"])
         params = self._params(inp)
-        return (lambda: self.m.liger_mhc_coeffs(x, *params, tmax=cfg["iters"],
-                                                pre_eps=1e-6)), [x, *params]
+        return (lambda: self.m.liger_mhc_coeffs(x, *params, tmax=cfg["iters"], pre_eps=1e-6)), [
+            x,
+            *params,
+        ]
 
     def prepare_collapse(self, inp, cfg):
         args = leaves(inp["x"], inp["h_pre"])
         return (lambda: self.m.liger_mhc_pre(*args)), args
 
     def prepare_update(self, inp, cfg):
-        x, y, h_post, h_res = args = leaves(inp["x"], inp["y"], inp["h_post"],
-                                            inp["comb"].transpose(-1, -2).contiguous())
+        x, y, h_post, h_res = args = leaves(
+            inp["x"], inp["y"], inp["h_post"], inp["comb"].transpose(-1, -2).contiguous()
+        )
         return (lambda: self.m.liger_mhc_post_res(x, y, h_post, h_res)), args
 
     def prepare_module(self, inp, cfg):
-        x, = leaves(inp["x"])
+        (x,) = leaves(inp["x"])
         params = self._params(inp)
 
         def run():
-            h_pre, h_post, h_res = self.m.liger_mhc_coeffs(x, *params, tmax=cfg["iters"],
-                                                           pre_eps=1e-6)
+            h_pre, h_post, h_res = self.m.liger_mhc_coeffs(
+                x, *params, tmax=cfg["iters"], pre_eps=1e-6
+            )
             u = self.m.liger_mhc_pre(x, h_pre)
             return self.m.liger_mhc_post_res(x, u, h_post, h_res)
 
@@ -461,8 +515,12 @@ class LigerPeer:
 def make_variant(name):
     if name in OUR_BACKENDS:
         return OurBackend(name)
-    return {"torch.compile": TorchCompile, "tile_kernels": TileKernelsPeer,
-            "te": TransformerEnginePeer, "liger": LigerPeer}[name]()
+    return {
+        "torch.compile": TorchCompile,
+        "tile_kernels": TileKernelsPeer,
+        "te": TransformerEnginePeer,
+        "liger": LigerPeer,
+    }[name]()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,23 +574,39 @@ def main(argv=None):
             print(f"{kind} {name}: not benchmarked ({err})")
             continue
         if device.type == "cpu" and name not in CPU_VARIANTS:
-            print(f"{kind} {name}: not benchmarked (needs a CUDA device; --device cpu runs "
-                  f"{', '.join(CPU_VARIANTS)} only)")
+            print(
+                f"{kind} {name}: not benchmarked (needs a CUDA device; --device cpu runs "
+                f"{', '.join(CPU_VARIANTS)} only)"
+            )
             continue
         variants.append(variant)
     if not variants:
         raise SystemExit("no variant can run here")
 
-    bandwidth = copy_bandwidth(device, args.copy_mib << 20,
-                               warmup=max(1, args.warmup), repeats=max(3, args.repeats))
-    print(f"device: {device_name(device)}; {versions()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
-          f"(read+write, {args.copy_mib} MiB copy); n={args.streams} dtype={args.dtype} "
-          f"sinkhorn_iters={args.sinkhorn_iters}; tokens={args.tokens} hidden={args.hidden}; "
-          f"median of {args.repeats} after {args.warmup} warm-up; "
-          f"variants: {', '.join(v.name for v in variants)}")
+    bandwidth = copy_bandwidth(
+        device, args.copy_mib << 20, warmup=max(1, args.warmup), repeats=max(3, args.repeats)
+    )
+    print(
+        f"device: {device_name(device)}; {versions()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"(read+write, {args.copy_mib} MiB copy); n={args.streams} dtype={args.dtype} "
+        f"sinkhorn_iters={args.sinkhorn_iters}; tokens={args.tokens} hidden={args.hidden}; "
+        f"median of {args.repeats} after {args.warmup} warm-up; "
+        f"variants: {', '.join(v.name for v in variants)}"
+    )
 
-    header = ["T", "C", "op", "variant", "fwd (ms)", "bwd (ms)", "fwd+bwd (ms)",
-              "fwd % BW", "bwd % BW", "fwd+bwd % BW", "vs torch (fwd+bwd)"]
+    header = [
+        "T",
+        "C",
+        "op",
+        "variant",
+        "fwd (ms)",
+        "bwd (ms)",
+        "fwd+bwd (ms)",
+        "fwd % BW",
+        "bwd % BW",
+        "fwd+bwd % BW",
+        "vs torch (fwd+bwd)",
+    ]
     rows = []
     for tokens in args.tokens:
         for hidden in args.hidden:
@@ -542,11 +616,14 @@ def main(argv=None):
                 results = {}
                 for variant in variants:
                     try:
-                        results[variant.name] = measure(variant, op, inputs, cfg, device,
-                                                        args.warmup, args.repeats)
+                        results[variant.name] = measure(
+                            variant, op, inputs, cfg, device, args.warmup, args.repeats
+                        )
                     except Exception as err:  # a kernel failing on a shape: report, go on
-                        print(f"{variant.name} {op} T={tokens} C={hidden}: failed "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+                        print(
+                            f"{variant.name} {op} T={tokens} C={hidden}: failed "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+                        )
                         results[variant.name] = "error"
                     synchronize(device)
                 ref = results.get("torch")
@@ -562,11 +639,24 @@ def main(argv=None):
                     def frac(nbytes, seconds):
                         return f"{nbytes / bandwidth / seconds * 100:.1f}%" if seconds > 0 else "-"
 
-                    speedup = (f"{ref[1] / t_all:.2f}x"
-                               if isinstance(ref, tuple) and t_all > 0 else "-")
-                    rows.append([tokens, hidden, op, variant.name, f"{t_fwd * 1e3:.3f}",
-                                 f"{t_bwd * 1e3:.3f}", f"{t_all * 1e3:.3f}", frac(b_fwd, t_fwd),
-                                 frac(b_bwd, t_bwd), frac(b_fwd + b_bwd, t_all), speedup])
+                    speedup = (
+                        f"{ref[1] / t_all:.2f}x" if isinstance(ref, tuple) and t_all > 0 else "-"
+                    )
+                    rows.append(
+                        [
+                            tokens,
+                            hidden,
+                            op,
+                            variant.name,
+                            f"{t_fwd * 1e3:.3f}",
+                            f"{t_bwd * 1e3:.3f}",
+                            f"{t_all * 1e3:.3f}",
+                            frac(b_fwd, t_fwd),
+                            frac(b_bwd, t_bwd),
+                            frac(b_fwd + b_bwd, t_all),
+                            speedup,
+                        ]
+                    )
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -32,11 +32,29 @@ import torch
 import torch.distributed as dist
 
 try:  # run as a script (python bench/bench_step.py) or imported as bench.bench_step
-    from common import (add_device_arguments, copy_bandwidth, device_name, print_table,
-                        resolve_copy_mib, setup_device, synchronize, time_call, versions)
+    from common import (
+        add_device_arguments,
+        copy_bandwidth,
+        device_name,
+        print_table,
+        resolve_copy_mib,
+        setup_device,
+        synchronize,
+        time_call,
+        versions,
+    )
 except ImportError:  # pragma: no cover
-    from bench.common import (add_device_arguments, copy_bandwidth, device_name, print_table,
-                              resolve_copy_mib, setup_device, synchronize, time_call, versions)
+    from bench.common import (
+        add_device_arguments,
+        copy_bandwidth,
+        device_name,
+        print_table,
+        resolve_copy_mib,
+        setup_device,
+        synchronize,
+        time_call,
+        versions,
+    )
 
 
 def parse_args(argv=None):
@@ -49,13 +67,20 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--backends", default="torch,triton",
-                        help="mHC kernel backends, one mHC variant each")
-    parser.add_argument("--mhc-recompute", default=None,
-                        help="mhc_recompute_layer_num for the mHC variants (int or 'auto')")
-    parser.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
-                        default=None, help="default: transformer_engine when it is installed "
-                                           "and the device is cuda, else local")
+    parser.add_argument(
+        "--backends", default="torch,triton", help="mHC kernel backends, one mHC variant each"
+    )
+    parser.add_argument(
+        "--mhc-recompute",
+        default=None,
+        help="mhc_recompute_layer_num for the mHC variants (int or 'auto')",
+    )
+    parser.add_argument(
+        "--transformer-impl",
+        choices=["local", "transformer_engine"],
+        default=None,
+        help="default: transformer_engine when it is installed and the device is cuda, else local",
+    )
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
@@ -89,34 +114,53 @@ def build(args, streams, backend, device):
     on_gpu = device.type == "cuda"
     te = args.transformer_impl == "transformer_engine"
     fusions = dict(  # the local spec's fused paths need apex / compiled kernels: off there
-        bias_activation_fusion=te, bias_dropout_fusion=te, masked_softmax_fusion=te,
-        apply_rope_fusion=te, persist_layer_norm=te, gradient_accumulation_fusion=False,
+        bias_activation_fusion=te,
+        bias_dropout_fusion=te,
+        masked_softmax_fusion=te,
+        apply_rope_fusion=te,
+        persist_layer_norm=te,
+        gradient_accumulation_fusion=False,
     )
     config = MHCTransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        ffn_hidden_size=args.ffn_hidden, hidden_dropout=0.0, attention_dropout=0.0,
-        bf16=on_gpu, params_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        ffn_hidden_size=args.ffn_hidden,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=on_gpu,
+        params_dtype=torch.bfloat16 if on_gpu else torch.float32,
         pipeline_dtype=torch.bfloat16 if on_gpu else torch.float32,
-        use_cpu_initialization=not on_gpu, transformer_impl=args.transformer_impl,
-        enable_mhc_connections=streams > 1, mhc_num_residual_streams=streams,
+        use_cpu_initialization=not on_gpu,
+        transformer_impl=args.transformer_impl,
+        enable_mhc_connections=streams > 1,
+        mhc_num_residual_streams=streams,
         mhc_kernel_backend=backend or "torch",
         mhc_recompute_layer_num=args.mhc_recompute if streams > 1 else None,
         **fusions,
     )
     config.finalize_model_grads_func = finalize_model_grads
     torch.manual_seed(0)
-    model = build_mhc_gpt_model(config, vocab_size=args.vocab, max_sequence_length=args.seq,
-                                position_embedding_type="rope")
+    model = build_mhc_gpt_model(
+        config, vocab_size=args.vocab, max_sequence_length=args.seq, position_embedding_type="rope"
+    )
     model = model.to(device)
     if on_gpu:
         model = Float16Module(config, model)  # as megatron.training's get_model does for bf16
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=on_gpu, use_distributed_optimizer=args.distributed_optimizer)
+        grad_reduce_in_fp32=on_gpu, use_distributed_optimizer=args.distributed_optimizer
+    )
     model = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.01, clip_grad=1.0,
-                        bf16=on_gpu, params_dtype=config.params_dtype,
-                        use_distributed_optimizer=args.distributed_optimizer),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-4,
+            weight_decay=0.01,
+            clip_grad=1.0,
+            bf16=on_gpu,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=args.distributed_optimizer,
+        ),
         [model],
     )
     return model, optimizer, config
@@ -129,7 +173,9 @@ def measure(args, model, optimizer, device):
     gen = torch.Generator(device="cpu").manual_seed(1)
     tokens = torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=gen).to(device)
     positions = torch.arange(args.seq, device=device).expand(args.micro_batch, -1)
-    mask = torch.triu(torch.ones(args.seq, args.seq, dtype=torch.bool, device=device), 1)[None, None]
+    mask = torch.triu(torch.ones(args.seq, args.seq, dtype=torch.bool, device=device), 1)[
+        None, None
+    ]
     if args.transformer_impl == "transformer_engine":
         mask = None  # TE's attention applies the causal mask itself (attn_mask_type=causal)
     data = itertools.repeat((tokens, positions, mask))
@@ -148,9 +194,15 @@ def measure(args, model, optimizer, device):
     def step():
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
-                         num_microbatches=1, seq_length=args.seq,
-                         micro_batch_size=args.micro_batch, forward_only=False)
+        forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data,
+            model=[model],
+            num_microbatches=1,
+            seq_length=args.seq,
+            micro_batch_size=args.micro_batch,
+            forward_only=False,
+        )
         update_successful, _, _ = optimizer.step()
         if not update_successful:
             raise RuntimeError("optimizer step skipped (non-finite gradients)")
@@ -168,14 +220,17 @@ def main(argv=None):
     logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP/optimizer set-up INFO lines
     device = setup_device(args.device)
     if args.transformer_impl is None:
-        args.transformer_impl = ("transformer_engine" if device.type == "cuda" and _te_installed()
-                                 else "local")
+        args.transformer_impl = (
+            "transformer_engine" if device.type == "cuda" and _te_installed() else "local"
+        )
     elif args.transformer_impl == "transformer_engine" and not _te_installed():
-        raise SystemExit("--transformer-impl transformer_engine: Transformer Engine is not "
-                         "installed")
+        raise SystemExit(
+            "--transformer-impl transformer_engine: Transformer Engine is not installed"
+        )
     store = dist.HashStore()  # one process: no rendezvous port to collide on
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1
+    )
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -210,8 +265,10 @@ def main(argv=None):
         except Exception as err:  # e.g. out of memory at these sizes: report it, go on
             if streams == 1:
                 raise
-            print(f"variant {name}: failed ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0][:300] if str(err) else ''})")
+            print(
+                f"variant {name}: failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300] if str(err) else ''})"
+            )
         else:
             rows.append((name, streams, seconds, peak))
         del model, optimizer
@@ -222,27 +279,36 @@ def main(argv=None):
     base = rows[0][2]
     floor = floor_seconds / base
     dtype = "bf16" if device.type == "cuda" else "fp32"
-    print(f"device: {device_name(device)}; {versions()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
-          f"(read+write, {args.copy_mib} MiB copy); layers={args.layers} hidden={args.hidden} "
-          f"heads={args.heads} ffn={args.ffn_hidden or 4 * args.hidden} seq={args.seq} "
-          f"micro_batch={args.micro_batch} vocab={args.vocab} dtype={dtype} "
-          f"transformer_impl={args.transformer_impl} distributed_optimizer="
-          f"{args.distributed_optimizer} mhc_recompute={args.mhc_recompute}; "
-          f"parameters {params[rows[0][0]] / 1e6:.1f} M (baseline); "
-          f"median of {args.repeats} steps after {args.warmup} warm-up")
-    print(f"floor: (8n+5)*C*2*layers*tokens*bytes = {floor_bytes / 2**30:.2f} GiB per step = "
-          f"{floor_seconds * 1e3:.2f} ms = {floor * 100:.2f}% of the baseline step")
-    header = ["variant", "n", "step time (ms)", "tokens/s", "overhead", "floor",
-              "overhead / floor"]
+    print(
+        f"device: {device_name(device)}; {versions()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"(read+write, {args.copy_mib} MiB copy); layers={args.layers} hidden={args.hidden} "
+        f"heads={args.heads} ffn={args.ffn_hidden or 4 * args.hidden} seq={args.seq} "
+        f"micro_batch={args.micro_batch} vocab={args.vocab} dtype={dtype} "
+        f"transformer_impl={args.transformer_impl} distributed_optimizer="
+        f"{args.distributed_optimizer} mhc_recompute={args.mhc_recompute}; "
+        f"parameters {params[rows[0][0]] / 1e6:.1f} M (baseline); "
+        f"median of {args.repeats} steps after {args.warmup} warm-up"
+    )
+    print(
+        f"floor: (8n+5)*C*2*layers*tokens*bytes = {floor_bytes / 2**30:.2f} GiB per step = "
+        f"{floor_seconds * 1e3:.2f} ms = {floor * 100:.2f}% of the baseline step"
+    )
+    header = ["variant", "n", "step time (ms)", "tokens/s", "overhead", "floor", "overhead / floor"]
     if device.type == "cuda":
         header.append("peak allocated (MiB)")
     table = []
     for name, streams, seconds, peak in rows:
         overhead = seconds / base - 1
         mhc = streams > 1
-        row = [name, streams, f"{seconds * 1e3:.1f}", f"{tokens_per_step / seconds:.0f}",
-               f"{overhead * 100:.1f}%" if mhc else "-", f"{floor * 100:.2f}%" if mhc else "-",
-               f"{overhead / floor:.2f}" if mhc else "-"]
+        row = [
+            name,
+            streams,
+            f"{seconds * 1e3:.1f}",
+            f"{tokens_per_step / seconds:.0f}",
+            f"{overhead * 100:.1f}%" if mhc else "-",
+            f"{floor * 100:.2f}%" if mhc else "-",
+            f"{overhead / floor:.2f}" if mhc else "-",
+        ]
         if peak is not None:
             row.append(f"{peak / 2**20:.0f}")
         table.append(row)

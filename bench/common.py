@@ -20,8 +20,10 @@ def setup_device(name: str, cpu_platform: bool = True) -> torch.device:
     benchmarks need (it patches torch.cuda functions, which torch.compile then trips on)."""
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda asked for but no CUDA device is visible "
-                             "(use --device cpu for a smoke run)")
+            raise SystemExit(
+                "--device cuda asked for but no CUDA device is visible "
+                "(use --device cpu for a smoke run)"
+            )
         return torch.device("cuda")
     if name != "cpu":
         raise SystemExit(f"--device must be cuda or cpu, got {name!r}")
@@ -67,9 +69,12 @@ def add_device_arguments(parser) -> None:
     """--device and --copy-mib (the buffer of the copy-bandwidth measurement), shared by the
     benchmarks that compare against the bandwidth bound; resolve with `resolve_copy_mib`."""
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--copy-mib", type=int, default=None,
-                        help="buffer size for the copy-bandwidth measurement (default 2048 on "
-                             "cuda, 64 on cpu)")
+    parser.add_argument(
+        "--copy-mib",
+        type=int,
+        default=None,
+        help="buffer size for the copy-bandwidth measurement (default 2048 on cuda, 64 on cpu)",
+    )
 
 
 def resolve_copy_mib(args) -> None:
@@ -78,8 +83,9 @@ def resolve_copy_mib(args) -> None:
         args.copy_mib = 2048 if args.device == "cuda" else 64
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, warmup: int = 3,
-                   repeats: int = 10) -> float:
+def copy_bandwidth(
+    device: torch.device, nbytes: int = 1 << 30, warmup: int = 3, repeats: int = 10
+) -> float:
     """Measured device-to-device copy bandwidth in bytes/s: a `nbytes` buffer copied into
     another one, counting the bytes read plus the bytes written (2 * nbytes per copy)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -6,7 +6,7 @@ storages freed after they were saved (the recompute manager's) count for what th
 Parameters (weights saved by matmuls) are not activations and are left out.
 """
 
-from typing import Dict, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -16,7 +16,7 @@ class SavedActivations:
 
     def __init__(self, parameters: Iterable[torch.Tensor] = ()):
         self._excluded = {p.untyped_storage()._cdata for p in parameters}
-        self._storages: Dict[int, torch.UntypedStorage] = {}
+        self._storages: dict[int, torch.UntypedStorage] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:

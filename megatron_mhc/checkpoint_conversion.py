@@ -24,8 +24,8 @@ import pickle
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional
 
 import torch
 
@@ -37,8 +37,11 @@ _TRACKER = "latest_checkpointed_iteration.txt"
 _INDEX = ".metadata"
 _HC_SLOTS = (".self_attention_hyper_connection.", ".mlp_hyper_connection.")
 # Megatron main's names for each of this project's HC parameters.
-_MAIN_NAMES = {"fn": "mapping_proj.weight", "base": "bias",
-               "scale": ("alpha_pre", "alpha_post", "alpha_res")}
+_MAIN_NAMES = {
+    "fn": "mapping_proj.weight",
+    "base": "bias",
+    "scale": ("alpha_pre", "alpha_post", "alpha_res"),
+}
 
 
 def upgrade_key(key: str) -> str:
@@ -85,11 +88,12 @@ def _loaded_iteration(checkpoint: Path) -> Path:
 
 def legacy_keys(checkpoint: Path) -> list:
     """Keys of the iteration Megatron would load that carry an earlier version's names."""
-    return [key for key in checkpoint_keys(_loaded_iteration(checkpoint))
-            if upgrade_key(key) != key]
+    return [
+        key for key in checkpoint_keys(_loaded_iteration(checkpoint)) if upgrade_key(key) != key
+    ]
 
 
-def check_no_legacy_names(checkpoint: Optional[str]) -> None:
+def check_no_legacy_names(checkpoint: str | None) -> None:
     """ValueError (naming the conversion command) if `checkpoint`, a --load directory, was
     written with an earlier version's names; nothing when it holds no torch_dist checkpoint."""
     if not checkpoint or not Path(checkpoint).is_dir():
@@ -129,33 +133,46 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _rewrite_iteration(source: Path, target: Path, rename: Callable[[str], str],
-                       convert: Optional[Callable[[Dict], Dict]] = None,
-                       select: Callable[[str], bool] = lambda key: False) -> None:
+def _rewrite_iteration(
+    source: Path,
+    target: Path,
+    rename: Callable[[str], str],
+    convert: Callable[[dict], dict] | None = None,
+    select: Callable[[str], bool] = lambda key: False,
+) -> None:
     """One torch_dist iteration with every key renamed and the tensors of the selected (renamed)
     keys replaced by `convert` of them. Everything else keeps its bytes: the data files are
     linked and only the index is rewritten; the converted tensors go to one new data file."""
     from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
-    )
     from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
 
     index = _read_index(source)
     selected = {key: rename(key) for key in index.state_dict_metadata if select(rename(key))}
     tensors = {}
     if selected:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process
-        tensors = {key: torch.empty(index.state_dict_metadata[key].size,
-                                    dtype=index.state_dict_metadata[key].properties.dtype)
-                   for key in selected}
+        tensors = {
+            key: torch.empty(
+                index.state_dict_metadata[key].size,
+                dtype=index.state_dict_metadata[key].properties.dtype,
+            )
+            for key in selected
+        }
         load(tensors, storage_reader=FileSystemReader(str(source)), no_dist=True)
         tensors = convert({selected[key]: value for key, value in tensors.items()})
-    index.state_dict_metadata = {rename(k): v for k, v in index.state_dict_metadata.items()
-                                 if k not in selected}
+    index.state_dict_metadata = {
+        rename(k): v for k, v in index.state_dict_metadata.items() if k not in selected
+    }
     index.storage_data = {
         MetadataIndex(rename(i.fqn), i.offset, i.index): info
-        for i, info in index.storage_data.items() if i.fqn not in selected
+        for i, info in index.storage_data.items()
+        if i.fqn not in selected
     }
     target.mkdir()
     # Data files only the replaced entries used are left behind; the converted tensors go to a
@@ -165,8 +182,11 @@ def _rewrite_iteration(source: Path, target: Path, rename: Callable[[str], str],
         if entry.name != _INDEX and (entry.suffix != ".distcp" or entry.name in in_use):
             _link_or_copy(entry, target / entry.name)
     if tensors:
-        data_file = next(f"__mhc_converted_{i}.distcp" for i in range(len(in_use) + 1)
-                         if f"__mhc_converted_{i}.distcp" not in in_use)
+        data_file = next(
+            f"__mhc_converted_{i}.distcp"
+            for i in range(len(in_use) + 1)
+            if f"__mhc_converted_{i}.distcp" not in in_use
+        )
         with open(target / data_file, "xb") as stream:
             for key, tensor in tensors.items():
                 tensor = tensor.contiguous()
@@ -204,8 +224,9 @@ def _convert_checkpoint(source: Path, destination: Path, convert_iteration) -> N
 def upgrade_checkpoint(source: Path, destination: Path) -> None:
     """Write `source` (an earlier version's torch_dist checkpoint) with today's names to
     `destination` (a new directory)."""
-    _convert_checkpoint(source, destination,
-                        lambda src, dst: _rewrite_iteration(src, dst, upgrade_key))
+    _convert_checkpoint(
+        source, destination, lambda src, dst: _rewrite_iteration(src, dst, upgrade_key)
+    )
 
 
 def _residual_rows_transposed(tensor: torch.Tensor, num_streams: int, dim: int) -> torch.Tensor:
@@ -217,7 +238,7 @@ def _residual_rows_transposed(tensor: torch.Tensor, num_streams: int, dim: int) 
     return torch.cat([pre_post, res], dim=dim)
 
 
-def _slot_parameter(key: str, names) -> Optional[tuple]:
+def _slot_parameter(key: str, names) -> tuple | None:
     """(prefix up to and with the HC slot, parameter name) when `key` is one of `names` of an
     HC module, else None."""
     for slot in _HC_SLOTS:
@@ -227,15 +248,15 @@ def _slot_parameter(key: str, names) -> Optional[tuple]:
     return None
 
 
-def _hc_parameter(key: str) -> Optional[tuple]:
+def _hc_parameter(key: str) -> tuple | None:
     return _slot_parameter(key, _MAIN_NAMES)
 
 
-def _main_hc_parameter(key: str) -> Optional[tuple]:
+def _main_hc_parameter(key: str) -> tuple | None:
     return _slot_parameter(key, ("mapping_proj.weight", "bias", *_MAIN_NAMES["scale"]))
 
 
-def to_megatron_main(state_dict: Mapping[str, torch.Tensor], num_streams: int) -> Dict:
+def to_megatron_main(state_dict: Mapping[str, torch.Tensor], num_streams: int) -> dict:
     """This project's state dict (or checkpoint entries, optimizer moments included: they are
     per element) with the HC parameters under Megatron-LM main's names and orientation. Keys may
     carry a leading layer axis (torch_dist stacks layers); the learned head has no counterpart in
@@ -254,7 +275,7 @@ def to_megatron_main(state_dict: Mapping[str, torch.Tensor], num_streams: int) -
         prefix, name = parameter
         if name == "scale":
             for index, main_name in enumerate(_MAIN_NAMES["scale"]):
-                converted[prefix + main_name] = value[..., index:index + 1].clone()
+                converted[prefix + main_name] = value[..., index : index + 1].clone()
         else:
             dim = -2 if name == "fn" else -1
             converted[prefix + _MAIN_NAMES[name]] = _residual_rows_transposed(
@@ -263,7 +284,7 @@ def to_megatron_main(state_dict: Mapping[str, torch.Tensor], num_streams: int) -
     return converted
 
 
-def from_megatron_main(state_dict: Mapping[str, torch.Tensor], num_streams: int) -> Dict:
+def from_megatron_main(state_dict: Mapping[str, torch.Tensor], num_streams: int) -> dict:
     """The inverse of `to_megatron_main`."""
     converted, scales = {}, {}
     for key, value in state_dict.items():
@@ -287,8 +308,12 @@ def from_megatron_main(state_dict: Mapping[str, torch.Tensor], num_streams: int)
 
 
 def _refuse_flat_optimizer_state(source: Path) -> None:
-    flat = [key for it in iteration_dirs(source) for key in checkpoint_keys(it)
-            if key.startswith("optimizer.distributed.")]
+    flat = [
+        key
+        for it in iteration_dirs(source)
+        for key in checkpoint_keys(it)
+        if key.startswith("optimizer.distributed.")
+    ]
     if flat:
         raise ValueError(
             f"{source} holds distributed-optimizer state in flat buffers ({flat[0]}, ...), whose "
@@ -301,17 +326,31 @@ def convert_to_megatron_main(source: Path, destination: Path, num_streams: int) 
     """Write `source` (this project's torch_dist checkpoint, any version) for Megatron-LM
     main's mHC to `destination` (a new directory)."""
     _refuse_flat_optimizer_state(source)
-    _convert_checkpoint(source, destination, lambda src, dst: _rewrite_iteration(
-        src, dst, upgrade_key, lambda state: to_megatron_main(state, num_streams),
-        select=lambda key: _hc_parameter(key) is not None or ".mhc_head." in key,
-    ))
+    _convert_checkpoint(
+        source,
+        destination,
+        lambda src, dst: _rewrite_iteration(
+            src,
+            dst,
+            upgrade_key,
+            lambda state: to_megatron_main(state, num_streams),
+            select=lambda key: _hc_parameter(key) is not None or ".mhc_head." in key,
+        ),
+    )
 
 
 def convert_from_megatron_main(source: Path, destination: Path, num_streams: int) -> None:
     """Write `source` (Megatron-LM main's torch_dist checkpoint with mHC) for this project to
     `destination` (a new directory)."""
     _refuse_flat_optimizer_state(source)
-    _convert_checkpoint(source, destination, lambda src, dst: _rewrite_iteration(
-        src, dst, lambda key: key, lambda state: from_megatron_main(state, num_streams),
-        select=lambda key: _main_hc_parameter(key) is not None,
-    ))
+    _convert_checkpoint(
+        source,
+        destination,
+        lambda src, dst: _rewrite_iteration(
+            src,
+            dst,
+            lambda key: key,
+            lambda state: from_megatron_main(state, num_streams),
+            select=lambda key: _main_hc_parameter(key) is not None,
+        ),
+    )

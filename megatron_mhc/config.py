@@ -3,7 +3,6 @@ MHCMLATransformerConfig: the same fields on Megatron's MLATransformerConfig."""
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -65,7 +64,7 @@ class MHCTransformerConfig(TransformerConfig):
     events (results unchanged), so that pipeline and expert-parallel communication kernels never
     delay it. Needs a CUDA device."""
 
-    mhc_recompute_layer_num: Optional[Union[int, str]] = None
+    mhc_recompute_layer_num: int | str | None = None
     """L_r: free the n-stream states inside each block of L_r layers after forward and recompute
     them in backward; `auto` uses eq. 20 of the mHC paper per pipeline stage; None keeps them."""
 
@@ -85,70 +84,135 @@ class MHCTransformerConfig(TransformerConfig):
                     f"MHCTransformerConfig.{field}={getattr(self, field)!r} is invalid: {allowed}"
                 )
 
-        check(isinstance(self.enable_mhc_connections, bool), "enable_mhc_connections",
-              "must be True or False")
-        check(_is_int(self.mhc_num_residual_streams) and self.mhc_num_residual_streams >= 1,
-              "mhc_num_residual_streams", "must be an integer >= 1")
+        check(
+            isinstance(self.enable_mhc_connections, bool),
+            "enable_mhc_connections",
+            "must be True or False",
+        )
+        check(
+            _is_int(self.mhc_num_residual_streams) and self.mhc_num_residual_streams >= 1,
+            "mhc_num_residual_streams",
+            "must be an integer >= 1",
+        )
         check(self.mhc_type in MHC_TYPES, "mhc_type", f"must be one of {MHC_TYPES}")
-        check(_is_int(self.mhc_sinkhorn_iterations) and self.mhc_sinkhorn_iterations >= 1,
-              "mhc_sinkhorn_iterations", "must be an integer >= 1")
-        check(_is_real(self.mhc_eps) and 0 <= self.mhc_eps < 1, "mhc_eps",
-              "must be a finite number in [0, 1)")
-        check(_is_real(self.mhc_norm_eps) and self.mhc_norm_eps > 0, "mhc_norm_eps",
-              "must be a finite number > 0")
-        check(_is_real(self.mhc_init_gating_factor) and self.mhc_init_gating_factor >= 0,
-              "mhc_init_gating_factor", "must be a finite number >= 0")
+        check(
+            _is_int(self.mhc_sinkhorn_iterations) and self.mhc_sinkhorn_iterations >= 1,
+            "mhc_sinkhorn_iterations",
+            "must be an integer >= 1",
+        )
+        check(
+            _is_real(self.mhc_eps) and 0 <= self.mhc_eps < 1,
+            "mhc_eps",
+            "must be a finite number in [0, 1)",
+        )
+        check(
+            _is_real(self.mhc_norm_eps) and self.mhc_norm_eps > 0,
+            "mhc_norm_eps",
+            "must be a finite number > 0",
+        )
+        check(
+            _is_real(self.mhc_init_gating_factor) and self.mhc_init_gating_factor >= 0,
+            "mhc_init_gating_factor",
+            "must be a finite number >= 0",
+        )
         check(self.mhc_init in MHC_INITS, "mhc_init", f"must be one of {MHC_INITS}")
-        check(self.mhc_output_contract in MHC_OUTPUT_CONTRACTS, "mhc_output_contract",
-              f"must be one of {MHC_OUTPUT_CONTRACTS}")
-        check(self.mhc_kernel_backend in KERNEL_BACKENDS, "mhc_kernel_backend",
-              f"must be one of {KERNEL_BACKENDS}")
-        check(isinstance(self.mhc_mlp_high_priority_stream, bool),
-              "mhc_mlp_high_priority_stream", "must be True or False")
-        check(self.mhc_recompute_layer_num in (None, "auto")
-              or (_is_int(self.mhc_recompute_layer_num) and self.mhc_recompute_layer_num >= 1),
-              "mhc_recompute_layer_num", "must be an integer >= 1, 'auto' or None")
-        check(self.mhc_init == "default" or self.mhc_type == "mhc", "mhc_init",
-              f"'identity' is defined for mhc_type='mhc' only (got mhc_type={self.mhc_type!r})")
+        check(
+            self.mhc_output_contract in MHC_OUTPUT_CONTRACTS,
+            "mhc_output_contract",
+            f"must be one of {MHC_OUTPUT_CONTRACTS}",
+        )
+        check(
+            self.mhc_kernel_backend in KERNEL_BACKENDS,
+            "mhc_kernel_backend",
+            f"must be one of {KERNEL_BACKENDS}",
+        )
+        check(
+            isinstance(self.mhc_mlp_high_priority_stream, bool),
+            "mhc_mlp_high_priority_stream",
+            "must be True or False",
+        )
+        check(
+            self.mhc_recompute_layer_num in (None, "auto")
+            or (_is_int(self.mhc_recompute_layer_num) and self.mhc_recompute_layer_num >= 1),
+            "mhc_recompute_layer_num",
+            "must be an integer >= 1, 'auto' or None",
+        )
+        check(
+            self.mhc_init == "default" or self.mhc_type == "mhc",
+            "mhc_init",
+            f"'identity' is defined for mhc_type='mhc' only (got mhc_type={self.mhc_type!r})",
+        )
         if not self.mhc_active:
             return
 
         # Megatron features whose code paths assume a [s, b, hidden_size] residual.
         def incompatible(ok: bool, field: str, why: str):
-            check(ok, field, f"not supported with mHC (enable_mhc_connections and "
-                             f"mhc_num_residual_streams > 1): {why}")
+            check(
+                ok,
+                field,
+                f"not supported with mHC (enable_mhc_connections and "
+                f"mhc_num_residual_streams > 1): {why}",
+            )
 
-        incompatible(self.cuda_graph_impl == "none", "cuda_graph_impl",
-                     "must be 'none'; CUDA graphs capture [s, b, hidden_size] layer buffers")
-        incompatible(self.mtp_num_layers is None or self.pipeline_model_parallel_layout is None,
-                     "pipeline_model_parallel_layout",
-                     "must be None with mtp_num_layers: the MTP block reads the decoder's stream "
-                     "state at its final norm, so it sits on the last pipeline stage")
-        incompatible(self.mlp_chunks_for_training == 1, "mlp_chunks_for_training",
-                     "must be 1; the MLP's HC module needs the whole sequence at once")
-        incompatible(not self.inference_fuse_tp_communication, "inference_fuse_tp_communication",
-                     "must be False; the fused kernel adds a single-stream residual")
-        incompatible(self.transformer_impl != "inference_optimized", "transformer_impl",
-                     "must be 'local' or 'transformer_engine'")
-        incompatible(not self.cpu_offloading, "cpu_offloading",
-                     "must be False; activation offloading hooks expect one residual stream")
-        incompatible(not self.fine_grained_activation_offloading,
-                     "fine_grained_activation_offloading",
-                     "must be False; the offloaded norm inputs would be the collapsed streams")
-        incompatible(not self.fused_residual_rmsnorm, "fused_residual_rmsnorm",
-                     "must be False; the residual is the n-stream state, not the norm input")
-        incompatible(not self.apply_residual_connection_post_layernorm,
-                     "apply_residual_connection_post_layernorm",
-                     "must be False; the residual is the stream state, not a norm output")
-        incompatible(not (self.overlap_moe_expert_parallel_comm and self.mtp_num_layers),
-                     "overlap_moe_expert_parallel_comm",
-                     "must be False with mtp_num_layers: under the combined 1F1B schedule the "
-                     "MTP layers' nodes would have to read the decoder's stream state, which "
-                     "only the decoder's forward keeps (MHCGPTModel's FinalStreamsCapture)")
-        incompatible(self.mhc_recompute_layer_num is None or self.recompute_granularity != "full",
-                     "mhc_recompute_layer_num",
-                     "recompute_granularity='full' already recomputes whole layers; use one or "
-                     "the other (selective recompute combines with it)")
+        incompatible(
+            self.cuda_graph_impl == "none",
+            "cuda_graph_impl",
+            "must be 'none'; CUDA graphs capture [s, b, hidden_size] layer buffers",
+        )
+        incompatible(
+            self.mtp_num_layers is None or self.pipeline_model_parallel_layout is None,
+            "pipeline_model_parallel_layout",
+            "must be None with mtp_num_layers: the MTP block reads the decoder's stream "
+            "state at its final norm, so it sits on the last pipeline stage",
+        )
+        incompatible(
+            self.mlp_chunks_for_training == 1,
+            "mlp_chunks_for_training",
+            "must be 1; the MLP's HC module needs the whole sequence at once",
+        )
+        incompatible(
+            not self.inference_fuse_tp_communication,
+            "inference_fuse_tp_communication",
+            "must be False; the fused kernel adds a single-stream residual",
+        )
+        incompatible(
+            self.transformer_impl != "inference_optimized",
+            "transformer_impl",
+            "must be 'local' or 'transformer_engine'",
+        )
+        incompatible(
+            not self.cpu_offloading,
+            "cpu_offloading",
+            "must be False; activation offloading hooks expect one residual stream",
+        )
+        incompatible(
+            not self.fine_grained_activation_offloading,
+            "fine_grained_activation_offloading",
+            "must be False; the offloaded norm inputs would be the collapsed streams",
+        )
+        incompatible(
+            not self.fused_residual_rmsnorm,
+            "fused_residual_rmsnorm",
+            "must be False; the residual is the n-stream state, not the norm input",
+        )
+        incompatible(
+            not self.apply_residual_connection_post_layernorm,
+            "apply_residual_connection_post_layernorm",
+            "must be False; the residual is the stream state, not a norm output",
+        )
+        incompatible(
+            not (self.overlap_moe_expert_parallel_comm and self.mtp_num_layers),
+            "overlap_moe_expert_parallel_comm",
+            "must be False with mtp_num_layers: under the combined 1F1B schedule the "
+            "MTP layers' nodes would have to read the decoder's stream state, which "
+            "only the decoder's forward keeps (MHCGPTModel's FinalStreamsCapture)",
+        )
+        incompatible(
+            self.mhc_recompute_layer_num is None or self.recompute_granularity != "full",
+            "mhc_recompute_layer_num",
+            "recompute_granularity='full' already recomputes whole layers; use one or "
+            "the other (selective recompute combines with it)",
+        )
 
 
 @dataclass

@@ -43,9 +43,10 @@ import shutil
 import tempfile
 import time
 import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ _WHITE_SPACE = (
     "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
     "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
-_SPLIT_RE: Optional[re.Pattern] = None
+_SPLIT_RE: re.Pattern | None = None
 
 
 def _char_class(codepoints: Sequence[int]) -> str:
@@ -221,7 +222,7 @@ class ByteLevelBPETokenizer:
     def vocab_size(self) -> int:
         return len(self.encoder)
 
-    def _bpe(self, piece: str) -> Tuple[int, ...]:
+    def _bpe(self, piece: str) -> tuple[int, ...]:
         parts = list(piece)
         ranks = self.ranks
         while len(parts) > 1:
@@ -244,9 +245,9 @@ class ByteLevelBPETokenizer:
             parts = merged
         return tuple(self.encoder[p] for p in parts)
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no end-of-document token)."""
-        ids: List[int] = []
+        ids: list[int] = []
         cache, byte_encoder = self._cache, self.byte_encoder
         for piece in self._split.findall(text):
             got = cache.get(piece)
@@ -275,7 +276,8 @@ def load_tokenizer(vocab_file: str, merge_file: str) -> ByteLevelBPETokenizer:
     word cache stays warm across calls)."""
     key = tuple(
         (os.path.realpath(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)
-        if os.path.isfile(p) else p
+        if os.path.isfile(p)
+        else p
         for p in (str(vocab_file), str(merge_file))
     )
     tok = _TOKENIZERS.get(key)
@@ -292,7 +294,7 @@ def load_tokenizer(vocab_file: str, merge_file: str) -> ByteLevelBPETokenizer:
 class JsonlError(ValueError):
     """A problem in an input jsonl file; the message names the file and the line number."""
 
-    def __init__(self, path: str, lineno: Optional[int], message: str) -> None:
+    def __init__(self, path: str, lineno: int | None, message: str) -> None:
         self.path, self.lineno = str(path), lineno
         self.message = message
         where = f"{self.path}:{lineno}" if lineno is not None else self.path
@@ -312,7 +314,7 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
-def iter_jsonl(path: str, json_key: str = DEFAULT_JSON_KEY) -> Iterator[Tuple[int, str, int]]:
+def iter_jsonl(path: str, json_key: str = DEFAULT_JSON_KEY) -> Iterator[tuple[int, str, int]]:
     """Yield ``(line_number, text, raw_line_bytes)`` for each non-blank line of a jsonl file.
 
     ``.gz``, ``.xz``/``.lzma`` and ``.bz2`` files are decompressed on the fly. Raises
@@ -375,7 +377,7 @@ class PreprocessStats:
     seconds: float = 0.0
 
 
-_WORKER_TOKENIZER: Optional[ByteLevelBPETokenizer] = None
+_WORKER_TOKENIZER: ByteLevelBPETokenizer | None = None
 
 
 def _worker_init(vocab_file: str, merge_file: str) -> None:
@@ -383,7 +385,7 @@ def _worker_init(vocab_file: str, merge_file: str) -> None:
     _WORKER_TOKENIZER = load_tokenizer(vocab_file, merge_file)  # warm when forked
 
 
-def _worker_encode(texts: List[str]) -> List[List[int]]:
+def _worker_encode(texts: list[str]) -> list[list[int]]:
     return [_WORKER_TOKENIZER.encode(t) for t in texts]
 
 
@@ -401,13 +403,13 @@ def _batched(it: Iterator, n: int) -> Iterator[list]:
 def preprocess_jsonl(
     input_path: str,
     output_prefix: str,
-    vocab_file: Optional[str] = None,
-    merge_file: Optional[str] = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
     json_key: str = DEFAULT_JSON_KEY,
     append_eod: bool = True,
     workers: int = 1,
     log_interval: float = 5.0,
-    log: Optional[Callable[[str], None]] = None,
+    log: Callable[[str], None] | None = None,
 ) -> PreprocessStats:
     """Tokenize a jsonl file into Megatron's indexed dataset ``output_prefix.{bin,idx}``.
 
@@ -441,8 +443,9 @@ def preprocess_jsonl(
     out_dir = os.path.dirname(output_prefix)
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.basename(output_prefix)
-    tmp_bin = tempfile.NamedTemporaryFile(dir=out_dir, prefix=f".{base}.", suffix=".bin.tmp",
-                                          delete=False).name
+    tmp_bin = tempfile.NamedTemporaryFile(
+        dir=out_dir, prefix=f".{base}.", suffix=".bin.tmp", delete=False
+    ).name
     tmp_idx = tmp_bin[: -len(".bin.tmp")] + ".idx.tmp"
     umask = os.umask(0)
     os.umask(umask)
@@ -569,7 +572,7 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare_default_corpus(cache_dir: Optional[os.PathLike] = None, workers: int = 1) -> str:
+def prepare_default_corpus(cache_dir: os.PathLike | None = None, workers: int = 1) -> str:
     """Build the default corpus' indexed dataset into ``cache_dir`` if absent; return its prefix.
 
     The returned prefix is what megatron.training takes as ``--data-path`` (``prefix.bin`` and
@@ -636,8 +639,8 @@ def prepare_default_corpus(cache_dir: Optional[os.PathLike] = None, workers: int
 
 
 def default_training_args(
-    cache_dir: Optional[os.PathLike] = None, tokenizer: str = "null"
-) -> List[str]:
+    cache_dir: os.PathLike | None = None, tokenizer: str = "null"
+) -> list[str]:
     """megatron.training flags for the default corpus (data built on demand).
 
     ``tokenizer="null"``: ``--tokenizer-type NullTokenizer --vocab-size V`` (no extra package;

@@ -14,7 +14,6 @@ spans every stage; with sequence or context parallelism each rank summarises its
 """
 
 import contextlib
-from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,9 +34,9 @@ class MHCHealthMonitor:
     pipeline chunks of this rank)."""
 
     def __init__(self, model_chunks=()):
-        self._records: Dict[tuple, tuple] = {}
+        self._records: dict[tuple, tuple] = {}
         self._recording = False
-        self._layers: List[HyperConnectionTransformerLayer] = []
+        self._layers: list[HyperConnectionTransformerLayer] = []
         chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         for chunk in chunks:
             self.watch(chunk)
@@ -69,8 +68,9 @@ class MHCHealthMonitor:
     def _hook(self, key):
         def record(_module: HyperConnectionModule, _inputs, outputs):
             if self._recording and key not in self._records:
-                h_pre, h_post, comb = (t.detach().float()
-                                       for t in (outputs.h_pre, outputs.h_post, outputs.comb))
+                h_pre, h_post, comb = (
+                    t.detach().float() for t in (outputs.h_pre, outputs.h_post, outputs.comb)
+                )
                 h_res = comb.transpose(-1, -2).reshape(-1, *comb.shape[-2:])
                 self._records[key] = (h_pre.mean().item(), h_post.mean().item(), h_res)
 
@@ -85,7 +85,7 @@ class MHCHealthMonitor:
         finally:
             self.stop()
 
-    def summarize(self, pp_group: Optional[dist.ProcessGroup] = None) -> Dict[str, float]:
+    def summarize(self, pp_group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Figures per layer (`mhc/layerNN/...`) and for the stack (`mhc/...`).
 
         Collective over `pp_group` when it has more than one rank: call it on every rank of the
@@ -93,21 +93,26 @@ class MHCHealthMonitor:
         """
         local = {}
         for layer in self._layers:
-            records = [self._records.get((layer.layer_number, position))
-                       for position in range(len(layer.hyper_connections))]
+            records = [
+                self._records.get((layer.layer_number, position))
+                for position in range(len(layer.hyper_connections))
+            ]
             if all(record is not None for record in records):
                 # H_res of the layer: its sublayers' mixings applied in forward order.
                 product = records[0][2]
                 for record in records[1:]:
                     product = record[2] @ product
-                local[layer.layer_number] = ([r[0] for r in records], [r[1] for r in records],
-                                             product.cpu())
+                local[layer.layer_number] = (
+                    [r[0] for r in records],
+                    [r[1] for r in records],
+                    product.cpu(),
+                )
         per_layer = local
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             gathered = [None] * dist.get_world_size(pp_group)
             dist.all_gather_object(gathered, local, group=pp_group)
             per_layer = {k: v for stage in gathered for k, v in stage.items()}
-        figures: Dict[str, float] = {}
+        figures: dict[str, float] = {}
         product = None
         for layer_number in sorted(per_layer):
             h_pre, h_post, layer_product = per_layer[layer_number]

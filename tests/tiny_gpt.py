@@ -128,4 +128,3 @@ def train_step(model, optimizer, forward_backward_step):
     update_successful, _, _ = optimizer.step()
     assert update_successful
     return result
-

@@ -21,8 +21,7 @@ def tiny_hybrid_config(pattern: str, **overrides) -> MHCTransformerConfig:
     )
 
 
-def build_tiny_hybrid(config: MHCTransformerConfig, pattern: str, vp_stage=None,
-                      **hybrid_kwargs):
+def build_tiny_hybrid(config: MHCTransformerConfig, pattern: str, vp_stage=None, **hybrid_kwargs):
     from megatron.core import parallel_state
 
     hybrid_kwargs.setdefault("position_embedding_type", "rope")
@@ -31,10 +30,8 @@ def build_tiny_hybrid(config: MHCTransformerConfig, pattern: str, vp_stage=None,
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         hybrid_layer_pattern=pattern,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                           vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                           vp_stage=vp_stage),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         vp_stage=vp_stage,
         **hybrid_kwargs,
     )

@@ -71,11 +71,13 @@ def launches(n: int, T: int, C: int, dtype: torch.dtype):
         # mhc_mappings / mhc_mappings_collapse
         ops.proj_rms_fwd(x2, torch.empty(M, K), 1e-6)
         ops.mhc_gates_fwd(maps, torch.empty(M), torch.empty(3), n, 20, 1e-6)
-        ops.mhc_gates_bwd(maps, r, torch.empty(M), torch.empty(3), gates, gates, comb, n, K, 20,
-                          1e-6)
+        ops.mhc_gates_bwd(
+            maps, r, torch.empty(M), torch.empty(3), gates, gates, comb, n, K, 20, 1e-6
+        )
         ops.proj_rms_bwd(x2, torch.empty(M, K), maps, r, True, True, dtype)
-        ops.proj_rms_bwd(x2, torch.empty(M, K), maps, r, True, True, dtype,
-                         collapse=(gates, y, C), residual=x2)
+        ops.proj_rms_bwd(
+            x2, torch.empty(M, K), maps, r, True, True, dtype, collapse=(gates, y, C), residual=x2
+        )
         # mhc_collapse, mhc_update
         ops.collapse_fwd(x3, gates, dtype)
         ops.collapse_bwd(x3, gates, y, True, dtype, f32)
@@ -86,8 +88,7 @@ def launches(n: int, T: int, C: int, dtype: torch.dtype):
         ops.proj_rms_fwd(x2, torch.empty(n, K), 1e-6)
         ops._collapse_fwd(x3, None, dtype, head=(gates, torch.empty(n), torch.empty(1), 1e-6))
         ops.head_gate_bwd(x3, y, gates, r, torch.empty(n), torch.empty(1))
-        ops.proj_rms_bwd(x2, torch.empty(n, K), gates, r, True, True, dtype,
-                         collapse=(gates, y, C))
+        ops.proj_rms_bwd(x2, torch.empty(n, K), gates, r, True, True, dtype, collapse=(gates, y, C))
     finally:
         ops.kernels, ops.BLOCK_MODE = saved
     return recorder.launches
@@ -96,7 +97,7 @@ def launches(n: int, T: int, C: int, dtype: torch.dtype):
 def _signature(launch: Launch):
     signature, attrs = {}, {}
     params = launch.kernel.params
-    values = list(launch.args) + [launch.kwargs[p.name] for p in params[len(launch.args):]]
+    values = list(launch.args) + [launch.kwargs[p.name] for p in params[len(launch.args) :]]
     for index, (param, value) in enumerate(zip(params, values)):
         if param.is_constexpr:
             signature[param.name] = "constexpr"
@@ -106,7 +107,7 @@ def _signature(launch: Launch):
         elif isinstance(value, bool):
             signature[param.name] = "i1"
         elif isinstance(value, int):
-            signature[param.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
         else:
             signature[param.name] = "fp32"
     return signature, attrs
@@ -114,26 +115,33 @@ def _signature(launch: Launch):
 
 def compile_launch(launch: Launch, arch: int):
     """The launch compiled for sm_<arch> (a triton CompiledKernel: .asm["cubin"], .metadata)."""
-    return _compile(launch.kernel, arch, launch.kwargs.get("num_warps", 4),
-                    *_frozen(launch))
+    return _compile(launch.kernel, arch, launch.kwargs.get("num_warps", 4), *_frozen(launch))
 
 
 def _frozen(launch: Launch):
     signature, attrs = _signature(launch)
-    return (tuple(signature.items()), tuple(sorted(launch.constexprs().items())),
-            tuple((k, tuple(map(tuple, v))) for k, v in attrs.items()))
+    return (
+        tuple(signature.items()),
+        tuple(sorted(launch.constexprs().items())),
+        tuple((k, tuple(map(tuple, v))) for k, v in attrs.items()),
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(kernel, arch, num_warps, signature, constexprs, attrs):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs),
-                       attrs={k: [list(a) for a in v] for k, v in attrs})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
+    source = ASTSource(
+        fn=kernel,
+        signature=dict(signature),
+        constexprs=dict(constexprs),
+        attrs={k: [list(a) for a in v] for k, v in attrs},
+    )
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+    )
 
 
 class ResourceUsage(NamedTuple):
@@ -151,15 +159,29 @@ def resource_usage(compiled, arch: int) -> ResourceUsage:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
         out = subprocess.run(
-            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-             f"--gpu-name={sm_arch_from_capability(arch)}", ptx.name, "-o", os.devnull],
-            capture_output=True, text=True, check=True).stderr
+            [
+                get_ptxas(arch).path,
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                ptx.name,
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     registers = re.search(r"Used (\d+) registers", out)
     if spills is None or registers is None:
         raise RuntimeError(f"ptxas -v printed no resource usage:\n{out}")
-    return ResourceUsage(int(registers.group(1)), int(spills.group(1)) + int(spills.group(2)),
-                         compiled.metadata.shared)
+    return ResourceUsage(
+        int(registers.group(1)),
+        int(spills.group(1)) + int(spills.group(2)),
+        compiled.metadata.shared,
+    )
 
 
 def _describe(launch: Launch) -> str:
@@ -170,7 +192,9 @@ def _describe(launch: Launch) -> str:
 
 
 if __name__ == "__main__":
-    print("| n | kernel | launch | sm_90: registers / spilled B / shared B | sm_100: registers / spilled B / shared B |")
+    print(
+        "| n | kernel | launch | sm_90: registers / spilled B / shared B | sm_100: registers / spilled B / shared B |"
+    )
     print("|---|---|---|---|---|")
     for n in (2, 4, 8):
         seen = set()

@@ -28,9 +28,12 @@ def main(argv=None) -> int:
     parser.add_argument("direction", choices=["upgrade", "to-megatron-main", "from-megatron-main"])
     parser.add_argument("source")
     parser.add_argument("destination")
-    parser.add_argument("--num-residual-streams", type=int, default=None,
-                        help="n (mhc_num_residual_streams); needed for the Megatron-LM main "
-                             "conversions")
+    parser.add_argument(
+        "--num-residual-streams",
+        type=int,
+        default=None,
+        help="n (mhc_num_residual_streams); needed for the Megatron-LM main conversions",
+    )
     args = parser.parse_args(argv)
     try:
         if args.direction == "upgrade":
@@ -41,8 +44,11 @@ def main(argv=None) -> int:
                     f"--num-residual-streams={args.num_residual_streams!r}: {args.direction} "
                     "needs the model's mhc_num_residual_streams (an integer >= 1)"
                 )
-            convert = (conversion.convert_to_megatron_main if args.direction == "to-megatron-main"
-                       else conversion.convert_from_megatron_main)
+            convert = (
+                conversion.convert_to_megatron_main
+                if args.direction == "to-megatron-main"
+                else conversion.convert_from_megatron_main
+            )
             convert(args.source, args.destination, args.num_residual_streams)
     except (ValueError, FileNotFoundError) as err:
         print(f"convert_checkpoint.py: {err}", file=sys.stderr)

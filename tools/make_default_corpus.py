@@ -129,9 +129,12 @@ def write_jsonl_gz(docs: list[dict], path: str) -> bytes:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bible-root", help="directory where bible-kjv and bible-kjv-text are "
-                    "extracted (contains usr/bin/bible and usr/lib/bible.data); default: "
-                    "apt-get download them into a temporary directory")
+    ap.add_argument(
+        "--bible-root",
+        help="directory where bible-kjv and bible-kjv-text are "
+        "extracted (contains usr/bin/bible and usr/lib/bible.data); default: "
+        "apt-get download them into a temporary directory",
+    )
     ap.add_argument("--output", default=DEFAULT_OUTPUT)
     args = ap.parse_args(argv)
 
@@ -141,9 +144,11 @@ def main(argv=None) -> int:
     docs = to_documents(chapters)
     raw = write_jsonl_gz(docs, args.output)
     text_bytes = sum(len(d["text"].encode("utf-8")) for d in docs)
-    print(f"wrote {args.output}: {len(docs)} documents, {text_bytes} bytes of text, "
-          f"{len(raw)} bytes of jsonl, {os.path.getsize(args.output)} bytes compressed, "
-          f"sha256(jsonl)={hashlib.sha256(raw).hexdigest()}")
+    print(
+        f"wrote {args.output}: {len(docs)} documents, {text_bytes} bytes of text, "
+        f"{len(raw)} bytes of jsonl, {os.path.getsize(args.output)} bytes compressed, "
+        f"sha256(jsonl)={hashlib.sha256(raw).hexdigest()}"
+    )
     return 0
 
 

@@ -43,12 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="input FILE.jsonl[.gz|.xz|.bz2]")
     p.add_argument("--json-key", default="text", help="field of each JSON object to tokenize")
-    p.add_argument("--output-prefix", required=True,
-                   help="writes PREFIX.bin and PREFIX.idx (directories are created)")
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes PREFIX.bin and PREFIX.idx (directories are created)",
+    )
     p.add_argument("--vocab-file", default=files.vocab_file, help="GPT-2 style vocab.json")
     p.add_argument("--merge-file", default=files.merge_file, help="GPT-2 style merges.txt")
-    p.add_argument("--append-eod", action="store_true",
-                   help="append the end-of-document token (<|endoftext|>) to every document")
+    p.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="append the end-of-document token (<|endoftext|>) to every document",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--log-interval", type=float, default=5.0, help="seconds between progress logs")
     return p

@@ -107,8 +107,12 @@ def build_hf_tokenizer(vocab: dict, merges: list[tuple]):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default=os.path.join(REPO, "data", "corpus", "kjv.jsonl.gz"))
-    ap.add_argument("--vocab-size", type=int, default=8192,
-                    help="total ids, <|endoftext|> included (default 8192)")
+    ap.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help="total ids, <|endoftext|> included (default 8192)",
+    )
     ap.add_argument("--output-dir", default=os.path.join(REPO, "data", "tokenizer"))
     args = ap.parse_args(argv)
 
@@ -116,8 +120,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     merges = train(docs, args.vocab_size)
     vocab = canonical_vocab(merges)
-    print(f"trained on {len(docs)} documents in {time.time() - t0:.1f} s: "
-          f"{len(merges)} merges, vocab {len(vocab)} (eod id {vocab[EOD]})")
+    print(
+        f"trained on {len(docs)} documents in {time.time() - t0:.1f} s: "
+        f"{len(merges)} merges, vocab {len(vocab)} (eod id {vocab[EOD]})"
+    )
 
     os.makedirs(args.output_dir, exist_ok=True)
     out = lambda name: os.path.join(args.output_dir, name)  # noqa: E731
@@ -142,12 +148,20 @@ def main(argv=None) -> int:
     with open(out("tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    golden = [{"text": s, "ids": hf.encode(s, add_special_tokens=False).ids}
-              for s in GOLDEN_STRINGS]
+    golden = [
+        {"text": s, "ids": hf.encode(s, add_special_tokens=False).ids} for s in GOLDEN_STRINGS
+    ]
     with open(out("golden.json"), "w", encoding="utf-8") as f:
-        json.dump({"note": "ids from the Hugging Face tokenizers package (tokenizer.json); "
-                   "written by tools/train_tokenizer.py", "cases": golden}, f, ensure_ascii=False,
-                  indent=1)
+        json.dump(
+            {
+                "note": "ids from the Hugging Face tokenizers package (tokenizer.json); "
+                "written by tools/train_tokenizer.py",
+                "cases": golden,
+            },
+            f,
+            ensure_ascii=False,
+            indent=1,
+        )
         f.write("\n")
 
     # Verify: the dependency-free encoder agrees with tokenizers on everything.
@@ -166,9 +180,11 @@ def main(argv=None) -> int:
         n_tok += len(got)
     n_bytes = sum(len(t.encode("utf-8")) for t in docs)
     n_doc_tok = sum(len(ours.encode(t)) for t in docs)
-    print(f"verified: ByteLevelBPETokenizer == tokenizers on all {len(docs)} documents and "
-          f"{len(GOLDEN_STRINGS)} golden strings; corpus = {n_doc_tok} tokens "
-          f"({n_bytes / n_doc_tok:.2f} bytes/token)")
+    print(
+        f"verified: ByteLevelBPETokenizer == tokenizers on all {len(docs)} documents and "
+        f"{len(GOLDEN_STRINGS)} golden strings; corpus = {n_doc_tok} tokens "
+        f"({n_bytes / n_doc_tok:.2f} bytes/token)"
+    )
     return 0
 
 

@@ -21,15 +21,27 @@ from megatron_mhc.fusions import get_backend, verification
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def check_config(n: int, hidden: int, dtype: torch.dtype, mhc_type: str = "mhc",
-                 contract: str = "learned", backend: str = "auto"):
+def check_config(
+    n: int,
+    hidden: int,
+    dtype: torch.dtype,
+    mhc_type: str = "mhc",
+    contract: str = "learned",
+    backend: str = "auto",
+):
     """The config of a model whose HC modules have n streams of width hidden in dtype."""
     from megatron_mhc.config import MHCTransformerConfig
 
     return MHCTransformerConfig(
-        num_layers=1, hidden_size=hidden, num_attention_heads=1, mhc_num_residual_streams=n,
-        mhc_type=mhc_type, mhc_output_contract=contract, mhc_kernel_backend=backend,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        num_layers=1,
+        hidden_size=hidden,
+        num_attention_heads=1,
+        mhc_num_residual_streams=n,
+        mhc_type=mhc_type,
+        mhc_output_contract=contract,
+        mhc_kernel_backend=backend,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
 
@@ -50,16 +62,22 @@ def table(selection: verification.Selection) -> str:
 
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m megatron_mhc.fusions.check",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_mhc.fusions.check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--n", type=int, default=4, help="residual streams")
     parser.add_argument("--hidden", type=int, default=4096 if cuda else 64, help="C")
-    parser.add_argument("--tokens", type=int, default=4096 if cuda else 16,
-                        help="tokens per micro-batch (s·b)")
+    parser.add_argument(
+        "--tokens", type=int, default=4096 if cuda else 16, help="tokens per micro-batch (s·b)"
+    )
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     parser.add_argument("--type", choices=("mhc", "hc", "hc_static"), default="mhc")
-    parser.add_argument("--contract", choices=("mean", "learned"), default="learned",
-                        help="output contract (learned: the head is checked too)")
+    parser.add_argument(
+        "--contract",
+        choices=("mean", "learned"),
+        default="learned",
+        help="output contract (learned: the head is checked too)",
+    )
     parser.add_argument("--repeats", type=int, default=verification.TIMING_REPEATS)
     args = parser.parse_args(argv)
     for flag in ("n", "hidden", "tokens", "repeats"):
@@ -68,17 +86,18 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     config = check_config(args.n, args.hidden, _DTYPES[args.dtype], args.type, args.contract)
     candidates = verification.runnable_fused_backends()
-    print(f"mHC kernel check on {device}: n={args.n} C={args.hidden} tokens={args.tokens} "
-          f"(ragged {verification.ragged_tokens(args.tokens)}) {args.dtype}, ops "
-          f"{', '.join(verification.ops_used(config))}")
+    print(
+        f"mHC kernel check on {device}: n={args.n} C={args.hidden} tokens={args.tokens} "
+        f"(ragged {verification.ragged_tokens(args.tokens)}) {args.dtype}, ops "
+        f"{', '.join(verification.ops_used(config))}"
+    )
     for name in verification.FUSED_BACKENDS:
         if name not in candidates:
             try:
                 get_backend(name)
             except ValueError as err:
                 print(f"not checked: {err}")
-    selection = verification.choose(config, args.tokens, device, candidates,
-                                    repeats=args.repeats)
+    selection = verification.choose(config, args.tokens, device, candidates, repeats=args.repeats)
     print(table(selection))
     return 1 if selection.failures() else 0
 

@@ -37,8 +37,13 @@ class SaveInputsOnly(torch.autograd.Function):
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
         wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                         allow_unused=True) if pairs and wanted else ())
+        grads = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+            if pairs and wanted
+            else ()
+        )
         return (None, *(next(grads) if t.requires_grad else None for t in inputs))
 
 
@@ -75,8 +80,9 @@ class Mappings(torch.autograd.Function):
         ops.check_device(x, fn, base, scale)
         x3 = rows(x, T, n, C)
         mn, r = ops.proj_rms_fwd(x3.view(T, n * C), fn.contiguous(), norm_eps)
-        h_pre, h_post, comb = ops.mhc_gates_fwd(mn, base.contiguous(), rows(scale, -1), n,
-                                                iters, eps)
+        h_pre, h_post, comb = ops.mhc_gates_fwd(
+            mn, base.contiguous(), rows(scale, -1), n, iters, eps
+        )
         ctx.ops, ctx.with_collapse, ctx.iters, ctx.eps = ops, with_collapse, iters, eps
         lead = x.shape[:-2]
         maps = (h_pre.view(*lead, n), h_post.view(*lead, n), comb.view(*lead, n, n))
@@ -112,22 +118,42 @@ class Mappings(torch.autograd.Function):
             return rows(g, *shape) if g is not None else mn.new_zeros(shape)
 
         g, coef, dbase, dscale = ops.mhc_gates_bwd(
-            mn, r, base.contiguous(), rows(scale, -1), grad_or_zeros(dh_pre, T, n),
-            grad_or_zeros(dh_post, T, n), grad_or_zeros(dcomb, T, n, n), n, K, ctx.iters,
+            mn,
+            r,
+            base.contiguous(),
+            rows(scale, -1),
+            grad_or_zeros(dh_pre, T, n),
+            grad_or_zeros(dh_post, T, n),
+            grad_or_zeros(dcomb, T, n, n),
+            n,
+            K,
+            ctx.iters,
             ctx.eps,
         )
         need_dx, need_dfn = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dx = dfn = None
         if need_dx or need_dfn:
-            dx, dfn = ops.proj_rms_bwd(x3.view(T, K), fn.contiguous(), g, coef, need_dx,
-                                       need_dfn, x.dtype, collapse=collapse, residual=residual)
+            dx, dfn = ops.proj_rms_bwd(
+                x3.view(T, K),
+                fn.contiguous(),
+                g,
+                coef,
+                need_dx,
+                need_dfn,
+                x.dtype,
+                collapse=collapse,
+                residual=residual,
+            )
         return (
-            None, None,
+            None,
+            None,
             dx.view(x.shape) if dx is not None else None,
             dfn.to(fn.dtype) if dfn is not None else None,
             dbase.to(base.dtype),
             dscale.view(scale.shape).to(scale.dtype),
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 
@@ -149,8 +175,14 @@ class Collapse(torch.autograd.Function):
         x, h_pre = ctx.saved_tensors
         n, C = x.shape[-2:]
         T = tokens(x, 2)
-        dx, dh = ctx.ops.collapse_bwd(rows(x, T, n, C), rows(h_pre, T, n), rows(du, T, C),
-                                      ctx.needs_input_grad[1], x.dtype, h_pre.dtype)
+        dx, dh = ctx.ops.collapse_bwd(
+            rows(x, T, n, C),
+            rows(h_pre, T, n),
+            rows(du, T, C),
+            ctx.needs_input_grad[1],
+            x.dtype,
+            h_pre.dtype,
+        )
         return None, (dx.view(x.shape) if dx is not None else None), dh.view(h_pre.shape)
 
 
@@ -162,8 +194,9 @@ class Update(torch.autograd.Function):
         n, C = x.shape[-2:]
         T = tokens(x, 2)
         ops.check_device(x, y, h_post, comb)
-        out = ops.update_fwd(rows(x, T, n, C), rows(y, T, C), rows(h_post, T, n),
-                             rows(comb, T, n, n))
+        out = ops.update_fwd(
+            rows(x, T, n, C), rows(y, T, C), rows(h_post, T, n), rows(comb, T, n, n)
+        )
         ctx.ops = ops
         ctx.save_for_backward(x, y, h_post, comb)
         return out.view(x.shape)
@@ -174,11 +207,20 @@ class Update(torch.autograd.Function):
         n, C = x.shape[-2:]
         T = tokens(x, 2)
         dx, dy, dh, dcomb = ctx.ops.update_bwd(
-            rows(x, T, n, C), rows(y, T, C), rows(h_post, T, n), rows(comb, T, n, n),
-            rows(dout, T, n, C), (x.dtype, y.dtype, h_post.dtype, comb.dtype),
+            rows(x, T, n, C),
+            rows(y, T, C),
+            rows(h_post, T, n),
+            rows(comb, T, n, n),
+            rows(dout, T, n, C),
+            (x.dtype, y.dtype, h_post.dtype, comb.dtype),
         )
-        return (None, dx.view(x.shape), dy.view(y.shape), dh.view(h_post.shape),
-                dcomb.view(comb.shape))
+        return (
+            None,
+            dx.view(x.shape),
+            dy.view(y.shape),
+            dh.view(h_post.shape),
+            dcomb.view(comb.shape),
+        )
 
 
 def use_reference(*tensors: torch.Tensor) -> bool:
@@ -192,7 +234,7 @@ def lead_shape(*pairs):
 
 def expand(t: torch.Tensor, lead, trailing: int) -> torch.Tensor:
     """t broadcast to [*lead, *t.shape[-trailing:]] (a view; autograd sums its grad back)."""
-    target = (*lead, *t.shape[t.dim() - trailing:])
+    target = (*lead, *t.shape[t.dim() - trailing :])
     return t if t.shape == target else t.expand(target)
 
 
@@ -222,20 +264,37 @@ class FusedOps:
     def module_getattr(self, name: str):
         if name == "UNAVAILABLE_REASON":
             return self._unavailable_reason() or ""
-        raise AttributeError(f"module 'megatron_mhc.fusions.{self.backend}' has no attribute "
-                             f"{name!r}")
+        raise AttributeError(
+            f"module 'megatron_mhc.fusions.{self.backend}' has no attribute {name!r}"
+        )
 
     def _check(self, ok: bool, what: str) -> None:
         if not ok:
             raise ValueError(f"{self.backend} backend: {what}")
 
-    def mhc_mappings(self, x, fn, base, scale, sinkhorn_iters: int = 20, eps: float = 1e-6,
-                     norm_eps: float = 1e-6):
+    def mhc_mappings(
+        self,
+        x,
+        fn,
+        base,
+        scale,
+        sinkhorn_iters: int = 20,
+        eps: float = 1e-6,
+        norm_eps: float = 1e-6,
+    ):
         """mHC mappings of x [..., n, C] -> (h_pre, h_post, comb), fp32."""
         return self._mappings(False, x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
 
-    def mhc_mappings_collapse(self, x, fn, base, scale, sinkhorn_iters: int = 20,
-                              eps: float = 1e-6, norm_eps: float = 1e-6):
+    def mhc_mappings_collapse(
+        self,
+        x,
+        fn,
+        base,
+        scale,
+        sinkhorn_iters: int = 20,
+        eps: float = 1e-6,
+        norm_eps: float = 1e-6,
+    ):
         """(u, h_pre, h_post, comb, residual) from one Function whose backward writes dx once."""
         return self._mappings(True, x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
 
@@ -245,21 +304,37 @@ class FusedOps:
             return op(x, fn, base, scale, sinkhorn_iters, eps, norm_eps)
         n, C = x.shape[-2:]
         num_maps = n * n + 2 * n
-        self._check(tuple(fn.shape) == (num_maps, n * C),
-                    f"fn must be [{num_maps}, {n * C}], got {tuple(fn.shape)}")
-        self._check(tuple(base.shape) == (num_maps,),
-                    f"base must be [{num_maps}], got {tuple(base.shape)}")
-        self._check(scale.numel() == 3,
-                    f"scale must hold 3 gating factors, got {tuple(scale.shape)}")
-        return Mappings.apply(self._load_ops(), with_collapse, x, fn, base, scale,
-                              int(sinkhorn_iters), float(eps), float(norm_eps))
+        self._check(
+            tuple(fn.shape) == (num_maps, n * C),
+            f"fn must be [{num_maps}, {n * C}], got {tuple(fn.shape)}",
+        )
+        self._check(
+            tuple(base.shape) == (num_maps,), f"base must be [{num_maps}], got {tuple(base.shape)}"
+        )
+        self._check(
+            scale.numel() == 3, f"scale must hold 3 gating factors, got {tuple(scale.shape)}"
+        )
+        return Mappings.apply(
+            self._load_ops(),
+            with_collapse,
+            x,
+            fn,
+            base,
+            scale,
+            int(sinkhorn_iters),
+            float(eps),
+            float(norm_eps),
+        )
 
     def mhc_collapse(self, x, h_pre):
         """u = sum_i h_pre[i] * x_i: [..., n, C], [..., n] -> [..., C] in x.dtype."""
         if use_reference(x, h_pre):
             return reference.mhc_collapse(x, h_pre)
-        self._check(h_pre.shape[-1] == x.shape[-2], f"h_pre {tuple(h_pre.shape)} does not "
-                    f"match the {x.shape[-2]} streams of x {tuple(x.shape)}")
+        self._check(
+            h_pre.shape[-1] == x.shape[-2],
+            f"h_pre {tuple(h_pre.shape)} does not "
+            f"match the {x.shape[-2]} streams of x {tuple(x.shape)}",
+        )
         lead = lead_shape((x, 2), (h_pre, 1))
         return Collapse.apply(self._load_ops(), expand(x, lead, 2), expand(h_pre, lead, 1))
 
@@ -268,22 +343,30 @@ class FusedOps:
         if use_reference(x, y, h_post, comb):
             return reference.mhc_update(x, y, h_post, comb)
         n, C = x.shape[-2:]
-        self._check(y.shape[-1] == C and h_post.shape[-1] == n
-                    and tuple(comb.shape[-2:]) == (n, n),
-                    f"shapes do not match: x {tuple(x.shape)}, y {tuple(y.shape)}, "
-                    f"h_post {tuple(h_post.shape)}, comb {tuple(comb.shape)}")
+        self._check(
+            y.shape[-1] == C and h_post.shape[-1] == n and tuple(comb.shape[-2:]) == (n, n),
+            f"shapes do not match: x {tuple(x.shape)}, y {tuple(y.shape)}, "
+            f"h_post {tuple(h_post.shape)}, comb {tuple(comb.shape)}",
+        )
         lead = lead_shape((x, 2), (y, 1), (h_post, 1), (comb, 2))
-        return Update.apply(self._load_ops(), expand(x, lead, 2), expand(y, lead, 1),
-                            expand(h_post, lead, 1), expand(comb, lead, 2))
+        return Update.apply(
+            self._load_ops(),
+            expand(x, lead, 2),
+            expand(y, lead, 1),
+            expand(h_post, lead, 1),
+            expand(comb, lead, 2),
+        )
 
     def mhc_head(self, x, fn, base, scale, eps: float = 1e-6, norm_eps: float = 1e-6):
         """Learned contract (DeepSeek-V4 head): sum_i w_i x_i, w = sigmoid(scale*m + base) + eps."""
         if use_reference(x, fn, base, scale):
             return reference.mhc_head(x, fn, base, scale, eps, norm_eps)
         n, C = x.shape[-2:]
-        self._check(tuple(fn.shape) == (n, n * C), f"fn must be [{n}, {n * C}], got "
-                    f"{tuple(fn.shape)}")
+        self._check(
+            tuple(fn.shape) == (n, n * C), f"fn must be [{n}, {n * C}], got {tuple(fn.shape)}"
+        )
         self._check(tuple(base.shape) == (n,), f"base must be [{n}], got {tuple(base.shape)}")
-        self._check(scale.numel() == 1, f"scale must hold 1 gating factor, got "
-                    f"{tuple(scale.shape)}")
+        self._check(
+            scale.numel() == 1, f"scale must hold 1 gating factor, got {tuple(scale.shape)}"
+        )
         return self._load_ops().Head.apply(x, fn, base, scale, float(eps), float(norm_eps))

@@ -10,15 +10,13 @@ kernel tests assert them (tests/numerics.py); `auto` checks them on the device i
 (`verification.py`).
 """
 
-from typing import Optional
-
 import torch
 
 # (rtol, atol as a fraction of the reference tensor's largest magnitude)
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2)}
 
 
-def mismatch(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
+def mismatch(got: torch.Tensor, want: torch.Tensor) -> str | None:
     """None when got meets the contract against the reference want, else why not."""
     if got.dtype != want.dtype:
         return f"dtype {got.dtype} != reference {want.dtype}"
@@ -29,15 +27,17 @@ def mismatch(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
     rtol, atol = TOLERANCES[torch.float32 if want.dtype == torch.float32 else torch.bfloat16]
     scale = want.detach().float().abs().max().item() if want.numel() else 1.0
     try:
-        torch.testing.assert_close(got.detach().float(), want.detach().float(), rtol=rtol,
-                                   atol=atol * max(scale, 1e-6))
+        torch.testing.assert_close(
+            got.detach().float(), want.detach().float(), rtol=rtol, atol=atol * max(scale, 1e-6)
+        )
     except AssertionError as err:  # its report on one line: it goes into logs and warnings
         return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return None
 
 
-def mismatch_from_exact(got: torch.Tensor, want32: torch.Tensor,
-                        want64: torch.Tensor) -> Optional[str]:
+def mismatch_from_exact(
+    got: torch.Tensor, want32: torch.Tensor, want64: torch.Tensor
+) -> str | None:
     """`mismatch`, or, failing it, no further from the float64 result than the fp32 reference's
     own error allows; None when either holds."""
     problem = mismatch(got, want32)

@@ -26,8 +26,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -53,10 +53,13 @@ _INPUT_NAMES = {
 }
 
 
-def ops_used(config) -> Tuple[str, ...]:
+def ops_used(config) -> tuple[str, ...]:
     """The mHC ops a model built from config runs (the HC modules, the update, the head)."""
-    mappings = {"mhc": ("mhc_mappings_collapse",), "hc": ("hc_mappings", "mhc_collapse"),
-                "hc_static": ("mhc_collapse",)}[config.mhc_type]
+    mappings = {
+        "mhc": ("mhc_mappings_collapse",),
+        "hc": ("hc_mappings", "mhc_collapse"),
+        "hc_static": ("mhc_collapse",),
+    }[config.mhc_type]
     head = ("mhc_head",) if config.mhc_output_contract == "learned" else ()
     return (*mappings, "mhc_update", *head)
 
@@ -84,7 +87,7 @@ class CheckedShape:
     dtype: torch.dtype
     """The streams' dtype."""
     sublayer_dtype: torch.dtype
-    ops: Tuple[str, ...]
+    ops: tuple[str, ...]
     sinkhorn_iters: int
     eps: float
     norm_eps: float
@@ -92,9 +95,16 @@ class CheckedShape:
     @classmethod
     def from_config(cls, config) -> "CheckedShape":
         dtype = torch.float32 if config.fp32_residual_connection else config.params_dtype
-        return cls(config.mhc_num_residual_streams, config.hidden_size, dtype,
-                   config.params_dtype, ops_used(config), config.mhc_sinkhorn_iterations,
-                   config.mhc_eps, config.mhc_norm_eps)
+        return cls(
+            config.mhc_num_residual_streams,
+            config.hidden_size,
+            dtype,
+            config.params_dtype,
+            ops_used(config),
+            config.mhc_sinkhorn_iterations,
+            config.mhc_eps,
+            config.mhc_norm_eps,
+        )
 
     def kwargs(self, op: str) -> dict:
         if op == "mhc_mappings_collapse":
@@ -105,7 +115,7 @@ class CheckedShape:
             return dict(norm_eps=self.norm_eps)
         return {}
 
-    def inputs(self, op: str, tokens: int, gen: torch.Generator) -> List[torch.Tensor]:
+    def inputs(self, op: str, tokens: int, gen: torch.Generator) -> list[torch.Tensor]:
         """Random inputs of op: the streams in the model's dtype, parameters and gates fp32."""
         n, C, K = self.n, self.hidden, self.n * self.hidden
 
@@ -120,16 +130,24 @@ class CheckedShape:
         # at its fixed point (tiny gradients) nor far from it.
         if op == "mhc_mappings_collapse":
             M = n * n + 2 * n
-            return [x, randn(M, K, scale=K ** -0.5), randn(M, scale=0.5), rand(3, shift=0.5)]
+            return [x, randn(M, K, scale=K**-0.5), randn(M, scale=0.5), rand(3, shift=0.5)]
         if op == "mhc_head":
-            return [x, randn(n, K, scale=K ** -0.5), randn(n, scale=0.5), rand(1, shift=0.5)]
+            return [x, randn(n, K, scale=K**-0.5), randn(n, scale=0.5), rand(1, shift=0.5)]
         if op == "hc_mappings":
-            return [x, randn(2 + n, C, scale=C ** -0.5), randn(n * n + 2 * n, scale=0.5),
-                    rand(3, shift=0.5)]
+            return [
+                x,
+                randn(2 + n, C, scale=C**-0.5),
+                randn(n * n + 2 * n, scale=0.5),
+                rand(3, shift=0.5),
+            ]
         if op == "mhc_collapse":
             return [x, rand(tokens, n)]
-        return [x, randn(tokens, C).to(self.sublayer_dtype), rand(tokens, n, scale=2.0),
-                rand(tokens, n, n)]
+        return [
+            x,
+            randn(tokens, C).to(self.sublayer_dtype),
+            rand(tokens, n, scale=2.0),
+            rand(tokens, n, n),
+        ]
 
 
 @dataclasses.dataclass
@@ -139,7 +157,7 @@ class OpCheck:
     backend: str
     op: str
     tokens: int
-    error: Optional[str] = None
+    error: str | None = None
     """None when the op met the contract; else what broke it (or the exception raised)."""
     worst: float = 0.0
     """Largest |got - want| / max |want| over its outputs and input gradients."""
@@ -156,14 +174,16 @@ def _forward_backward(ops, op, inputs, kwargs, grads_out=None, gen=None):
     outputs = getattr(ops, op)(*leaves, **kwargs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     if grads_out is None:
-        grads_out = [torch.randn(o.shape, generator=gen, device=gen.device).to(o.dtype)
-                     for o in outputs]
+        grads_out = [
+            torch.randn(o.shape, generator=gen, device=gen.device).to(o.dtype) for o in outputs
+        ]
     torch.autograd.backward(outputs, grads_out)
     return [o.detach() for o in outputs], [t.grad for t in leaves], grads_out
 
 
-def check_op(name: str, ops: ModuleType, op: str, shape: CheckedShape, tokens: int,
-             gen: torch.Generator) -> OpCheck:
+def check_op(
+    name: str, ops: ModuleType, op: str, shape: CheckedShape, tokens: int, gen: torch.Generator
+) -> OpCheck:
     """op of backend `ops` against the reference, forward and every input gradient."""
     result = OpCheck(name, op, tokens)
     try:
@@ -186,22 +206,32 @@ def _compare(result: OpCheck, ops, op, shape, tokens, gen) -> None:
 
     def exact(i):
         if not exact_grads:
-            exact_grads.extend(_forward_backward(
-                reference, op, [t.double() for t in inputs], kwargs,
-                [g.double() for g in grads_out])[1])
+            exact_grads.extend(
+                _forward_backward(
+                    reference,
+                    op,
+                    [t.double() for t in inputs],
+                    kwargs,
+                    [g.double() for g in grads_out],
+                )[1]
+            )
         return exact_grads[i]
 
     names = _INPUT_NAMES[op]
     compared = [(f"output {i}", g, w, None) for i, (g, w) in enumerate(zip(got, want))]
-    compared += [(f"grad of {names[i]}", g, w,
-                  i if op in _PARAMETER_OPS and i > 0 else None)
-                 for i, (g, w) in enumerate(zip(got_grads, want_grads))]
+    compared += [
+        (f"grad of {names[i]}", g, w, i if op in _PARAMETER_OPS and i > 0 else None)
+        for i, (g, w) in enumerate(zip(got_grads, want_grads))
+    ]
     for what, g, w, parameter in compared:
         if g is None:
             result.error = f"{what}: none"
             return
-        problem = (numerics.mismatch(g, w) if parameter is None
-                   else numerics.mismatch_from_exact(g, w, exact(parameter)))
+        problem = (
+            numerics.mismatch(g, w)
+            if parameter is None
+            else numerics.mismatch_from_exact(g, w, exact(parameter))
+        )
         if g.shape == w.shape and w.numel():
             diff = (g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)
             result.worst = max(result.worst, diff.item())
@@ -210,15 +240,22 @@ def _compare(result: OpCheck, ops, op, shape, tokens, gen) -> None:
             return
 
 
-def verify(name: str, ops: ModuleType, shape: CheckedShape, tokens: int,
-           gen: torch.Generator) -> List[OpCheck]:
+def verify(
+    name: str, ops: ModuleType, shape: CheckedShape, tokens: int, gen: torch.Generator
+) -> list[OpCheck]:
     """Every op of the shape at `tokens` and at a ragged count."""
     counts = dict.fromkeys((tokens, ragged_tokens(tokens)))
     return [check_op(name, ops, op, shape, t, gen) for op in shape.ops for t in counts]
 
 
-def time_hc_module(config, ops: ModuleType, tokens: int, device: torch.device,
-                   gen: torch.Generator, repeats: int = TIMING_REPEATS) -> float:
+def time_hc_module(
+    config,
+    ops: ModuleType,
+    tokens: int,
+    device: torch.device,
+    gen: torch.Generator,
+    repeats: int = TIMING_REPEATS,
+) -> float:
     """Milliseconds of an HC module's forward, update and backward running `ops`, averaged over
     `repeats` after one warm-up (compilation); CUDA events on a GPU."""
     from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
@@ -260,25 +297,27 @@ class Selection:
     module: ModuleType
     how: str
     """`explicit`, `reference` (nothing to check on this device) or `verified`."""
-    device: Optional[torch.device] = None
+    device: torch.device | None = None
     tokens: int = 0
-    checks: Dict[str, List[OpCheck]] = dataclasses.field(default_factory=dict)
+    checks: dict[str, list[OpCheck]] = dataclasses.field(default_factory=dict)
     """This rank's checks, by backend."""
-    times_ms: Dict[str, float] = dataclasses.field(default_factory=dict)
+    times_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     """HC module forward+backward, the slowest rank's, by backend (inf: not timed)."""
-    failed_elsewhere: Tuple[str, ...] = ()
+    failed_elsewhere: tuple[str, ...] = ()
     """Backends that passed here but failed on another rank."""
     seconds: float = 0.0
 
-    def failures(self) -> List[OpCheck]:
+    def failures(self) -> list[OpCheck]:
         return [c for checks in self.checks.values() for c in checks if not c.passed]
 
     def summary(self) -> str:
         if self.how != "verified":
             return f"{self.backend} ({self.how})"
         times = ", ".join(f"{b} {t:.3g} ms" for b, t in self.times_ms.items() if t < math.inf)
-        text = (f"{self.backend} (checked on {self.device} at {self.tokens} tokens in "
-                f"{self.seconds:.2f} s; HC fwd+bwd {times})")
+        text = (
+            f"{self.backend} (checked on {self.device} at {self.tokens} tokens in "
+            f"{self.seconds:.2f} s; HC fwd+bwd {times})"
+        )
         rejected = {c.backend: c for c in reversed(self.failures())}
         for backend, c in rejected.items():
             text += f"; {backend} failed: {c.op} at {c.tokens} tokens: {c.error}"
@@ -290,9 +329,15 @@ class Selection:
 Timer = Callable[..., float]
 
 
-def choose(config, tokens: int, device: torch.device, candidates: Dict[str, ModuleType],
-           keep: Optional[str] = None, timer: Timer = time_hc_module,
-           repeats: int = TIMING_REPEATS) -> Selection:
+def choose(
+    config,
+    tokens: int,
+    device: torch.device,
+    candidates: dict[str, ModuleType],
+    keep: str | None = None,
+    timer: Timer = time_hc_module,
+    repeats: int = TIMING_REPEATS,
+) -> Selection:
     """Checks each candidate fused backend, times those that passed and the reference, and
     takes the fastest (or `keep`, an explicit choice, if it passed), agreed across ranks."""
     begin = time.perf_counter()
@@ -301,20 +346,25 @@ def choose(config, tokens: int, device: torch.device, candidates: Dict[str, Modu
     with forked_rng, torch.enable_grad():  # a model may be built under no_grad
         gen = torch.Generator(device=device).manual_seed(0)
         with _full_fp32_matmuls():
-            checks = {name: verify(name, ops, shape, tokens, gen)
-                      for name, ops in candidates.items()}
-        timed = {name: ops for name, ops in candidates.items()
-                 if all(c.passed for c in checks[name])}
+            checks = {
+                name: verify(name, ops, shape, tokens, gen) for name, ops in candidates.items()
+            }
+        timed = {
+            name: ops for name, ops in candidates.items() if all(c.passed for c in checks[name])
+        }
         times = {}
         for name, ops in {**timed, "torch": reference}.items():
             try:
                 times[name] = timer(config, ops, tokens, device, gen, repeats)
             except Exception as err:  # e.g. out of memory: the backend is not used
                 checks.setdefault(name, []).append(
-                    OpCheck(name, "HC module fwd+bwd", tokens, _raised(err)))
+                    OpCheck(name, "HC module fwd+bwd", tokens, _raised(err))
+                )
     names = (*FUSED_BACKENDS, "torch")
-    passed_here = [name == "torch" or (name in checks and all(c.passed for c in checks[name]))
-                   for name in names]
+    passed_here = [
+        name == "torch" or (name in checks and all(c.passed for c in checks[name]))
+        for name in names
+    ]
     passed, agreed_times = _agree(passed_here, [times.get(name, math.inf) for name in names])
     if keep is not None and passed[names.index(keep)]:
         backend = keep
@@ -322,10 +372,16 @@ def choose(config, tokens: int, device: torch.device, candidates: Dict[str, Modu
         eligible = [i for i in range(len(names)) if passed[i]]
         backend = names[min(eligible, key=lambda i: agreed_times[i])]
     selection = Selection(
-        backend, reference if backend == "torch" else candidates[backend], "verified", device,
-        tokens, checks, {name: t for name, t in zip(names, agreed_times) if name in times},
-        tuple(n for n, here, all_ranks in zip(names, passed_here, passed)
-              if here and not all_ranks),
+        backend,
+        reference if backend == "torch" else candidates[backend],
+        "verified",
+        device,
+        tokens,
+        checks,
+        {name: t for name, t in zip(names, agreed_times) if name in times},
+        tuple(
+            n for n, here, all_ranks in zip(names, passed_here, passed) if here and not all_ranks
+        ),
         time.perf_counter() - begin,
     )
     _report(selection)
@@ -344,19 +400,23 @@ def _full_fp32_matmuls():
         torch.set_float32_matmul_precision(precision)
 
 
-def _agree(passed: List[bool], times: List[float]) -> Tuple[List[bool], List[float]]:
+def _agree(passed: list[bool], times: list[float]) -> tuple[list[bool], list[float]]:
     """(passed on every rank, slowest rank's time) per backend: one all-reduce (MAX) when
     torch.distributed is initialized, so that every rank takes the same backend."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return passed, times
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if "nccl" in str(dist.get_backend()) else torch.device("cpu"))
-    values = torch.tensor([float(not p) for p in passed] + times, dtype=torch.float64,
-                          device=device)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if "nccl" in str(dist.get_backend())
+        else torch.device("cpu")
+    )
+    values = torch.tensor(
+        [float(not p) for p in passed] + times, dtype=torch.float64, device=device
+    )
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     values = values.tolist()
-    return [v == 0.0 for v in values[:len(passed)]], values[len(passed):]
+    return [v == 0.0 for v in values[: len(passed)]], values[len(passed) :]
 
 
 def _report(selection: Selection) -> None:
@@ -366,14 +426,15 @@ def _report(selection: Selection) -> None:
         warnings.warn(
             f"mHC kernels: the {backend} backend failed its check on {selection.device} "
             f"({first.op} at {first.tokens} tokens: {first.error}); using {selection.backend}",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         logger.info("mHC kernels: %s", selection.summary())
 
 
-def device_fused_backends(device: torch.device) -> Dict[str, ModuleType]:
+def device_fused_backends(device: torch.device) -> dict[str, ModuleType]:
     """The fused backends `auto` checks on this device: on a CUDA device, those whose kernels
     can run on it; none elsewhere."""
     if device.type != "cuda":
@@ -381,7 +442,7 @@ def device_fused_backends(device: torch.device) -> Dict[str, ModuleType]:
     return runnable_fused_backends()
 
 
-def runnable_fused_backends() -> Dict[str, ModuleType]:
+def runnable_fused_backends() -> dict[str, ModuleType]:
     """The fused backends whose kernels can run in this process (Triton on CPU only in its
     interpreter)."""
     runnable = {}
@@ -393,12 +454,15 @@ def runnable_fused_backends() -> Dict[str, ModuleType]:
     return runnable
 
 
-_SELECTIONS: Dict[tuple, Selection] = {}
+_SELECTIONS: dict[tuple, Selection] = {}
 
 
-def select(config, tokens: Optional[int] = None,
-           gate: Callable[[torch.device], Dict[str, ModuleType]] = device_fused_backends,
-           timer: Timer = time_hc_module) -> Selection:
+def select(
+    config,
+    tokens: int | None = None,
+    gate: Callable[[torch.device], dict[str, ModuleType]] = device_fused_backends,
+    timer: Timer = time_hc_module,
+) -> Selection:
     """The backend for a model built from config (`config.mhc_kernel_backend`), checked once
     per process and (device, shape, ops); `tokens` per micro-batch (DEFAULT_TOKENS when None).
     `gate` gives the fused backends this device runs (tests inject Triton's interpreter). With
@@ -408,15 +472,24 @@ def select(config, tokens: Optional[int] = None,
     forced = os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "on", "yes")
     if name != "auto" and (not forced or name == "torch"):
         return Selection(name, get_backend(name), "explicit")
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     candidates = gate(device) if name == "auto" else {name: get_backend(name)}
     if not candidates:
         return Selection("torch", reference, f"reference: no fused backend runs on {device}")
     key = (name, device, CheckedShape.from_config(config), tuple(candidates.items()))
     if key not in _SELECTIONS:
-        _SELECTIONS[key] = choose(config, tokens or DEFAULT_TOKENS, device, candidates,
-                                  keep=None if name == "auto" else name, timer=timer)
+        _SELECTIONS[key] = choose(
+            config,
+            tokens or DEFAULT_TOKENS,
+            device,
+            candidates,
+            keep=None if name == "auto" else name,
+            timer=timer,
+        )
     return _SELECTIONS[key]
 
 

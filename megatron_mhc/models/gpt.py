@@ -1,7 +1,5 @@
 """GPT with mHC, built from an MHCTransformerConfig."""
 
-from typing import Optional
-
 from megatron.core.models.common import model_chunk_schedule_plan
 from megatron.core.models.gpt import gpt_model
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -37,8 +35,11 @@ class MHCGPTModel(GPTModel):
                 f"{config.mhc_num_residual_streams}); build_mhc_gpt_model returns a plain "
                 "GPTModel otherwise"
             )
-        with names_in(gpt_model, TransformerBlock=HyperConnectionTransformerBlock,
-                         MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock):
+        with names_in(
+            gpt_model,
+            TransformerBlock=HyperConnectionTransformerBlock,
+            MultiTokenPredictionBlock=MHCMultiTokenPredictionBlock,
+        ):
             super().__init__(config, *args, **kwargs)
         if self.mtp_process:
             self.final_streams = FinalStreamsCapture(self.decoder.final_layernorm)
@@ -46,8 +47,9 @@ class MHCGPTModel(GPTModel):
     def build_schedule_plan(self, *args, **kwargs):
         """GPTModel's schedule plan for the combined 1F1B schedule, with the mHC layer's nodes
         (an MHCModelChunkSchedulePlan, see megatron_mhc/transformer/schedule_nodes.py)."""
-        with names_in(model_chunk_schedule_plan,
-                         TransformerModelChunkSchedulePlan=MHCModelChunkSchedulePlan):
+        with names_in(
+            model_chunk_schedule_plan, TransformerModelChunkSchedulePlan=MHCModelChunkSchedulePlan
+        ):
             return super().build_schedule_plan(*args, **kwargs)
 
     def _postprocess(self, hidden_states, **kwargs):
@@ -66,9 +68,9 @@ def build_mhc_gpt_model(
     max_sequence_length: int,
     pre_process: bool = True,
     post_process: bool = True,
-    vp_stage: Optional[int] = None,
+    vp_stage: int | None = None,
     pg_collection=None,
-    normalization: Optional[str] = None,
+    normalization: str | None = None,
     **gpt_model_kwargs,
 ) -> GPTModel:
     """A GPT model for `config`: MHCGPTModel when mHC is active, else Megatron's GPTModel.

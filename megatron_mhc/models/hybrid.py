@@ -1,7 +1,5 @@
 """HybridModel with mHC, built from an MHCTransformerConfig and a hybrid layer pattern."""
 
-from typing import Optional
-
 from megatron.core.models.hybrid import hybrid_model
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 
@@ -40,7 +38,7 @@ def build_mhc_hybrid_model(
     hybrid_layer_pattern: str,
     pre_process: bool = True,
     post_process: bool = True,
-    vp_stage: Optional[int] = None,
+    vp_stage: int | None = None,
     pg_collection=None,
     **hybrid_model_kwargs,
 ) -> HybridModel:

@@ -2,7 +2,7 @@
 model with mHC, computing the same function (identity init)."""
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -61,7 +61,8 @@ def check_upcycled_names(
     state dict with the same shape, and every other mHC entry is an HC parameter."""
     missing = sorted(set(baseline_state_dict) - set(mhc_state_dict))
     reshaped = sorted(
-        key for key in set(baseline_state_dict) & set(mhc_state_dict)
+        key
+        for key in set(baseline_state_dict) & set(mhc_state_dict)
         if isinstance(baseline_state_dict[key], torch.Tensor)
         and baseline_state_dict[key].shape != mhc_state_dict[key].shape
     )

@@ -17,25 +17,43 @@ def _layer_num(value: str):
 def _mhc_flags():
     """(field, argparse kwargs, help) for every mHC field of MHCTransformerConfig."""
     return [
-        ("enable_mhc_connections", dict(action="store_true"),
-         "Widen the residual stream into --mhc-num-residual-streams streams (mHC)."),
+        (
+            "enable_mhc_connections",
+            dict(action="store_true"),
+            "Widen the residual stream into --mhc-num-residual-streams streams (mHC).",
+        ),
         ("mhc_num_residual_streams", dict(type=int), "n, the number of residual streams."),
-        ("mhc_type", dict(choices=MHC_TYPES),
-         "mhc (Sinkhorn-projected mixing), hc (dynamic hyper-connections) or hc_static."),
+        (
+            "mhc_type",
+            dict(choices=MHC_TYPES),
+            "mhc (Sinkhorn-projected mixing), hc (dynamic hyper-connections) or hc_static.",
+        ),
         ("mhc_sinkhorn_iterations", dict(type=int), "Sinkhorn-Knopp iterations."),
         ("mhc_eps", dict(type=float), "Epsilon added to H_pre and in the Sinkhorn steps."),
         ("mhc_norm_eps", dict(type=float), "Epsilon of the RMS normalisation in the mappings."),
         ("mhc_init_gating_factor", dict(type=float), "Initial gating factors alpha."),
-        ("mhc_init", dict(choices=MHC_INITS),
-         "default (small random projection) or identity (function-preserving, to upcycle)."),
-        ("mhc_output_contract", dict(choices=MHC_OUTPUT_CONTRACTS),
-         "How the streams become one before the final norm."),
+        (
+            "mhc_init",
+            dict(choices=MHC_INITS),
+            "default (small random projection) or identity (function-preserving, to upcycle).",
+        ),
+        (
+            "mhc_output_contract",
+            dict(choices=MHC_OUTPUT_CONTRACTS),
+            "How the streams become one before the final norm.",
+        ),
         ("mhc_kernel_backend", dict(choices=KERNEL_BACKENDS), "Implementation of the mHC ops."),
-        ("mhc_mlp_high_priority_stream", dict(action="store_true"),
-         "Run the MLP's HC update on a high-priority CUDA stream (needs a GPU)."),
-        ("mhc_recompute_layer_num", dict(type=_layer_num),
-         "L_r: recompute the n-stream states per block of L_r layers ('auto': eq. 20); "
-         "default: keep them."),
+        (
+            "mhc_mlp_high_priority_stream",
+            dict(action="store_true"),
+            "Run the MLP's HC update on a high-priority CUDA stream (needs a GPU).",
+        ),
+        (
+            "mhc_recompute_layer_num",
+            dict(type=_layer_num),
+            "L_r: recompute the n-stream states per block of L_r layers ('auto': eq. 20); "
+            "default: keep them.",
+        ),
     ]
 
 
@@ -45,16 +63,28 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     defaults = {f.name: f.default for f in dataclasses.fields(MHCTransformerConfig)}
     group = parser.add_argument_group("mHC (manifold-constrained hyper-connections)")
     for field, kwargs, help_text in _mhc_flags():
-        group.add_argument("--" + field.replace("_", "-"), dest=field, default=defaults[field],
-                           help=f"{help_text} Default: {defaults[field]}.", **kwargs)
+        group.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            default=defaults[field],
+            help=f"{help_text} Default: {defaults[field]}.",
+            **kwargs,
+        )
     run = parser.add_argument_group("megatron-mhc run")
-    run.add_argument("--config", default=None, metavar="YAML",
-                     help="YAML run config (sections model, mhc, parallel, train, optimizer, "
-                          "data, checkpoint, logging); command-line flags override it.")
-    run.add_argument("--default-corpus", action="store_true",
-                     help="Train on the embedded corpus (built into the cache on first use) when "
-                          "no --data-path is given; use it with --tokenizer-type NullTokenizer "
-                          "--vocab-size 8192.")
+    run.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="YAML run config (sections model, mhc, parallel, train, optimizer, "
+        "data, checkpoint, logging); command-line flags override it.",
+    )
+    run.add_argument(
+        "--default-corpus",
+        action="store_true",
+        help="Train on the embedded corpus (built into the cache on first use) when "
+        "no --data-path is given; use it with --tokenizer-type NullTokenizer "
+        "--vocab-size 8192.",
+    )
     config_path = _config_path(sys.argv[1:])
     if config_path is not None:
         parser.set_defaults(**load_yaml_config(config_path, parser))

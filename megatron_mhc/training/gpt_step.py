@@ -3,6 +3,7 @@
 import functools
 
 import megatron.core.transformer
+import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -18,8 +19,6 @@ from megatron.core.utils import (
 from megatron.training import get_args, get_tokenizer
 from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import print_rank_0
-
-import torch
 
 from megatron_mhc.config import MHCMLATransformerConfig, MHCTransformerConfig
 from megatron_mhc.data import prepare_default_corpus
@@ -41,8 +40,9 @@ def mhc_config_from_args(args) -> MHCTransformerConfig:
         return core_transformer_config_from_args(args, MHCTransformerConfig)
 
 
-def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                   pg_collection=None):
+def model_provider(
+    pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None
+):
     """An mHC GPT (or Megatron's GPTModel when mHC is off) from the parsed flags; a HybridModel
     (with mHC when on) when --hybrid-layer-pattern is given."""
     args = get_args()
@@ -79,8 +79,11 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
 def check_mtp_arguments(args) -> None:
     """ValueError for the multi-token prediction settings megatron-core 0.19.2 cannot train."""
-    if (args.mtp_num_layers and args.pipeline_model_parallel_size > 1
-            and not args.untie_embeddings_and_output_weights):
+    if (
+        args.mtp_num_layers
+        and args.pipeline_model_parallel_size > 1
+        and not args.untie_embeddings_and_output_weights
+    ):
         raise ValueError(
             f"mtp_num_layers={args.mtp_num_layers} with pipeline_model_parallel_size="
             f"{args.pipeline_model_parallel_size} needs --untie-embeddings-and-output-weights: "
@@ -156,8 +159,10 @@ def forward_step(data_iterator, model, return_schedule_plan=False):
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     # The MTP block embeds the tokens and rolls the labels and loss mask on its own stage.
     has_mtp = mtp_on_this_rank(
-        layout=config.pipeline_model_parallel_layout, mtp_num_layers=config.mtp_num_layers,
-        ignore_virtual=False, vp_stage=vp_stage,
+        layout=config.pipeline_model_parallel_layout,
+        mtp_num_layers=config.mtp_num_layers,
+        ignore_virtual=False,
+        vp_stage=vp_stage,
     )
     if first or last or has_mtp:
         batch = _batch(data_iterator, has_mtp, first, last)
@@ -168,16 +173,20 @@ def forward_step(data_iterator, model, return_schedule_plan=False):
     loss_mask = batch["loss_mask"]
     # The combined schedule runs the plan's nodes itself, interleaved with another micro-batch.
     run = model.build_schedule_plan if return_schedule_plan else model
-    output = run(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                 labels=batch["labels"], loss_mask=loss_mask)
+    output = run(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+        loss_mask=loss_mask,
+    )
 
     def loss_func(output_tensor):
         losses = output_tensor.view(-1).float()
         mask = loss_mask.view(-1).float()
         loss = torch.sum(losses * mask)
         num_tokens = mask.sum().clone().detach().to(torch.int)
-        return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1),
-                                                        num_tokens.view(1)])}
+        return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1)])}
 
     return output, loss_func
 
@@ -188,8 +197,10 @@ def _batch(data_iterator, has_mtp: bool, first: bool, last: bool) -> dict:
     args = get_args()
     batch = {}
     if parallel_state.get_tensor_model_parallel_rank() == 0 and data_iterator is not None:
-        batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v
-                 for k, v in next(data_iterator).items()}
+        batch = {
+            k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in next(data_iterator).items()
+        }
     batch = get_batch_on_this_tp_rank(
         batch,
         has_cu_seqlens=False,

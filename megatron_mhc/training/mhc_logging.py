@@ -51,16 +51,20 @@ class TrainingHealthLog:
         if tokens_per_s is not None:
             line += f" tokens/s: {tokens_per_s:.1f} |"
         if "mhc/h_pre_mean" in figures:
-            line += (f" H_pre mean: {figures['mhc/h_pre_mean']:.4f} |"
-                     f" H_post mean: {figures['mhc/h_post_mean']:.4f} |"
-                     f" Amax gain fwd: {figures['mhc/amax_gain_fwd']:.4f} |"
-                     f" bwd: {figures['mhc/amax_gain_bwd']:.4f} |")
+            line += (
+                f" H_pre mean: {figures['mhc/h_pre_mean']:.4f} |"
+                f" H_post mean: {figures['mhc/h_post_mean']:.4f} |"
+                f" Amax gain fwd: {figures['mhc/amax_gain_fwd']:.4f} |"
+                f" bwd: {figures['mhc/amax_gain_bwd']:.4f} |"
+            )
             layers = sorted({key.split("/")[1] for key in figures if key.count("/") == 2})
             for layer in layers:
-                line += (f"\n [mhc]   {layer}: H_pre {figures[f'mhc/{layer}/h_pre_mean']:.4f}"
-                         f" H_post {figures[f'mhc/{layer}/h_post_mean']:.4f}"
-                         f" gain fwd {figures[f'mhc/{layer}/amax_gain_fwd']:.4f}"
-                         f" bwd {figures[f'mhc/{layer}/amax_gain_bwd']:.4f}")
+                line += (
+                    f"\n [mhc]   {layer}: H_pre {figures[f'mhc/{layer}/h_pre_mean']:.4f}"
+                    f" H_post {figures[f'mhc/{layer}/h_post_mean']:.4f}"
+                    f" gain fwd {figures[f'mhc/{layer}/amax_gain_fwd']:.4f}"
+                    f" bwd {figures[f'mhc/{layer}/amax_gain_bwd']:.4f}"
+                )
         print_rank_last(line)
         writer = get_tensorboard_writer()
         if writer is not None:

@@ -17,7 +17,7 @@ one.
 
 import argparse
 import difflib
-from typing import Any, Dict
+from typing import Any
 
 import yaml
 
@@ -36,8 +36,9 @@ def _closest(name: str, candidates) -> str:
 def _check_value(path: str, key: str, value: Any, actions) -> Any:
     """The value of `key` as its flag would have parsed it, or ConfigError."""
     where = f"{path}: {key}={value!r}"
-    switches = [a for a in actions if isinstance(a, (argparse._StoreTrueAction,
-                                                     argparse._StoreFalseAction))]
+    switches = [
+        a for a in actions if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+    ]
     if switches:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} is invalid: an on/off switch takes true or false")
@@ -62,7 +63,7 @@ def _convert(where: str, action: argparse.Action, value: Any) -> Any:
     return value
 
 
-def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The flag defaults `path` sets, validated against `parser`'s flags."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -73,11 +74,11 @@ def load_yaml_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections {SECTIONS}")
-    by_dest: Dict[str, list] = {}
+    by_dest: dict[str, list] = {}
     for action in parser._actions:
         if action.dest not in ("help", argparse.SUPPRESS, "config"):
             by_dest.setdefault(action.dest, []).append(action)
-    values: Dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for section, entries in document.items():
         if section not in SECTIONS:
             raise ConfigError(

@@ -47,7 +47,7 @@ class HighPriorityStream:
         return output
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def high_priority_stream(device_index: int) -> HighPriorityStream:
     """The one high-priority stream of a GPU, shared by every HC module on it."""
     return HighPriorityStream(torch.device("cuda", device_index))

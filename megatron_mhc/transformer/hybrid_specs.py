@@ -47,16 +47,26 @@ LOCAL_HYBRID_LAYER_SYMBOLS = (Symbols.ATTENTION, Symbols.MLA, Symbols.MLP, Symbo
 FLA); DSA `D` needs Transformer Engine's linears and fused kernels for its indexer."""
 
 # HybridStackSubmodules slot of each TransformerLayer-family layer type.
-_TRANSFORMER_LAYER_SLOTS = ("attention_layer", "mla_layer", "dsa_layer", "gdn_layer",
-                            "mlp_layer", "moe_layer")
+_TRANSFORMER_LAYER_SLOTS = (
+    "attention_layer",
+    "mla_layer",
+    "dsa_layer",
+    "gdn_layer",
+    "mlp_layer",
+    "moe_layer",
+)
 
 
 def _attention_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodules:
     """A GPT layer's submodules without the MLP half."""
     return dataclasses.replace(
-        submodules, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp,
+        submodules,
+        pre_mlp_layernorm=IdentityOp,
+        mlp=IdentityOp,
+        mlp_bda=IdentityFuncOp,
         sharded_state_dict_keys_map={
-            k: v for k, v in submodules.sharded_state_dict_keys_map.items()
+            k: v
+            for k, v in submodules.sharded_state_dict_keys_map.items()
             if k == "input_layernorm."
         },
     )
@@ -65,10 +75,13 @@ def _attention_half(submodules: TransformerLayerSubmodules) -> TransformerLayerS
 def _mlp_half(submodules: TransformerLayerSubmodules) -> TransformerLayerSubmodules:
     """A GPT layer's submodules without the attention half."""
     return dataclasses.replace(
-        submodules, input_layernorm=IdentityOp, self_attention=IdentityOp,
+        submodules,
+        input_layernorm=IdentityOp,
+        self_attention=IdentityOp,
         self_attn_bda=IdentityFuncOp,
         sharded_state_dict_keys_map={
-            k: v for k, v in submodules.sharded_state_dict_keys_map.items()
+            k: v
+            for k, v in submodules.sharded_state_dict_keys_map.items()
             if k == "pre_mlp_layernorm."
         },
     )
@@ -90,22 +103,30 @@ def get_local_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm, **local
         )
         moe_layer = ModuleSpec(**layer, submodules=_mlp_half(moe))
-    return with_latent_dot_product_attention(with_sequence_parallel_norms(ModuleSpec(
-        module=SpecNormHybridStack,
-        submodules=HybridStackWithNormSubmodules(
-            attention_layer=ModuleSpec(**layer, submodules=_attention_half(dense)),
-            mla_layer=ModuleSpec(**layer, submodules=_attention_half(latent)),
-            mlp_layer=ModuleSpec(**layer, submodules=_mlp_half(dense)),
-            moe_layer=moe_layer,
-            final_norm=dense.input_layernorm,
-            mtp_block_spec=ModuleSpec(
-                module=MultiTokenPredictionBlock,
-                submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[
-                    get_mtp_layer_spec(mtp_model_layer_spec=None, use_transformer_engine=False)
-                ]),
-            ),
-        ),
-    )))
+    return with_latent_dot_product_attention(
+        with_sequence_parallel_norms(
+            ModuleSpec(
+                module=SpecNormHybridStack,
+                submodules=HybridStackWithNormSubmodules(
+                    attention_layer=ModuleSpec(**layer, submodules=_attention_half(dense)),
+                    mla_layer=ModuleSpec(**layer, submodules=_attention_half(latent)),
+                    mlp_layer=ModuleSpec(**layer, submodules=_mlp_half(dense)),
+                    moe_layer=moe_layer,
+                    final_norm=dense.input_layernorm,
+                    mtp_block_spec=ModuleSpec(
+                        module=MultiTokenPredictionBlock,
+                        submodules=MultiTokenPredictionBlockSubmodules(
+                            layer_specs=[
+                                get_mtp_layer_spec(
+                                    mtp_model_layer_spec=None, use_transformer_engine=False
+                                )
+                            ]
+                        ),
+                    ),
+                ),
+            )
+        )
+    )
 
 
 def get_te_hybrid_stack_spec() -> ModuleSpec:
@@ -168,8 +189,10 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
         raise ValueError(f"hybrid_layer_pattern={hybrid_layer_pattern!r} is invalid: {why}")
 
     if not hybrid_layer_pattern:
-        refuse("it must describe at least one layer (symbols "
-               f"{sorted(Symbols.VALID_LAYERS)}, '|' between pipeline stages)")
+        refuse(
+            "it must describe at least one layer (symbols "
+            f"{sorted(Symbols.VALID_LAYERS)}, '|' between pipeline stages)"
+        )
     try:
         parsed = parse_hybrid_pattern(hybrid_layer_pattern)
     except ValueError as err:
@@ -178,14 +201,18 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
     symbols = set((parsed.main_pattern or "") + (parsed.mtp_pattern or "")) - {Symbols.PIPE}
     latent = sorted(symbols & {Symbols.MLA, Symbols.DS_ATTENTION})
     if latent and not isinstance(config, MLATransformerConfig):
-        refuse(f"layer types {latent} (multi-latent attention) need an MLATransformerConfig "
-               "(MHCMLATransformerConfig, which megatron_mhc builds for --multi-latent-attention "
-               f"or a pattern with them), not {type(config).__name__}")
+        refuse(
+            f"layer types {latent} (multi-latent attention) need an MLATransformerConfig "
+            "(MHCMLATransformerConfig, which megatron_mhc builds for --multi-latent-attention "
+            f"or a pattern with them), not {type(config).__name__}"
+        )
     if config.transformer_impl != "transformer_engine":
         unsupported = sorted(symbols - set(LOCAL_HYBRID_LAYER_SYMBOLS))
         if unsupported:
-            refuse(f"layer types {unsupported} need transformer_impl='transformer_engine' and "
-                   f"their CUDA packages; the local spec builds {list(LOCAL_HYBRID_LAYER_SYMBOLS)}")
+            refuse(
+                f"layer types {unsupported} need transformer_impl='transformer_engine' and "
+                f"their CUDA packages; the local spec builds {list(LOCAL_HYBRID_LAYER_SYMBOLS)}"
+            )
     mtp_depths = parsed.mtp_num_depths if parsed.mtp_pattern is not None else 0
     if (config.mtp_num_layers or 0) != mtp_depths:
         # HybridModel builds the MTP block from the pattern and runs config.mtp_num_layers
@@ -197,8 +224,10 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
             "their number (None or 0 without a '/' part)"
         )
     if config.mhc_active and Symbols.MAMBA in symbols:
-        refuse("Mamba layers ('M') are not supported with mHC (enable_mhc_connections and "
-               "mhc_num_residual_streams > 1): MambaLayer adds its own single-stream residual")
+        refuse(
+            "Mamba layers ('M') are not supported with mHC (enable_mhc_connections and "
+            "mhc_num_residual_streams > 1): MambaLayer adds its own single-stream residual"
+        )
     if Symbols.MOE in symbols and config.num_moe_experts is None:
         raise ValueError(
             f"MHCTransformerConfig.num_moe_experts=None is invalid: hybrid_layer_pattern="

@@ -1,7 +1,6 @@
 """Megatron's HybridStack with its final norm taken from the spec, and its mHC form."""
 
 from dataclasses import dataclass
-from typing import Union
 
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.transformer.identity_op import IdentityOp
@@ -14,7 +13,7 @@ from megatron_mhc.transformer.hyper_connection_stack import HyperConnectionStack
 class HybridStackWithNormSubmodules(HybridStackSubmodules):
     """HybridStackSubmodules plus the stack's final norm (Megatron builds a TENorm there)."""
 
-    final_norm: Union[ModuleSpec, type] = IdentityOp
+    final_norm: ModuleSpec | type = IdentityOp
 
 
 class SpecNormHybridStack(HybridStack):
@@ -25,13 +24,21 @@ class SpecNormHybridStack(HybridStack):
     condition (last stage, `post_layer_norm`), so the forward and the state dict are Megatron's.
     """
 
-    def __init__(self, config, submodules: HybridStackWithNormSubmodules, *args,
-                 post_layer_norm: bool = True, **kwargs):
+    def __init__(
+        self,
+        config,
+        submodules: HybridStackWithNormSubmodules,
+        *args,
+        post_layer_norm: bool = True,
+        **kwargs,
+    ):
         super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm
         if self.post_process and self.post_layer_norm:
             self.final_norm = build_module(
-                submodules.final_norm, config=self.config, hidden_size=self.config.hidden_size,
+                submodules.final_norm,
+                config=self.config,
+                hidden_size=self.config.hidden_size,
                 eps=self.config.layernorm_epsilon,
             )
 

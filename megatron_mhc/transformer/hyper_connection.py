@@ -9,11 +9,10 @@ dtype, and replicated across tensor-parallel ranks like a layer norm's.
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mhc.config import MHCTransformerConfig
@@ -75,8 +74,12 @@ class HyperConnectionModule(_FP32ParamsModule):
         update_stream: a HighPriorityStream to run the update on (None: the caller's stream).
     """
 
-    def __init__(self, config: MHCTransformerConfig, hc_index: int,
-                 update_stream: Optional[HighPriorityStream] = None):
+    def __init__(
+        self,
+        config: MHCTransformerConfig,
+        hc_index: int,
+        update_stream: HighPriorityStream | None = None,
+    ):
         super().__init__(config=config)
         self.update_stream = update_stream
         n, hidden = config.mhc_num_residual_streams, config.hidden_size
@@ -125,11 +128,14 @@ class HyperConnectionModule(_FP32ParamsModule):
         config = self.config
         if self.mhc_type == "mhc":
             op = functools.partial(
-                self.ops.mhc_mappings_collapse, sinkhorn_iters=config.mhc_sinkhorn_iterations,
-                eps=config.mhc_eps, norm_eps=config.mhc_norm_eps,
+                self.ops.mhc_mappings_collapse,
+                sinkhorn_iters=config.mhc_sinkhorn_iterations,
+                eps=config.mhc_eps,
+                norm_eps=config.mhc_norm_eps,
             )
             u, h_pre, h_post, comb, streams = self._call(
-                op, streams, self.fn, self.base, self.scale)
+                op, streams, self.fn, self.base, self.scale
+            )
         else:
             if self.mhc_type == "hc":
                 op = functools.partial(self.ops.hc_mappings, norm_eps=config.mhc_norm_eps)
@@ -148,8 +154,15 @@ class HyperConnectionModule(_FP32ParamsModule):
             return SaveInputsOnly.apply(op, *inputs)
         return op(*inputs)
 
-    def update(self, streams, output_with_bias, h_post, comb, dropout_p: float,
-               use_update_stream: bool = True) -> torch.Tensor:
+    def update(
+        self,
+        streams,
+        output_with_bias,
+        h_post,
+        comb,
+        dropout_p: float,
+        use_update_stream: bool = True,
+    ) -> torch.Tensor:
         """Megatron's bias-dropout-add with the residual add replaced by the stream mixing.
 
         The mixing runs on `update_stream` when there is one, unless `use_update_stream` is False:

@@ -11,12 +11,9 @@ after forward and recomputes them in backward (L_r counts the stack's layers: a 
 two residual sublayers, a HybridModel layer one).
 """
 
-from typing import Optional
-
 import torch
-from torch import Tensor
-
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
+from torch import Tensor
 
 from megatron_mhc.fusions import model_backend
 from megatron_mhc.transformer.hyper_connection import HyperConnectionHead
@@ -37,7 +34,7 @@ class HyperConnectionStack:
     norm exist.
     """
 
-    def setup_hyper_connections(self, final_norm: Optional[torch.nn.Module]) -> None:
+    def setup_hyper_connections(self, final_norm: torch.nn.Module | None) -> None:
         """Plan the recompute blocks of this stage and hook the contract onto `final_norm`."""
         config = self.config
         self.num_streams = config.mhc_num_residual_streams
@@ -71,7 +68,7 @@ class HyperConnectionStack:
     def _contract_before_final_norm(self, _norm: torch.nn.Module, args: tuple) -> tuple:
         return (self.contract_streams(args[0]), *args[1:])
 
-    def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
+    def set_input_tensor(self, input_tensor: Tensor | None) -> None:
         """The previous stage's state, received as [s, b*n, C] (pipeline_shapes.py), viewed as
         [s, b, n*C]; autograd returns its gradient in the received shape."""
         if input_tensor is not None:
@@ -94,5 +91,8 @@ class HyperConnectionStack:
         # The schedule frees the storage of what it sent, so the tensor must own it rather than
         # be a view.
         s, b, _ = output.shape
-        return make_viewless_tensor(inp=output.view(s, b * self.num_streams, -1),
-                                    requires_grad=output.requires_grad, keep_graph=True)
+        return make_viewless_tensor(
+            inp=output.view(s, b * self.num_streams, -1),
+            requires_grad=output.requires_grad,
+            keep_graph=True,
+        )

@@ -11,7 +11,6 @@ DotProductAttention derives from kv_channels, has to come from `v_channels` inst
 
 import dataclasses
 import math
-from typing import Optional
 
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
@@ -22,14 +21,29 @@ from megatron.core.utils import divide
 class LatentDotProductAttention(DotProductAttention):
     """DotProductAttention with key heads of `k_channels` and value heads of `v_channels`."""
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 k_channels: Optional[int] = None, v_channels: Optional[int] = None, **kwargs):
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        **kwargs,
+    ):
         if softmax_scale is None and k_channels is not None:
             softmax_scale = 1.0 / math.sqrt(k_channels)
-        super().__init__(config, layer_number, attn_mask_type, attention_type,
-                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
-                         **kwargs)
+        super().__init__(
+            config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale,
+            **kwargs,
+        )
         if v_channels is not None:
             self.hidden_size_per_partition = divide(
                 v_channels * config.num_attention_heads, self.pg_collection.tp.size()
@@ -44,13 +58,20 @@ def with_latent_dot_product_attention(spec):
         return [with_latent_dot_product_attention(item) for item in spec]
     if isinstance(spec, ModuleSpec) and spec.module is MLASelfAttention:
         if spec.submodules.core_attention is DotProductAttention:
-            return dataclasses.replace(spec, submodules=dataclasses.replace(
-                spec.submodules, core_attention=LatentDotProductAttention
-            ))
+            return dataclasses.replace(
+                spec,
+                submodules=dataclasses.replace(
+                    spec.submodules, core_attention=LatentDotProductAttention
+                ),
+            )
         return spec
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{
-            f.name: with_latent_dot_product_attention(getattr(spec, f.name))
-            for f in dataclasses.fields(spec) if f.init
-        })
+        return dataclasses.replace(
+            spec,
+            **{
+                f.name: with_latent_dot_product_attention(getattr(spec, f.name))
+                for f in dataclasses.fields(spec)
+                if f.init
+            },
+        )
     return spec

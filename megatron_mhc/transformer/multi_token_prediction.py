@@ -28,11 +28,8 @@ HybridModel, the hybrid stack spec's).
 """
 
 from dataclasses import dataclass, replace
-from typing import Optional, Union
 
 import torch
-from torch import Tensor
-
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 from megatron.core.tensor_parallel import (
     gather_from_tensor_model_parallel_region,
@@ -48,6 +45,7 @@ from megatron.core.transformer.multi_token_prediction import (
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.utils import make_viewless_tensor
+from torch import Tensor
 
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.transformer.hyper_connection import HyperConnectionHead
@@ -59,9 +57,9 @@ class MHCMultiTokenPredictionLayerSubmodules(MultiTokenPredictionLayerSubmodules
     """Megatron's MTP layer submodules with `eh_proj` split into `e_proj` (the embedding) and
     `h_proj` (each stream), and the layer's learned head `mhc_head`; `eh_proj` is IdentityOp."""
 
-    e_proj: Union[ModuleSpec, type] = None
-    h_proj: Union[ModuleSpec, type] = None
-    mhc_head: Union[ModuleSpec, type] = HyperConnectionHead
+    e_proj: ModuleSpec | type = None
+    h_proj: ModuleSpec | type = None
+    mhc_head: ModuleSpec | type = HyperConnectionHead
 
 
 class MHCMultiTokenPredictionLayer(MultiTokenPredictionLayer):
@@ -73,27 +71,36 @@ class MHCMultiTokenPredictionLayer(MultiTokenPredictionLayer):
     layer. Rolling, embedding, recompute and checkpoint naming are Megatron's.
     """
 
-    def __init__(self, config: MHCTransformerConfig,
-                 submodules: MHCMultiTokenPredictionLayerSubmodules, *args, **kwargs):
+    def __init__(
+        self,
+        config: MHCTransformerConfig,
+        submodules: MHCMultiTokenPredictionLayerSubmodules,
+        *args,
+        **kwargs,
+    ):
         super().__init__(config, submodules, *args, **kwargs)
         self.num_streams = config.mhc_num_residual_streams
         pg_collection = kwargs.get("pg_collection")
         name = kwargs.get("name")
         for proj in ("e_proj", "h_proj"):
-            setattr(self, proj, build_module(
-                getattr(submodules, proj),
-                config.hidden_size,
-                config.hidden_size,
-                config=config,
-                init_method=config.init_method,
-                gather_output=False,
-                bias=False,
-                skip_bias_add=False,
-                is_expert=False,
-                tp_comm_buffer_name=f"mtp_{proj}",
-                tp_group=pg_collection.tp if pg_collection is not None else None,
-                name=f"{name}.{proj}" if name is not None else None,
-            ))
+            setattr(
+                self,
+                proj,
+                build_module(
+                    getattr(submodules, proj),
+                    config.hidden_size,
+                    config.hidden_size,
+                    config=config,
+                    init_method=config.init_method,
+                    gather_output=False,
+                    bias=False,
+                    skip_bias_add=False,
+                    is_expert=False,
+                    tp_comm_buffer_name=f"mtp_{proj}",
+                    tp_group=pg_collection.tp if pg_collection is not None else None,
+                    name=f"{name}.{proj}" if name is not None else None,
+                ),
+            )
         self.mhc_head = build_module(submodules.mhc_head, config)
 
     def _concat_embeddings(self, hidden_states: Tensor, decoder_input: Tensor) -> Tensor:
@@ -142,9 +149,16 @@ class MHCMultiTokenPredictionBlock(MultiTokenPredictionBlock):
     loss input, concatenated along the sequence ([(1 + D) s, b, C]) for `process_mtp_loss`.
     """
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, hidden_states: Tensor,
-                attention_mask: Tensor, decoder_streams: Optional[Tensor] = None,
-                padding_mask: Optional[Tensor] = None, **layer_kwargs) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        hidden_states: Tensor,
+        attention_mask: Tensor,
+        decoder_streams: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        **layer_kwargs,
+    ) -> Tensor:
         """`hidden_states` is the decoder output [s, b, C] (contracted, normalised),
         `decoder_streams` its stream state before the contract [s, b, n*C]."""
         if decoder_streams is None:
@@ -217,9 +231,9 @@ def get_mhc_mtp_layer_spec(mtp_layer_spec: ModuleSpec) -> ModuleSpec:
 def get_mhc_gpt_mtp_block_spec(
     config: MHCTransformerConfig,
     decoder_block_spec: TransformerBlockSubmodules,
-    vp_stage: Optional[int] = None,
-    pp_rank: Optional[int] = None,
-) -> Optional[MultiTokenPredictionBlockSubmodules]:
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+) -> MultiTokenPredictionBlockSubmodules | None:
     """The MTP block spec of this stage (None where it holds no MTP layer).
 
     Megatron's GPT MTP spec, whose inner layer is the last layer of `decoder_block_spec` (so
@@ -228,7 +242,10 @@ def get_mhc_gpt_mtp_block_spec(
     """
     use_te = config.transformer_impl == "transformer_engine"
     block_spec = get_gpt_mtp_block_spec(
-        config, decoder_block_spec, use_transformer_engine=use_te, vp_stage=vp_stage,
+        config,
+        decoder_block_spec,
+        use_transformer_engine=use_te,
+        vp_stage=vp_stage,
         pp_rank=pp_rank,
     )
     if block_spec is not None and not use_te:

@@ -17,14 +17,13 @@ TransformerBlock from the layers it holds.
 
 import functools
 import math
-from typing import List, Optional, Union
 
 import torch
 
 
 def recompute_block_size(
-    setting: Union[int, str, None], num_streams: int, num_layers: int
-) -> Optional[int]:
+    setting: int | str | None, num_streams: int, num_layers: int
+) -> int | None:
     """L_r for a stage of `num_layers` layers: `setting` itself, or eq. 20 (docs/math.md) for 'auto'
     (L_r* = max(1, floor(sqrt(n * L / (n + 2))))), or None (no recompute)."""
     if setting is None or num_layers == 0:
@@ -44,15 +43,19 @@ class MHCRecomputeManager:
     def __init__(self, layers, block_size: int, ops):
         self.block_size = block_size
         self.ops = ops
-        self._open_block: List[tuple] = []
+        self._open_block: list[tuple] = []
         # The streams the open block's updates ran on: under the combined 1F1B schedule the
         # attention's and the MLP's updates run in different schedule nodes, on different streams.
         self._open_block_streams = set()
         hyper_connections = [layer.hyper_connections for layer in layers]
         # Streams other than the caller's that read the stream states (the MLP updates' with
         # mhc_mlp_high_priority_stream).
-        self._side_streams = {hc.update_stream.stream for layer_hcs in hyper_connections
-                              for hc in layer_hcs if hc.update_stream is not None}
+        self._side_streams = {
+            hc.update_stream.stream
+            for layer_hcs in hyper_connections
+            for hc in layer_hcs
+            if hc.update_stream is not None
+        }
         for index, layer_hcs in enumerate(hyper_connections):
             closes_block = (index + 1) % block_size == 0 or index + 1 == len(layers)
             for hc in layer_hcs:

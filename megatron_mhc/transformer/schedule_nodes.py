@@ -69,7 +69,9 @@ class HyperConnectionLayerCallables:
         layer, chunk = self.layer, node.chunk_state
         streams = hidden_states.unflatten(-1, (layer.num_streams, -1))
         streams = layer._hyper_connected(
-            layer.self_attention_hyper_connection, streams, functools.partial(
+            layer.self_attention_hyper_connection,
+            streams,
+            functools.partial(
                 layer._attention,
                 attention_mask=chunk.attention_mask,
                 inference_context=None,
@@ -102,8 +104,11 @@ class HyperConnectionLayerCallables:
     def dense_mlp(self, node, mlp_input):
         """The collapsed input [s, b, C] -> the dense MLP's output (its bias goes to the update
         through the layer state)."""
-        output, bias = self.layer._mlp(mlp_input, padding_mask=node.chunk_state.padding_mask,
-                                       packed_seq_params=node.chunk_state.packed_seq_params)
+        output, bias = self.layer._mlp(
+            mlp_input,
+            padding_mask=node.chunk_state.padding_mask,
+            packed_seq_params=node.chunk_state.packed_seq_params,
+        )
         node.layer_state.mlp_bias = None if bias is None else node.detach(bias)
         return output
 
@@ -125,11 +130,24 @@ class HyperConnectionLayerCallables:
         another one (the high-priority stream).
         """
         layer, state = self.layer, node.layer_state
-        inputs = [tensor for tensor in (state.mlp_streams, mlp_output, state.mlp_bias,
-                                        state.mlp_h_post, state.mlp_comb) if tensor is not None]
+        inputs = [
+            tensor
+            for tensor in (
+                state.mlp_streams,
+                mlp_output,
+                state.mlp_bias,
+                state.mlp_h_post,
+                state.mlp_comb,
+            )
+            if tensor is not None
+        ]
         streams = layer.mlp_hyper_connection.update(
-            state.mlp_streams, (mlp_output, state.mlp_bias), state.mlp_h_post, state.mlp_comb,
-            layer.hidden_dropout, use_update_stream=False,
+            state.mlp_streams,
+            (mlp_output, state.mlp_bias),
+            state.mlp_h_post,
+            state.mlp_comb,
+            layer.hidden_dropout,
+            use_update_stream=False,
         )
         state.mlp_streams = state.mlp_h_post = state.mlp_comb = state.mlp_bias = None
         if compute_stream is not None:
@@ -146,8 +164,7 @@ class HyperConnectionLayerCallables:
                 output = decoder.final_layernorm(output)  # its pre-hook contracts the streams
             elif not decoder.post_process:
                 return decoder.to_next_stage(output)
-        return make_viewless_tensor(inp=output, requires_grad=output.requires_grad,
-                                    keep_graph=True)
+        return make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
 
 
 class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
@@ -172,8 +189,13 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
         # module docstring. The update has no delayed weight gradients (HC parameters are not
         # Transformer Engine linears).
         self.mtp_post_process = TransformerLayerNode(
-            update_stream or comp_stream, event, self.layer_state, self.chunk_state, update,
-            name=MLP_UPDATE_NODE, extra_args=extra_args,
+            update_stream or comp_stream,
+            event,
+            self.layer_state,
+            self.chunk_state,
+            update,
+            name=MLP_UPDATE_NODE,
+            extra_args=extra_args,
         )
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import importlib.util
-from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.identity_op import IdentityOp
@@ -33,7 +32,9 @@ def get_mhc_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
             self_attention_hyper_connection=(
                 IdentityOp if submodules.self_attention is IdentityOp else HyperConnectionModule
             ),
-            mlp_hyper_connection=IdentityOp if submodules.mlp is IdentityOp else HyperConnectionModule,
+            mlp_hyper_connection=IdentityOp
+            if submodules.mlp is IdentityOp
+            else HyperConnectionModule,
         ),
     )
 
@@ -49,19 +50,23 @@ def with_sequence_parallel_norms(spec):
     if isinstance(spec, list):
         return [with_sequence_parallel_norms(item) for item in spec]
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{
-            f.name: with_sequence_parallel_norms(getattr(spec, f.name))
-            for f in dataclasses.fields(spec) if f.init
-        })
+        return dataclasses.replace(
+            spec,
+            **{
+                f.name: with_sequence_parallel_norms(getattr(spec, f.name))
+                for f in dataclasses.fields(spec)
+                if f.init
+            },
+        )
     return spec
 
 
 def get_mhc_gpt_decoder_block_spec(
     config: MHCTransformerConfig,
-    normalization: Optional[str] = None,
+    normalization: str | None = None,
     qk_l2_norm: bool = False,
-    vp_stage: Optional[int] = None,
-    pp_rank: Optional[int] = None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:
     """Megatron's GPT decoder block spec with every layer made an mHC layer.
 
@@ -79,8 +84,12 @@ def get_mhc_gpt_decoder_block_spec(
             "installed: install megatron-mhc[te] or set transformer_impl='local'"
         )
     block_spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=use_te, normalization=normalization or config.normalization,
-        qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank,
+        config,
+        use_transformer_engine=use_te,
+        normalization=normalization or config.normalization,
+        qk_l2_norm=qk_l2_norm,
+        vp_stage=vp_stage,
+        pp_rank=pp_rank,
     )
     if not use_te:
         block_spec = with_latent_dot_product_attention(with_sequence_parallel_norms(block_spec))

@@ -13,8 +13,21 @@ class HyperConnectionTransformerBlock(HyperConnectionStack, TransformerBlock):
     HyperConnectionStack does; L_r counts GPT layers (two residual sublayers each).
     """
 
-    def __init__(self, config, spec, post_layer_norm: bool = True, pre_process: bool = True,
-                 post_process: bool = True, **kwargs):
-        super().__init__(config, spec, post_layer_norm=post_layer_norm, pre_process=pre_process,
-                         post_process=post_process, **kwargs)
+    def __init__(
+        self,
+        config,
+        spec,
+        post_layer_norm: bool = True,
+        pre_process: bool = True,
+        post_process: bool = True,
+        **kwargs,
+    ):
+        super().__init__(
+            config,
+            spec,
+            post_layer_norm=post_layer_norm,
+            pre_process=pre_process,
+            post_process=post_process,
+            **kwargs,
+        )
         self.setup_hyper_connections(self.final_layernorm)

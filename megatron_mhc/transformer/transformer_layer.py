@@ -2,15 +2,13 @@
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Union
-
-from torch import Tensor
 
 from megatron.core import tensor_parallel
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import deprecate_inference_params, make_viewless_tensor
+from torch import Tensor
 
 from megatron_mhc.transformer.high_priority_stream import mlp_high_priority_stream
 
@@ -24,8 +22,8 @@ class HyperConnectionTransformerLayerSubmodules(TransformerLayerSubmodules):
     MoE), a GPT layer two.
     """
 
-    self_attention_hyper_connection: Union[ModuleSpec, type] = IdentityOp
-    mlp_hyper_connection: Union[ModuleSpec, type] = IdentityOp
+    self_attention_hyper_connection: ModuleSpec | type = IdentityOp
+    mlp_hyper_connection: ModuleSpec | type = IdentityOp
 
 
 class HyperConnectionTransformerLayer(TransformerLayer):
@@ -43,8 +41,13 @@ class HyperConnectionTransformerLayer(TransformerLayer):
     theirs alike.
     """
 
-    def __init__(self, config, submodules: HyperConnectionTransformerLayerSubmodules,
-                 layer_number: int = 1, **kwargs):
+    def __init__(
+        self,
+        config,
+        submodules: HyperConnectionTransformerLayerSubmodules,
+        layer_number: int = 1,
+        **kwargs,
+    ):
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         if not isinstance(self.cross_attention, IdentityOp):
             raise ValueError(
@@ -69,31 +72,36 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             submodules.self_attention_hyper_connection, config=config, hc_index=first_hc_index
         )
         self.mlp_hyper_connection = build_module(
-            submodules.mlp_hyper_connection, config=config, hc_index=first_hc_index + has_attention,
+            submodules.mlp_hyper_connection,
+            config=config,
+            hc_index=first_hc_index + has_attention,
             update_stream=mlp_high_priority_stream(config),
         )
 
     @property
     def hyper_connections(self) -> list:
         """This layer's HC modules in forward order."""
-        return [hc for hc in (self.self_attention_hyper_connection, self.mlp_hyper_connection)
-                if not isinstance(hc, IdentityOp)]
+        return [
+            hc
+            for hc in (self.self_attention_hyper_connection, self.mlp_hyper_connection)
+            if not isinstance(hc, IdentityOp)
+        ]
 
     def forward(
         self,
         hidden_states: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        context: Optional[Tensor] = None,
-        context_mask: Optional[Tensor] = None,
-        rotary_pos_emb: Optional[Tensor] = None,
-        rotary_pos_cos: Optional[Tensor] = None,
-        rotary_pos_sin: Optional[Tensor] = None,
-        rotary_pos_cos_sin: Optional[Tensor] = None,
-        attention_bias: Optional[Tensor] = None,
+        attention_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        rotary_pos_emb: Tensor | None = None,
+        rotary_pos_cos: Tensor | None = None,
+        rotary_pos_sin: Tensor | None = None,
+        rotary_pos_cos_sin: Tensor | None = None,
+        attention_bias: Tensor | None = None,
         inference_context=None,
         packed_seq_params=None,
-        sequence_len_offset: Optional[Tensor] = None,
-        padding_mask: Optional[Tensor] = None,
+        sequence_len_offset: Tensor | None = None,
+        padding_mask: Tensor | None = None,
         *,
         inference_params=None,
     ):
@@ -103,7 +111,9 @@ class HyperConnectionTransformerLayer(TransformerLayer):
 
         if not isinstance(self.self_attention_hyper_connection, IdentityOp):
             streams = self._hyper_connected(
-                self.self_attention_hyper_connection, streams, functools.partial(
+                self.self_attention_hyper_connection,
+                streams,
+                functools.partial(
                     self._attention,
                     attention_mask=attention_mask,
                     inference_context=inference_context,
@@ -118,9 +128,11 @@ class HyperConnectionTransformerLayer(TransformerLayer):
             )
         if not isinstance(self.mlp_hyper_connection, IdentityOp):
             streams = self._hyper_connected(
-                self.mlp_hyper_connection, streams,
-                functools.partial(self._mlp, padding_mask=padding_mask,
-                                  packed_seq_params=packed_seq_params),
+                self.mlp_hyper_connection,
+                streams,
+                functools.partial(
+                    self._mlp, padding_mask=padding_mask, packed_seq_params=packed_seq_params
+                ),
             )
 
         # The schedules free the output's storage after sending it; it must own that storage.

@@ -17,14 +17,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/gpt_tiny_mhc.yaml"
 GOLDEN = Path(__file__).resolve().parent / "golden" / "gpt_tiny_mhc_50_iterations.json"
-BASE_FLAGS = ["--train-iters", "50", "--lr-warmup-iters", "5", "--log-interval", "1",
-              "--eval-interval", "1000", "--eval-iters", "0", "--save-interval", "1000"]
+BASE_FLAGS = [
+    "--train-iters",
+    "50",
+    "--lr-warmup-iters",
+    "5",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "1000",
+    "--eval-iters",
+    "0",
+    "--save-interval",
+    "1000",
+]
 # Losses over 50 training steps amplify last-bit differences between CPUs: MKL and ATen pick
 # kernels by processor (vendor, AVX2 / AVX-512), each summing in its own order. Golden values
 # are compared on whatever machine CI gets, so the runs use the code paths every x86 CPU has:
 # MKL's conditional-numerical-reproducibility mode and ATen's non-vectorized kernels, one thread.
-PORTABLE_CPU_NUMERICS = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE",
-                         "ATEN_CPU_CAPABILITY": "default"}
+PORTABLE_CPU_NUMERICS = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_CBWR": "COMPATIBLE",
+    "ATEN_CPU_CAPABILITY": "default",
+}
 _LOSS = re.compile(r"\[mhc\] iteration +(\d+) \| lm loss: ([^ |]+) \|")
 
 
@@ -34,23 +49,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pretrain(workdir: Path, *flags: str, nproc: int = 2, timeout: int = 900,
-                 config: str = CONFIG):
+def run_pretrain(
+    workdir: Path, *flags: str, nproc: int = 2, timeout: int = 900, config: str = CONFIG
+):
     """(log, {iteration: loss}) of a run of `config` (a YAML config, by default the tiny mHC
     GPT); raises with the log's tail if it fails."""
     checkpoints = workdir / "checkpoints"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(_free_port()), str(REPO / "pretrain_gpt_mhc.py"),
-        "--config", config, *BASE_FLAGS, "--save", str(checkpoints), "--load", str(checkpoints),
-        "--tensorboard-dir", str(workdir / "tensorboard"), *flags,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        str(REPO / "pretrain_gpt_mhc.py"),
+        "--config",
+        config,
+        *BASE_FLAGS,
+        "--save",
+        str(checkpoints),
+        "--load",
+        str(checkpoints),
+        "--tensorboard-dir",
+        str(workdir / "tensorboard"),
+        *flags,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **PORTABLE_CPU_NUMERICS)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     (workdir / f"run{len(list(workdir.glob('run*.log')))}.log").write_text(log)
     if proc.returncode != 0:
-        raise RuntimeError(f"pretrain run failed ({proc.returncode}): {' '.join(cmd)}\n{log[-4000:]}")
+        raise RuntimeError(
+            f"pretrain run failed ({proc.returncode}): {' '.join(cmd)}\n{log[-4000:]}"
+        )
     return log, {int(i): float(v) for i, v in _LOSS.findall(log)}
 
 
@@ -60,10 +92,16 @@ def load_golden() -> dict:
 
 
 def write_golden(losses: dict) -> None:
-    GOLDEN.write_text(json.dumps({
-        "what": "lm loss per iteration of the tiny mHC GPT (CPU, gloo, 2 processes, TP=1 PP=2)",
-        "command": "MHC_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest "
-                   "tests/functional/test_pretrain.py -k golden",
-        "flags": BASE_FLAGS,
-        "lm_loss": {str(i): losses[i] for i in sorted(losses)},
-    }, indent=1) + "\n")
+    GOLDEN.write_text(
+        json.dumps(
+            {
+                "what": "lm loss per iteration of the tiny mHC GPT (CPU, gloo, 2 processes, TP=1 PP=2)",
+                "command": "MHC_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest "
+                "tests/functional/test_pretrain.py -k golden",
+                "flags": BASE_FLAGS,
+                "lm_loss": {str(i): losses[i] for i in sorted(losses)},
+            },
+            indent=1,
+        )
+        + "\n"
+    )

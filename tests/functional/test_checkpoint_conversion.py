@@ -14,23 +14,49 @@ import pytest
 from tests.functional.pretrain_runs import REPO, run_pretrain
 
 LEGACY = Path(__file__).resolve().parent / "legacy" / "gpt_tiny_mhc_before_hc_rename"
-LEGACY_LOSSES = {int(i): v for i, v in json.loads(
-    LEGACY.with_suffix(".json").read_text())["lm_loss"].items()}
+LEGACY_LOSSES = {
+    int(i): v for i, v in json.loads(LEGACY.with_suffix(".json").read_text())["lm_loss"].items()
+}
 # The model of the legacy checkpoint (the rest is configs/gpt_tiny_mhc.yaml).
-FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-         "--num-attention-heads", "2", "--seq-length", "32", "--max-position-embeddings", "32",
-         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr-warmup-iters", "1",
-         "--train-iters", "4"]
+FLAGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "64",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "32",
+    "--max-position-embeddings",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--lr-warmup-iters",
+    "1",
+    "--train-iters",
+    "4",
+]
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args],
-                          capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def _digests(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_legacy_checkpoint_is_refused_with_the_command_that_converts_it(tmp_path):
@@ -58,8 +84,10 @@ def test_round_trip_through_megatron_main_resumes_the_same(tmp_path):
     the sources stay byte-identical."""
     source = _digests(LEGACY)
     main = tmp_path / "megatron_main"
-    for args in (("to-megatron-main", str(LEGACY), str(main)),
-                 ("from-megatron-main", str(main), str(tmp_path / "checkpoints"))):
+    for args in (
+        ("to-megatron-main", str(LEGACY), str(main)),
+        ("from-megatron-main", str(main), str(tmp_path / "checkpoints")),
+    ):
         converted = _convert(*args, "--num-residual-streams", "4")
         assert converted.returncode == 0, converted.stderr
     main_digests = _digests(main)

@@ -12,16 +12,23 @@ from tests.functional.pretrain_runs import run_pretrain
 
 ITERATIONS = 10
 # TE's flash and fused attention, the ones that implement context parallelism, compute in bf16.
-TE_BF16_RUN = ["--train-iters", str(ITERATIONS), "--pipeline-model-parallel-size", "1",
-               "--transformer-impl", "transformer_engine", "--bf16",
-               # bf16 mHC checkpoints keep no optimizer state in megatron-core 0.19.2 (README).
-               "--no-save-optim"]
+TE_BF16_RUN = [
+    "--train-iters",
+    str(ITERATIONS),
+    "--pipeline-model-parallel-size",
+    "1",
+    "--transformer-impl",
+    "transformer_engine",
+    "--bf16",
+    # bf16 mHC checkpoints keep no optimizer state in megatron-core 0.19.2 (README).
+    "--no-save-optim",
+]
 
 
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2 or importlib.util.find_spec("transformer_engine") is None,
     reason="needs 2 CUDA GPUs (one NCCL rank per GPU) and Transformer Engine (context "
-           "parallelism is TE attention)",
+    "parallelism is TE attention)",
 )
 def test_gpu_context_parallel_2_trains_as_cp1_dp2(tmp_path, monkeypatch):
     # megatron.training requires it for context parallelism on GPUs older than Blackwell.

@@ -11,8 +11,9 @@ ITERATIONS = 30
 
 
 def test_tiny_hybrid_mhc_config_trains_with_health_lines(tmp_path):
-    log, losses = run_pretrain(tmp_path, "--train-iters", str(ITERATIONS),
-                               config="configs/hybrid_tiny_mhc.yaml")
+    log, losses = run_pretrain(
+        tmp_path, "--train-iters", str(ITERATIONS), config="configs/hybrid_tiny_mhc.yaml"
+    )
     assert "building HybridModel *-*E|*-*E model: mHC on (n=4" in log
     assert sorted(losses) == list(range(1, ITERATIONS + 1))
     # num_layers comes from the pattern: one [mhc] line per hybrid layer, across both stages.
@@ -25,9 +26,12 @@ def test_tiny_hybrid_mhc_config_trains_with_health_lines(tmp_path):
 
 def test_pattern_the_config_cannot_build_stops_before_training_naming_it(tmp_path):
     with pytest.raises(RuntimeError) as failure:
-        run_pretrain(tmp_path, "--hybrid-layer-pattern", "*M*E|*-*E",
-                     config="configs/hybrid_tiny_mhc.yaml")
+        run_pretrain(
+            tmp_path, "--hybrid-layer-pattern", "*M*E|*-*E", config="configs/hybrid_tiny_mhc.yaml"
+        )
     log = str(failure.value)
-    assert ("pretrain_gpt_mhc.py: hybrid_layer_pattern='*M*E|*-*E' is invalid: layer types "
-            "['M'] need transformer_impl='transformer_engine'") in log
+    assert (
+        "pretrain_gpt_mhc.py: hybrid_layer_pattern='*M*E|*-*E' is invalid: layer types "
+        "['M'] need transformer_impl='transformer_engine'"
+    ) in log
     assert "iteration" not in log and not (tmp_path / "checkpoints").exists()

@@ -15,8 +15,9 @@ def test_overlapped_run_has_the_plain_runs_losses_bitwise(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "overlap").mkdir()
     _, plain = run_pretrain(tmp_path / "plain", *TEN_ITERATIONS, config=CONFIG)
-    log, overlapped = run_pretrain(tmp_path / "overlap", *TEN_ITERATIONS,
-                                   "--overlap-moe-expert-parallel-comm", config=CONFIG)
+    log, overlapped = run_pretrain(
+        tmp_path / "overlap", *TEN_ITERATIONS, "--overlap-moe-expert-parallel-comm", config=CONFIG
+    )
     assert "overlap_moe_expert_parallel_comm ................ True" in log
     assert sorted(plain) == list(range(1, 11))
     assert overlapped == plain

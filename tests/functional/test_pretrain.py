@@ -39,9 +39,17 @@ def test_tensorboard_has_loss_throughput_and_mhc_figures(uninterrupted):
     events = EventAccumulator(str(workdir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    expected = {"lm loss", "learning-rate", "grad-norm", "throughput/tokens_per_s",
-                "mhc/h_pre_mean", "mhc/h_post_mean", "mhc/amax_gain_fwd", "mhc/amax_gain_bwd",
-                "mhc/layer04/amax_gain_bwd"}
+    expected = {
+        "lm loss",
+        "learning-rate",
+        "grad-norm",
+        "throughput/tokens_per_s",
+        "mhc/h_pre_mean",
+        "mhc/h_post_mean",
+        "mhc/amax_gain_fwd",
+        "mhc/amax_gain_bwd",
+        "mhc/layer04/amax_gain_bwd",
+    }
     assert expected <= tags, expected - tags
     gains = [e.value for e in events.Scalars("mhc/amax_gain_fwd")]
     assert len(gains) >= 49 and all(abs(g - 1.0) < 1e-3 for g in gains)
@@ -62,7 +70,11 @@ def test_resume_with_another_parallel_layout(uninterrupted, tmp_path):
     _, _, full = uninterrupted
     run_pretrain(tmp_path, "--exit-interval", "25", "--save-interval", "25")
     _, resumed = run_pretrain(
-        tmp_path, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
+        tmp_path,
+        "--tensor-model-parallel-size",
+        "2",
+        "--pipeline-model-parallel-size",
+        "1",
     )
     assert sorted(resumed) == list(range(26, 51))
     for iteration in range(26, 51):
@@ -70,11 +82,16 @@ def test_resume_with_another_parallel_layout(uninterrupted, tmp_path):
         assert resumed[iteration] == pytest.approx(full[iteration], rel=1e-4), iteration
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--mhc-num-residual-streams", "0"],
-     "MHCTransformerConfig.mhc_num_residual_streams=0 is invalid: must be an integer >= 1"),
-    (["--config", "BAD_YAML"], "unknown key model.num_layer; did you mean 'num_layers'?"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--mhc-num-residual-streams", "0"],
+            "MHCTransformerConfig.mhc_num_residual_streams=0 is invalid: must be an integer >= 1",
+        ),
+        (["--config", "BAD_YAML"], "unknown key model.num_layer; did you mean 'num_layers'?"),
+    ],
+)
 def test_bad_input_stops_before_training_naming_the_field(tmp_path, flags, message):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model:\n  num_layer: 4\n")

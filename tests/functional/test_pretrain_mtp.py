@@ -16,9 +16,14 @@ _MTP_LOSS = re.compile(r"iteration +(\d+)/ *\d+ \|.* mtp_1 loss: ([^ |]+) \|")
 def test_mtp_loss_is_logged_finite_and_falling(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log, losses = run_pretrain(tmp_path, "--mtp-num-layers", "1",
-                               "--untie-embeddings-and-output-weights",
-                               "--train-iters", str(ITERATIONS))
+    log, losses = run_pretrain(
+        tmp_path,
+        "--mtp-num-layers",
+        "1",
+        "--untie-embeddings-and-output-weights",
+        "--train-iters",
+        str(ITERATIONS),
+    )
     mtp = {int(i): float(v) for i, v in _MTP_LOSS.findall(log)}
     assert sorted(mtp) == sorted(losses) == list(range(1, ITERATIONS + 1))
     assert all(math.isfinite(v) for v in mtp.values())
@@ -37,10 +42,15 @@ HYBRID_ITERATIONS = 12
 
 def test_hybrid_mtp_part_trains_with_the_mtp_loss_logged(tmp_path):
     """megatron.training sets --mtp-num-layers 1 from the pattern's one `/` part."""
-    log, losses = run_pretrain(tmp_path, "--hybrid-layer-pattern", "*-*E|*-*E/*-",
-                               "--untie-embeddings-and-output-weights",
-                               "--train-iters", str(HYBRID_ITERATIONS),
-                               config="configs/hybrid_tiny_mhc.yaml")
+    log, losses = run_pretrain(
+        tmp_path,
+        "--hybrid-layer-pattern",
+        "*-*E|*-*E/*-",
+        "--untie-embeddings-and-output-weights",
+        "--train-iters",
+        str(HYBRID_ITERATIONS),
+        config="configs/hybrid_tiny_mhc.yaml",
+    )
     assert "building HybridModel *-*E|*-*E/*-" in log
     mtp = {int(i): float(v) for i, v in _MTP_LOSS.findall(log)}
     assert sorted(mtp) == sorted(losses) == list(range(1, HYBRID_ITERATIONS + 1))

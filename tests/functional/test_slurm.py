@@ -75,5 +75,7 @@ def test_sbatch_launcher_trains_and_resumes_on_local_slurm():
     if proc.returncode == SKIP_RC:
         reasons = [line for line in output.splitlines() if line.startswith("SKIP:")]
         pytest.skip(reasons[-1] if reasons else "run_slurm_test.sh could not set up Slurm")
-    assert proc.returncode == 0, f"run_slurm_test.sh failed (exit {proc.returncode}):\n{_tail(output)}"
+    assert proc.returncode == 0, (
+        f"run_slurm_test.sh failed (exit {proc.returncode}):\n{_tail(output)}"
+    )
     assert "PASS" in output

@@ -14,8 +14,10 @@ def test_auto_and_torch_are_the_reference():
     assert get_backend("torch") is reference
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the Triton backend can run here")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="the Triton backend can run here",
+)
 def test_triton_without_gpu_or_interpreter_is_a_clear_error():
     with pytest.raises(ValueError, match=r"mhc_kernel_backend='triton' cannot run here \("):
         get_backend("triton")

@@ -52,8 +52,9 @@ def _select_with(candidates, config, timer=verification.time_hc_module):
     """select() as on a CUDA device that runs `candidates`; the warnings it raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        selection = verification.select(config, TOKENS, gate=lambda _device: candidates,
-                                         timer=timer)
+        selection = verification.select(
+            config, TOKENS, gate=lambda _device: candidates, timer=timer
+        )
     return selection, [str(w.message) for w in caught if w.category is RuntimeWarning]
 
 
@@ -66,11 +67,16 @@ def pick_triton_when_it_passes():
     results = {}
     for mhc_type, contract in (("mhc", "learned"), ("hc", "mean")):
         config = check.check_config(**TINY, mhc_type=mhc_type, contract=contract)
-        selection, warned = _select_with({"triton": triton}, config,
-                                         _timer({"triton": 1.0, "reference": 2.0}))
-        results[mhc_type] = (selection.backend, selection.how, warned,
-                             [(c.op, c.tokens, c.error) for c in selection.checks["triton"]],
-                             selection.summary())
+        selection, warned = _select_with(
+            {"triton": triton}, config, _timer({"triton": 1.0, "reference": 2.0})
+        )
+        results[mhc_type] = (
+            selection.backend,
+            selection.how,
+            warned,
+            [(c.op, c.tokens, c.error) for c in selection.checks["triton"]],
+            selection.summary(),
+        )
     return results
 
 
@@ -79,11 +85,18 @@ def fall_back_on_a_wrong_or_raising_op():
 
     config = check.check_config(**TINY)
     results = {}
-    for what, double in (("wrong", _double(triton, "triton", mhc_update=_wrong_update(triton))),
-                         ("raises", _double(triton, "triton", mhc_head=_raising_head))):
+    for what, double in (
+        ("wrong", _double(triton, "triton", mhc_update=_wrong_update(triton))),
+        ("raises", _double(triton, "triton", mhc_head=_raising_head)),
+    ):
         selection, warned = _select_with({"triton": double}, config)
-        results[what] = (selection.backend, selection.module is reference, warned,
-                         [(c.op, c.error) for c in selection.failures()], selection.summary())
+        results[what] = (
+            selection.backend,
+            selection.module is reference,
+            warned,
+            [(c.op, c.error) for c in selection.failures()],
+            selection.summary(),
+        )
     return results
 
 
@@ -92,9 +105,15 @@ def explicit_backend_skips_the_check_unless_forced():
     explicit = verification.select(config, TOKENS)
     with environment({verification.FORCE_ENV: "1"}):
         forced = verification.select(config, TOKENS)
-    return ((explicit.backend, explicit.how, explicit.checks),
-            (forced.backend, forced.how, sorted({c.op for c in forced.checks["triton"]}),
-             all(c.passed for c in forced.checks["triton"])))
+    return (
+        (explicit.backend, explicit.how, explicit.checks),
+        (
+            forced.backend,
+            forced.how,
+            sorted({c.op for c in forced.checks["triton"]}),
+            all(c.passed for c in forced.checks["triton"]),
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +124,10 @@ def interpreted():
 
 def test_auto_takes_triton_when_it_passes_every_op_and_is_fastest_interpreted(interpreted):
     results = interpreted(pick_triton_when_it_passes)
-    for mhc_type, ops in (("mhc", ["mhc_mappings_collapse", "mhc_update", "mhc_head"]),
-                          ("hc", ["hc_mappings", "mhc_collapse", "mhc_update"])):
+    for mhc_type, ops in (
+        ("mhc", ["mhc_mappings_collapse", "mhc_update", "mhc_head"]),
+        ("hc", ["hc_mappings", "mhc_collapse", "mhc_update"]),
+    ):
         backend, how, warned, checks, summary = results[mhc_type]
         assert (backend, how, warned) == ("triton", "verified", []), summary
         # Every op the model uses, at the model's tokens and at a ragged count, passed.
@@ -115,10 +136,13 @@ def test_auto_takes_triton_when_it_passes_every_op_and_is_fastest_interpreted(in
 
 
 def test_a_wrong_or_raising_op_falls_back_to_the_reference_with_a_warning_naming_it_interpreted(
-        interpreted):
+    interpreted,
+):
     results = interpreted(fall_back_on_a_wrong_or_raising_op)
-    for what, op, error in (("wrong", "mhc_update", "output 0: Tensor-likes are not close"),
-                            ("raises", "mhc_head", "raised RuntimeError: kernel launch failed")):
+    for what, op, error in (
+        ("wrong", "mhc_update", "output 0: Tensor-likes are not close"),
+        ("raises", "mhc_head", "raised RuntimeError: kernel launch failed"),
+    ):
         backend, is_reference, warned, failures, summary = results[what]
         assert backend == "torch" and is_reference, summary
         assert len(warned) == 1 and "triton backend failed its check" in warned[0], warned
@@ -165,15 +189,22 @@ def agree_across_ranks(rank, _world_size):
     # 1. The fused backend passes on rank 1 only (and would be its choice alone).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        selection = verification.select(config, TOKENS, gate=lambda _d: {
-            "triton": broken if rank == 0 else correct},
-            timer=_timer({"triton": 1.0, "reference": 2.0}))
+        selection = verification.select(
+            config,
+            TOKENS,
+            gate=lambda _d: {"triton": broken if rank == 0 else correct},
+            timer=_timer({"triton": 1.0, "reference": 2.0}),
+        )
     outcomes.append((selection.backend, selection.failed_elsewhere, len(selection.failures())))
     # 2. It passes on both; faster than the reference on rank 0 only. (A new double: a rank
     # that had checked this one before would take its choice from the cache.)
     times = {"triton": 1.0 if rank == 0 else 3.0, "reference": 2.0}
-    selection = verification.select(config, TOKENS, gate=lambda _d: {
-        "triton": _double(reference, "triton")}, timer=_timer(times))
+    selection = verification.select(
+        config,
+        TOKENS,
+        gate=lambda _d: {"triton": _double(reference, "triton")},
+        timer=_timer(times),
+    )
     outcomes.append((selection.backend, selection.times_ms))
     return outcomes
 
@@ -190,8 +221,9 @@ def test_ranks_with_different_outcomes_take_the_same_backend():
 def run_the_check_command():
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        status = check.main(["--n", "2", "--hidden", "16", "--tokens", "4", "--dtype", "bf16",
-                             "--repeats", "1"])
+        status = check.main(
+            ["--n", "2", "--hidden", "16", "--tokens", "4", "--dtype", "bf16", "--repeats", "1"]
+        )
     return status, output.getvalue()
 
 
@@ -204,10 +236,12 @@ def test_the_check_command_prints_the_table_on_cpu(interpreted):
     assert "mHC kernel check on cpu: n=2 C=16 tokens=4 (ragged 3) bf16" in lines[0], lines
     for op in ("mhc_mappings_collapse", "mhc_update", "mhc_head"):
         for tokens in (4, 3):
-            assert any(line.split()[:3] == ["triton", op, str(tokens)] and line.endswith("ok")
-                       for line in lines), (op, tokens, lines)
+            assert any(
+                line.split()[:3] == ["triton", op, str(tokens)] and line.endswith("ok")
+                for line in lines
+            ), (op, tokens, lines)
     header = next(i for i, line in enumerate(lines) if "HC fwd+bwd (ms)" in line)
-    timed = {line.split()[0]: float(line.split()[1]) for line in lines[header + 1:-1]}
+    timed = {line.split()[0]: float(line.split()[1]) for line in lines[header + 1 : -1]}
     assert set(timed) == {"triton", "torch"} and min(timed.values()) > 0, lines
     assert lines[-1].startswith("auto picks: torch (checked on cpu at 4 tokens"), lines
 
@@ -226,8 +260,10 @@ def test_auto_verifies_and_takes_a_fused_backend_at_real_size_gpu():
     first = verification.select(config, 4096)  # compiles the kernels
     assert HyperConnectionModule(config, 0).ops is first.module  # the model takes the choice
     again = verification.choose(config, 4096, device, candidates)  # compiled: the check alone
-    print(f"\nauto at n=4, C=4096, 4096 tokens, bf16: first {first.summary()}\n"
-          f"again: {again.summary()}")
+    print(
+        f"\nauto at n=4, C=4096, 4096 tokens, bf16: first {first.summary()}\n"
+        f"again: {again.summary()}"
+    )
     assert all(c.passed for c in first.checks["triton"]), first.summary()
     assert first.backend in verification.FUSED_BACKENDS, first.summary()
     assert again.backend in verification.FUSED_BACKENDS, again.summary()

@@ -11,8 +11,14 @@ ENV = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "TORCHDYNAMO_DISABLE
 
 
 def _run(script, *args):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -26,15 +32,40 @@ def _table(stdout):
 
 
 def test_bench_kernels_cpu_smoke():
-    out = _run("bench_kernels.py", "--device", "cpu", "--tokens", "16", "--hidden", "32",
-               "--repeats", "1", "--warmup", "1", "--copy-mib", "8",
-               "--backends", "torch,triton,cutile,tile_kernels,te,liger")
+    out = _run(
+        "bench_kernels.py",
+        "--device",
+        "cpu",
+        "--tokens",
+        "16",
+        "--hidden",
+        "32",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--copy-mib",
+        "8",
+        "--backends",
+        "torch,triton,cutile,tile_kernels,te,liger",
+    )
     header, rows = _table(out)
-    assert header == ["T", "C", "op", "variant", "fwd (ms)", "bwd (ms)", "fwd+bwd (ms)",
-                      "fwd % BW", "bwd % BW", "fwd+bwd % BW", "vs torch (fwd+bwd)"]
-    assert [r[:4] for r in rows] == [["16", "32", op, "torch"]
-                                     for op in ("mappings", "collapse", "update", "head",
-                                                "module")]
+    assert header == [
+        "T",
+        "C",
+        "op",
+        "variant",
+        "fwd (ms)",
+        "bwd (ms)",
+        "fwd+bwd (ms)",
+        "fwd % BW",
+        "bwd % BW",
+        "fwd+bwd % BW",
+        "vs torch (fwd+bwd)",
+    ]
+    assert [r[:4] for r in rows] == [
+        ["16", "32", op, "torch"] for op in ("mappings", "collapse", "update", "head", "module")
+    ]
     for row in rows:
         assert len(row) == len(header)
         assert all(float(v) >= 0 for v in row[4:7]), row
@@ -47,16 +78,46 @@ def test_bench_kernels_cpu_smoke():
 
 
 def test_bench_step_cpu_smoke():
-    out = _run("bench_step.py", "--device", "cpu", "--layers", "1", "--hidden", "32",
-               "--heads", "2", "--seq", "16", "--micro-batch", "2", "--vocab", "128",
-               "--repeats", "1", "--warmup", "1", "--copy-mib", "8", "--backends", "torch")
+    out = _run(
+        "bench_step.py",
+        "--device",
+        "cpu",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--seq",
+        "16",
+        "--micro-batch",
+        "2",
+        "--vocab",
+        "128",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--copy-mib",
+        "8",
+        "--backends",
+        "torch",
+    )
     header, rows = _table(out)
-    assert header == ["variant", "n", "step time (ms)", "tokens/s", "overhead", "floor",
-                      "overhead / floor"]
+    assert header == [
+        "variant",
+        "n",
+        "step time (ms)",
+        "tokens/s",
+        "overhead",
+        "floor",
+        "overhead / floor",
+    ]
     assert [r[:2] for r in rows] == [["baseline (n=1)", "1"], ["mHC n=4, torch", "4"]]
     assert rows[0][4:] == ["-", "-", "-"]
     assert float(rows[1][2]) > 0 and rows[1][4].endswith("%") and rows[1][5].endswith("%")
     float(rows[1][6])
-    assert re.search(r"^floor: \(8n\+5\)\*C\*2\*layers\*tokens\*bytes = .* of the baseline step$",
-                     out, re.M), out
+    assert re.search(
+        r"^floor: \(8n\+5\)\*C\*2\*layers\*tokens\*bytes = .* of the baseline step$", out, re.M
+    ), out
     assert re.search(r"^device: CPU; .*transformer_impl=local", out, re.M), out

@@ -45,11 +45,14 @@ def test_learned_head_is_refused_for_megatron_main():
 
 def test_earlier_hc_names_upgrade_to_megatron_slot_names():
     assert upgrade_key("decoder.layers.self_attention_hc.fn") == (
-        "decoder.layers.self_attention_hyper_connection.fn")
+        "decoder.layers.self_attention_hyper_connection.fn"
+    )
     assert upgrade_key("optimizer.state.exp_avg.decoder.layers.mlp_hc.scale") == (
-        "optimizer.state.exp_avg.decoder.layers.mlp_hyper_connection.scale")
+        "optimizer.state.exp_avg.decoder.layers.mlp_hyper_connection.scale"
+    )
     assert upgrade_key("decoder.layers.mlp.linear_fc1.weight") == (
-        "decoder.layers.mlp.linear_fc1.weight")
+        "decoder.layers.mlp.linear_fc1.weight"
+    )
 
 
 def _megatron_main_logits(x, mapping_proj_weight, bias, alpha_pre, alpha_post, alpha_res, norm_eps):
@@ -75,19 +78,29 @@ def test_converted_parameters_give_main_the_same_mappings():
     fn = torch.randn(N * N + 2 * N, N * C, generator=generator, dtype=torch.float64) * 0.1
     base = torch.randn(N * N + 2 * N, generator=generator, dtype=torch.float64)
     scale = torch.rand(3, generator=generator, dtype=torch.float64)
-    main = to_megatron_main({"l.mlp_hyper_connection.fn": fn, "l.mlp_hyper_connection.base": base,
-                             "l.mlp_hyper_connection.scale": scale}, N)
-    main = {key.removeprefix("l.mlp_hyper_connection.").replace(".", "_"): value
-            for key, value in main.items()}
+    main = to_megatron_main(
+        {
+            "l.mlp_hyper_connection.fn": fn,
+            "l.mlp_hyper_connection.base": base,
+            "l.mlp_hyper_connection.scale": scale,
+        },
+        N,
+    )
+    main = {
+        key.removeprefix("l.mlp_hyper_connection.").replace(".", "_"): value
+        for key, value in main.items()
+    }
     logits = _megatron_main_logits(x.flatten(-2), **main, norm_eps=0.0)
-    h_pre, h_post, _ = reference.mhc_mappings(x, fn, base, scale, sinkhorn_iters=1, eps=0.0,
-                                              norm_eps=1e-300)
+    h_pre, h_post, _ = reference.mhc_mappings(
+        x, fn, base, scale, sinkhorn_iters=1, eps=0.0, norm_eps=1e-300
+    )
     # Same pre and post gates (main has no eps on H_pre; eps = 0 here on both sides).
     torch.testing.assert_close(torch.sigmoid(logits[:, :N]), h_pre, rtol=1e-12, atol=0)
-    torch.testing.assert_close(2 * torch.sigmoid(logits[:, N:2 * N]), h_post, rtol=1e-12, atol=0)
+    torch.testing.assert_close(2 * torch.sigmoid(logits[:, N : 2 * N]), h_post, rtol=1e-12, atol=0)
     # The residual mixing: main's H applied as H @ X must act like this project's K^T @ X. Both
     # Sinkhorn orders converge to the same doubly stochastic matrix, compared here converged.
-    *_, comb = reference.mhc_mappings(x, fn, base, scale, sinkhorn_iters=500, eps=0.0,
-                                      norm_eps=1e-300)
-    h_res = _megatron_main_sinkhorn(logits[:, 2 * N:].unflatten(-1, (N, N)), 500)
+    *_, comb = reference.mhc_mappings(
+        x, fn, base, scale, sinkhorn_iters=500, eps=0.0, norm_eps=1e-300
+    )
+    h_res = _megatron_main_sinkhorn(logits[:, 2 * N :].unflatten(-1, (N, N)), 500)
     torch.testing.assert_close(h_res @ x, comb.transpose(-1, -2) @ x, rtol=1e-10, atol=1e-12)

@@ -20,10 +20,13 @@ def test_defaults_follow_the_paper():
     assert config.mhc_active
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(enable_mhc_connections=False),
-    dict(mhc_num_residual_streams=1),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(enable_mhc_connections=False),
+        dict(mhc_num_residual_streams=1),
+    ],
+)
 def test_one_stream_or_disabled_is_not_active(overrides):
     assert not MHCTransformerConfig(**{**TINY, **overrides}).mhc_active
 
@@ -46,24 +49,41 @@ BAD_CONFIGS = [
     ("mhc_kernel_backend", dict(mhc_kernel_backend="cuda")),
     ("mhc_mlp_high_priority_stream", dict(mhc_mlp_high_priority_stream="yes")),
     ("cuda_graph_impl", dict(cuda_graph_impl="local")),
-    ("pipeline_model_parallel_layout",
-     dict(mtp_num_layers=1, num_layers=4, pipeline_model_parallel_size=2,
-          pipeline_model_parallel_layout="Ett|ttmL", pipeline_dtype=torch.float32)),
+    (
+        "pipeline_model_parallel_layout",
+        dict(
+            mtp_num_layers=1,
+            num_layers=4,
+            pipeline_model_parallel_size=2,
+            pipeline_model_parallel_layout="Ett|ttmL",
+            pipeline_dtype=torch.float32,
+        ),
+    ),
     ("mlp_chunks_for_training", dict(mlp_chunks_for_training=2)),
     ("cpu_offloading", dict(cpu_offloading=True, cpu_offloading_num_layers=1)),
-    ("apply_residual_connection_post_layernorm",
-     dict(apply_residual_connection_post_layernorm=True)),
+    (
+        "apply_residual_connection_post_layernorm",
+        dict(apply_residual_connection_post_layernorm=True),
+    ),
     ("fused_residual_rmsnorm", dict(fused_residual_rmsnorm=True, normalization="RMSNorm")),
     # Everything else Megatron requires of the overlap (and of MTP with it) is set.
-    ("overlap_moe_expert_parallel_comm",
-     dict(overlap_moe_expert_parallel_comm=True, num_moe_experts=4, expert_model_parallel_size=2,
-          moe_token_dispatcher_type="alltoall", bf16=True, mtp_num_layers=1)),
+    (
+        "overlap_moe_expert_parallel_comm",
+        dict(
+            overlap_moe_expert_parallel_comm=True,
+            num_moe_experts=4,
+            expert_model_parallel_size=2,
+            moe_token_dispatcher_type="alltoall",
+            bf16=True,
+            mtp_num_layers=1,
+        ),
+    ),
 ]
 
 
-@pytest.mark.parametrize("field,overrides", BAD_CONFIGS, ids=[
-    f"{field}-{i}" for i, (field, _) in enumerate(BAD_CONFIGS)
-])
+@pytest.mark.parametrize(
+    "field,overrides", BAD_CONFIGS, ids=[f"{field}-{i}" for i, (field, _) in enumerate(BAD_CONFIGS)]
+)
 def test_bad_config_is_rejected_naming_the_field(field, overrides):
     with pytest.raises(ValueError, match=rf"MHCTransformerConfig\.{field}=") as err:
         MHCTransformerConfig(**{**TINY, **overrides})
@@ -72,19 +92,31 @@ def test_bad_config_is_rejected_naming_the_field(field, overrides):
 
 @pytest.mark.parametrize("variable_seq_lengths", [False, True])
 def test_interleaved_pipeline_is_accepted(variable_seq_lengths):
-    config = MHCTransformerConfig(**{
-        **TINY, "num_layers": 4, "pipeline_model_parallel_size": 2,
-        "virtual_pipeline_model_parallel_size": 2, "variable_seq_lengths": variable_seq_lengths,
-        "pipeline_dtype": torch.float32, "moe_token_dispatcher_type": "alltoall",
-    })
+    config = MHCTransformerConfig(
+        **{
+            **TINY,
+            "num_layers": 4,
+            "pipeline_model_parallel_size": 2,
+            "virtual_pipeline_model_parallel_size": 2,
+            "variable_seq_lengths": variable_seq_lengths,
+            "pipeline_dtype": torch.float32,
+            "moe_token_dispatcher_type": "alltoall",
+        }
+    )
     assert config.mhc_active
 
 
 def test_overlap_moe_expert_parallel_comm_is_accepted_without_mtp():
-    config = MHCTransformerConfig(**{
-        **TINY, "overlap_moe_expert_parallel_comm": True, "num_moe_experts": 4,
-        "expert_model_parallel_size": 2, "moe_token_dispatcher_type": "alltoall", "bf16": True,
-    })
+    config = MHCTransformerConfig(
+        **{
+            **TINY,
+            "overlap_moe_expert_parallel_comm": True,
+            "num_moe_experts": 4,
+            "expert_model_parallel_size": 2,
+            "moe_token_dispatcher_type": "alltoall",
+            "bf16": True,
+        }
+    )
     assert config.mhc_active
 
 

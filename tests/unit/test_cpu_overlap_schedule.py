@@ -9,8 +9,13 @@ import math
 
 import torch
 
-from tests.dist_utils import export_grads, full_state_dict, initialize_model_parallel
-from tests.dist_utils import load_full_state_dict, run_distributed
+from tests.dist_utils import (
+    export_grads,
+    full_state_dict,
+    initialize_model_parallel,
+    load_full_state_dict,
+    run_distributed,
+)
 from tests.tiny_gpt import (
     MICRO_BATCH,
     SEQ,
@@ -32,9 +37,15 @@ MICROBATCHES = 4  # the combined schedule pairs micro-batch i's forward with i-1
 # final norm in the MoE combine node only, so under the overlap a model whose last layer is dense
 # runs without it (its losses differ from the plain schedule's).
 PLAIN_MOE_GPT = dict(
-    num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, moe_layer_freq=[0, 1, 0, 1],
-    expert_model_parallel_size=EXPERT_PARALLEL, moe_token_dispatcher_type="alltoall",
-    add_bias_linear=False, bf16=True, pipeline_dtype=torch.bfloat16,
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    moe_layer_freq=[0, 1, 0, 1],
+    expert_model_parallel_size=EXPERT_PARALLEL,
+    moe_token_dispatcher_type="alltoall",
+    add_bias_linear=False,
+    bf16=True,
+    pipeline_dtype=torch.bfloat16,
 )
 
 # Schedule settings tried in a row, in one set of processes; the first is the plain schedule.
@@ -81,10 +92,18 @@ def _train_under_each_schedule(rank, world_size):
         plans_before = _schedule_plans_built
         losses, grads = [], []
         for _ in range(STEPS):
-            outputs = train_step(model, optimizer, lambda m: get_forward_backward_func()(
-                forward_step_func=_forward_step, data_iterator=iter(data), model=[m],
-                num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-            ))
+            outputs = train_step(
+                model,
+                optimizer,
+                lambda m: get_forward_backward_func()(
+                    forward_step_func=_forward_step,
+                    data_iterator=iter(data),
+                    model=[m],
+                    num_microbatches=MICROBATCHES,
+                    seq_length=SEQ,
+                    micro_batch_size=MICRO_BATCH,
+                ),
+            )
             losses.append([output["loss"].item() for output in outputs])
             grads.append(export_grads(model))
         runs[schedule] = dict(

@@ -31,8 +31,13 @@ from tests.numerics import DTYPES, TOLERANCES, assert_close, assert_close_to_exa
 
 try:
     import cuda.tile as ct
-    from cuda.tile.compilation import (ArrayConstraint, CallingConvention, KernelSignature,
-                                       ScalarConstraint, export_kernel)
+    from cuda.tile.compilation import (
+        ArrayConstraint,
+        CallingConvention,
+        KernelSignature,
+        ScalarConstraint,
+        export_kernel,
+    )
 
     CT_IMPORT_ERROR = None
 except Exception as err:  # noqa: BLE001 - any broken install
@@ -41,21 +46,34 @@ except Exception as err:  # noqa: BLE001 - any broken install
 
 # The Tile IR bytecode version of the compiler the architecture notes name (tileiras 13.2).
 BYTECODE_VERSION = "13.2"
-KERNEL_NAMES = ("proj_rms_fwd", "proj_rms_bwd", "mhc_gates_fwd", "mhc_gates_bwd",
-                "collapse_fwd", "collapse_bwd", "update_fwd", "update_bwd", "head_fwd",
-                "head_gate_bwd")
+KERNEL_NAMES = (
+    "proj_rms_fwd",
+    "proj_rms_bwd",
+    "mhc_gates_fwd",
+    "mhc_gates_bwd",
+    "collapse_fwd",
+    "collapse_bwd",
+    "update_fwd",
+    "update_bwd",
+    "head_fwd",
+    "head_gate_bwd",
+)
 
 FORCE_GPU = os.environ.get("MHC_CUTILE_TEST_FORCE") == "1" and torch.cuda.is_available()
 RUN_GPU = cutile.is_available() or FORCE_GPU
-NO_GPU = (f"needs a GPU cuTile supports: {cutile.UNAVAILABLE_REASON} "
-          "(MHC_CUTILE_TEST_FORCE=1 runs these on any CUDA GPU)")
+NO_GPU = (
+    f"needs a GPU cuTile supports: {cutile.UNAVAILABLE_REASON} "
+    "(MHC_CUTILE_TEST_FORCE=1 runs these on any CUDA GPU)"
+)
 
 
 @pytest.fixture
 def tile():
     if CT_IMPORT_ERROR is not None:
-        why = (f"cuda.tile cannot be imported ({CT_IMPORT_ERROR}): the cuTile kernels are not "
-               "checked at all; fix the install (pip install cuda-tile)")
+        why = (
+            f"cuda.tile cannot be imported ({CT_IMPORT_ERROR}): the cuTile kernels are not "
+            "checked at all; fix the install (pip install cuda-tile)"
+        )
         print(why, file=sys.stderr)
         pytest.skip(why)
     return ct
@@ -65,9 +83,15 @@ def tile():
 # CPU: compile every kernel (front end to Tile IR bytecode; cubin when tileiras is installed).
 # ----------------------------------------------------------------------------------------------
 def _array(dtype, ndim, index_dtype):
-    return ArrayConstraint(dtype, ndim, index_dtype=index_dtype, stride_lower_bound_incl=0,
-                           alias_groups=(), may_alias_internally=False,
-                           stride_constant=(None,) * (ndim - 1) + (1,))
+    return ArrayConstraint(
+        dtype,
+        ndim,
+        index_dtype=index_dtype,
+        stride_lower_bound_incl=0,
+        alias_groups=(),
+        may_alias_internally=False,
+        stride_constant=(None,) * (ndim - 1) + (1,),
+    )
 
 
 def _launch_args(name, T, n, C, m=None, **flags):
@@ -100,27 +124,85 @@ def _signature(name, T, n, C, dtype, index_dtype=None, m=None, **flags):
         # x [T, K], fn, mn, r, norm_eps
         "proj_rms_fwd": [a(x, 2), a(f, 2), a(f, 2), a(f, 1), ScalarConstraint(f)],
         # x, fn, g, coef, dx, dfn partials (or x), w (or g), du (or g), residual (or x)
-        "proj_rms_bwd": [a(x, 3), a(f, 3), a(f, 2), a(f, 1), a(x, 3),
-                         a(f, 4) if write_dfn else a(x, 3), a(f, 2), a(x if collapse else f, 2),
-                         a(x, 3)],
+        "proj_rms_bwd": [
+            a(x, 3),
+            a(f, 3),
+            a(f, 2),
+            a(f, 1),
+            a(x, 3),
+            a(f, 4) if write_dfn else a(x, 3),
+            a(f, 2),
+            a(x if collapse else f, 2),
+            a(x, 3),
+        ],
         # mn parts, base parts, scale, h_pre, h_post, comb, iters, eps
-        "mhc_gates_fwd": [*parts(2), *parts(1), a(f, 1), a(f, 2), a(f, 2), a(f, 3),
-                          ScalarConstraint(ct.int32), ScalarConstraint(f)],
+        "mhc_gates_fwd": [
+            *parts(2),
+            *parts(1),
+            a(f, 1),
+            a(f, 2),
+            a(f, 2),
+            a(f, 3),
+            ScalarConstraint(ct.int32),
+            ScalarConstraint(f),
+        ],
         # mn parts, r, base parts, scale, dh_pre, dh_post, dcomb, g parts, coef, dbase parts,
         # dscale, K, iters, eps
-        "mhc_gates_bwd": [*parts(2), a(f, 1), *parts(1), a(f, 1), a(f, 2), a(f, 2), a(f, 3),
-                          *parts(2), a(f, 1), *parts(2), a(f, 2), ScalarConstraint(ct.int32),
-                          ScalarConstraint(ct.int32), ScalarConstraint(f)],
+        "mhc_gates_bwd": [
+            *parts(2),
+            a(f, 1),
+            *parts(1),
+            a(f, 1),
+            a(f, 2),
+            a(f, 2),
+            a(f, 3),
+            *parts(2),
+            a(f, 1),
+            *parts(2),
+            a(f, 2),
+            ScalarConstraint(ct.int32),
+            ScalarConstraint(ct.int32),
+            ScalarConstraint(f),
+        ],
         "collapse_fwd": [a(x, 3), a(f, 2), a(x, 2)],
         "collapse_bwd": [a(x, 3), a(f, 2), a(x, 2), a(x, 3), a(f, 2)],
         "update_fwd": [a(x, 3), a(x, 2), a(f, 2), a(f, 3), a(x, 3)],
-        "update_bwd": [a(x, 3), a(x, 2), a(f, 2), a(f, 3), a(x, 3),
-                       a(x, 3), a(x, 2), a(f, 2), a(f, 3)],
+        "update_bwd": [
+            a(x, 3),
+            a(x, 2),
+            a(f, 2),
+            a(f, 3),
+            a(x, 3),
+            a(x, 3),
+            a(x, 2),
+            a(f, 2),
+            a(f, 3),
+        ],
         # x, fn [n, n, C], base, scale, out, mn, r, w, eps, norm_eps
-        "head_fwd": [a(x, 3), a(f, 3), a(f, 1), a(f, 1), a(x, 2), a(f, 2), a(f, 1), a(f, 2),
-                     ScalarConstraint(f), ScalarConstraint(f)],
-        "head_gate_bwd": [a(x, 3), a(x, 2), a(f, 2), a(f, 1), a(f, 1), a(f, 1),
-                          a(f, 2), a(f, 1), a(f, 2), a(f, 1)],
+        "head_fwd": [
+            a(x, 3),
+            a(f, 3),
+            a(f, 1),
+            a(f, 1),
+            a(x, 2),
+            a(f, 2),
+            a(f, 1),
+            a(f, 2),
+            ScalarConstraint(f),
+            ScalarConstraint(f),
+        ],
+        "head_gate_bwd": [
+            a(x, 3),
+            a(x, 2),
+            a(f, 2),
+            a(f, 1),
+            a(f, 1),
+            a(f, 1),
+            a(f, 2),
+            a(f, 1),
+            a(f, 2),
+            a(f, 1),
+        ],
     }[name]
     _grid, consts = _launch_args(name, T, n, C, m, **flags)
     return KernelSignature([*arrays, *consts], CallingConvention.cutile_python_v1())
@@ -140,8 +222,12 @@ def _variants(name, n):
     if name == "collapse_bwd":
         return [dict(write_dx=False)]
     if name == "proj_rms_bwd":
-        return [dict(), dict(write_dx=False), dict(write_dfn=False, residual=True),
-                dict(m=n, collapse=True, write_dfn=False)]
+        return [
+            dict(),
+            dict(write_dx=False),
+            dict(write_dfn=False, residual=True),
+            dict(m=n, collapse=True, write_dfn=False),
+        ]
     return []
 
 
@@ -154,20 +240,30 @@ def _export(name, signature, **kwargs) -> bytes:
 
 
 # The gates kernels have only fp32 arrays: the stream dtype does not change them.
-BYTECODE_CASES = [(name, dtype) for name in KERNEL_NAMES for dtype in DTYPES
-                  if dtype == "fp32" or not name.startswith("mhc_gates")]
+BYTECODE_CASES = [
+    (name, dtype)
+    for name in KERNEL_NAMES
+    for dtype in DTYPES
+    if dtype == "fp32" or not name.startswith("mhc_gates")
+]
 
 
-@pytest.mark.parametrize("T,C", [(5, 37), (70, 300), (4096, 4096)],
-                         ids=["ragged", "ragged2", "real"])
+@pytest.mark.parametrize(
+    "T,C", [(5, 37), (70, 300), (4096, 4096)], ids=["ragged", "ragged2", "real"]
+)
 @pytest.mark.parametrize("n", [2, 3, 4, 8])
 @pytest.mark.parametrize("name,dtype", BYTECODE_CASES)
 def test_kernel_compiles_to_tile_ir_bytecode(tile, name, dtype, n, T, C):
     for config in _configs(name, n):
         sig = _signature(name, T, n, C, dtype, **config)
         for gpu in ("sm_80", "sm_100"):
-            code = _export(name, sig, gpu_code=gpu, output_format="tileir_bytecode",
-                           bytecode_version=BYTECODE_VERSION)
+            code = _export(
+                name,
+                sig,
+                gpu_code=gpu,
+                output_format="tileir_bytecode",
+                bytecode_version=BYTECODE_VERSION,
+            )
             assert isinstance(code, bytes) and len(code) > 0, (name, n, T, C, dtype, gpu, config)
 
 
@@ -176,12 +272,22 @@ def test_kernel_compiles_variants(tile, name):
     """int64 indexing (tensors past 2**31 elements) and the launchers' other flags."""
     for config in _configs(name, 4):
         sig = _signature(name, 4096, 4, 4096, "bf16", index_dtype=ct.int64, **config)
-        assert _export(name, sig, gpu_code="sm_100", output_format="tileir_bytecode",
-                       bytecode_version=BYTECODE_VERSION)
+        assert _export(
+            name,
+            sig,
+            gpu_code="sm_100",
+            output_format="tileir_bytecode",
+            bytecode_version=BYTECODE_VERSION,
+        )
     for config in _variants(name, 4):
         sig = _signature(name, 5, 4, 37, "fp32", **config)
-        assert _export(name, sig, gpu_code="sm_80", output_format="tileir_bytecode",
-                       bytecode_version=BYTECODE_VERSION)
+        assert _export(
+            name,
+            sig,
+            gpu_code="sm_80",
+            output_format="tileir_bytecode",
+            bytecode_version=BYTECODE_VERSION,
+        )
 
 
 @pytest.mark.parametrize("gpu,n", [("sm_100", 2), ("sm_120", 8), ("sm_80", 4)])
@@ -208,13 +314,18 @@ def test_unavailable_without_gpu_with_the_reason():
         assert "cuda.tile cannot be imported" in reason
     else:
         assert reason == "no CUDA device (cuTile has no CPU mode)"
-    with pytest.raises(ValueError, match=r"mhc_kernel_backend='cutile' cannot run here \(.*"
-                                         r"no CUDA device"):
+    with pytest.raises(
+        ValueError,
+        match=r"mhc_kernel_backend='cutile' cannot run here \(.*"
+        r"no CUDA device",
+    ):
         get_backend("cutile")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="not a Hopper GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="not a Hopper GPU",
+)
 def test_unavailable_on_hopper():
     assert cutile.is_available() is False
     assert "does not support Hopper" in cutile.UNAVAILABLE_REASON
@@ -237,11 +348,17 @@ def test_interface_and_delegation():
 
 
 def test_import_is_lazy():
-    code = ("import sys, megatron_mhc.fusions.cutile; "
-            "assert 'cuda.tile' not in sys.modules and 'triton' not in sys.modules, "
-            "sorted(m for m in sys.modules if m.startswith(('cuda', 'triton')))")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
-                   env={**os.environ, "TORCHDYNAMO_DISABLE": "1"})
+    code = (
+        "import sys, megatron_mhc.fusions.cutile; "
+        "assert 'cuda.tile' not in sys.modules and 'triton' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith(('cuda', 'triton')))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        timeout=120,
+        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+    )
 
 
 def test_float64_and_empty_use_the_reference():
@@ -250,10 +367,12 @@ def test_float64_and_empty_use_the_reference():
     h = torch.rand(3, 4, generator=gen, dtype=torch.float64)
     y = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     comb = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(cutile.mhc_collapse(x, h), reference.mhc_collapse(x, h),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(cutile.mhc_update(x, y, h, comb),
-                               reference.mhc_update(x, y, h, comb), rtol=0, atol=0)
+    torch.testing.assert_close(
+        cutile.mhc_collapse(x, h), reference.mhc_collapse(x, h), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        cutile.mhc_update(x, y, h, comb), reference.mhc_update(x, y, h, comb), rtol=0, atol=0
+    )
     empty = torch.empty(0, 4, 5)
     assert cutile.mhc_collapse(empty, torch.empty(0, 4)).shape == (0, 5)
 
@@ -461,8 +580,9 @@ def test_kernel_math_emulated(emulated_ops, n, T, C, dtype):
     out_ref = reference.mhc_update(*ref)
     out_ref.backward(dout)
     assert_close(emulated_ops.update_fwd(x, y, h_post, comb), out_ref, "update forward")
-    grads = emulated_ops.update_bwd(x, y, h_post, comb, dout, (dt, dt, torch.float32,
-                                                                torch.float32))
+    grads = emulated_ops.update_bwd(
+        x, y, h_post, comb, dout, (dt, dt, torch.float32, torch.float32)
+    )
     for got, r, what in zip(grads, ref, ("dx", "dy", "dh_post", "dcomb")):
         assert_close(got, r.grad, f"update {what}")
 
@@ -478,7 +598,7 @@ def test_head_math_emulated(emulated_ops, n, T, C, dtype):
     gen = torch.Generator().manual_seed(n * 1000 + T + 7)
     K = n * C
     x = torch.randn(T, n, C, generator=gen).to(dt)
-    fn = torch.randn(n, K, generator=gen) * K ** -0.5
+    fn = torch.randn(n, K, generator=gen) * K**-0.5
     base = torch.randn(n, generator=gen) * 0.5
     scale = torch.rand(1, generator=gen) + 0.5
     du = torch.randn(T, C, generator=gen).to(dt)
@@ -513,7 +633,7 @@ def _check_mappings(ops_, n, T, C, dtype, iters, device="cpu"):
         return (torch.randn(*shape, generator=gen) * scale).to(device)
 
     x = randn(T, n, C).to(dt)
-    fn, base, scale = randn(M, K, scale=K ** -0.5), randn(M, scale=0.5), randn(3).abs() + 0.5
+    fn, base, scale = randn(M, K, scale=K**-0.5), randn(M, scale=0.5), randn(3).abs() + 0.5
     dh_pre, dh_post, dcomb = randn(T, n), randn(T, n), randn(T, n, n)
     w, du, residual = randn(T, n).abs(), randn(T, C).to(dt), randn(T, n, C).to(dt)
     eps, norm_eps = 1e-6, 1e-6
@@ -524,8 +644,11 @@ def _check_mappings(ops_, n, T, C, dtype, iters, device="cpu"):
     u = reference.mhc_collapse(ref[0], w)
     dx_collapse = torch.autograd.grad([*want, u], ref[0], (dh_pre, dh_post, dcomb, du))[0]
     ref64 = [t.detach().double().requires_grad_() for t in (x, fn, base, scale)]
-    grads64 = torch.autograd.grad(reference.mhc_mappings(*ref64, iters, eps, norm_eps), ref64,
-                                  (dh_pre.double(), dh_post.double(), dcomb.double()))
+    grads64 = torch.autograd.grad(
+        reference.mhc_mappings(*ref64, iters, eps, norm_eps),
+        ref64,
+        (dh_pre.double(), dh_post.double(), dcomb.double()),
+    )
 
     x2 = x.view(T, K)
     mn, r = ops_.proj_rms_fwd(x2, fn, norm_eps)
@@ -533,19 +656,24 @@ def _check_mappings(ops_, n, T, C, dtype, iters, device="cpu"):
     for g_, w_, what in zip(got, want, ("h_pre", "h_post", "comb")):
         assert_close(g_, w_, f"mappings {what}")
 
-    g, coef, dbase, dscale = ops_.mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n,
-                                                K, iters, eps)
+    g, coef, dbase, dscale = ops_.mhc_gates_bwd(
+        mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps
+    )
     dx, dfn = ops_.proj_rms_bwd(x2, fn, g, coef, True, True, dt)
     assert_close(dx.view(x.shape), grads[0], "mappings dx")
     assert_close(dfn, grads[1], "mappings dfn")
     assert_close_to_exact(dbase, grads[2], grads64[2], "mappings dbase")
     assert_close_to_exact(dscale, grads[3], grads64[3], "mappings dscale")
 
-    dx_all, no_dfn = ops_.proj_rms_bwd(x2, fn, g, coef, True, False, dt, collapse=(w, du, C),
-                                       residual=residual.view(T, K))
+    dx_all, no_dfn = ops_.proj_rms_bwd(
+        x2, fn, g, coef, True, False, dt, collapse=(w, du, C), residual=residual.view(T, K)
+    )
     assert no_dfn is None
-    assert_close(dx_all.view(x.shape), (dx_collapse.float() + residual.float()).to(dt),
-                  "mappings dx + collapse dx + residual")
+    assert_close(
+        dx_all.view(x.shape),
+        (dx_collapse.float() + residual.float()).to(dt),
+        "mappings dx + collapse dx + residual",
+    )
     no_dx, dfn_alone = ops_.proj_rms_bwd(x2, fn, g, coef, False, True, dt)
     assert no_dx is None
     torch.testing.assert_close(dfn_alone, dfn, rtol=0, atol=0)
@@ -573,16 +701,15 @@ def _inputs(op, n, lead, C, dtype, gen, variant):
     x = randn(*lead, n, C).to(dtype)
     K = n * C
     if op == "mhc_head":
-        return [x, randn(n, K).mul_(K ** -0.5), randn(n).mul_(0.5), rand(1).add_(0.5)]
+        return [x, randn(n, K).mul_(K**-0.5), randn(n).mul_(0.5), rand(1).add_(0.5)]
     if op in ("mhc_mappings", "mhc_mappings_collapse"):
         M = n * n + 2 * n
-        return [x, randn(M, K).mul_(K ** -0.5), randn(M).mul_(0.5), rand(3).add_(0.5)]
+        return [x, randn(M, K).mul_(K**-0.5), randn(M).mul_(0.5), rand(3).add_(0.5)]
     gate_lead = () if variant == "static" else lead
     if op == "mhc_collapse":
         return [x, rand(*gate_lead, n)]
     y_dtype = torch.bfloat16 if variant == "bf16_y" else dtype
-    return [x, randn(*lead, C).to(y_dtype), rand(*gate_lead, n, scale=2.0),
-            rand(*gate_lead, n, n)]
+    return [x, randn(*lead, C).to(y_dtype), rand(*gate_lead, n, scale=2.0), rand(*gate_lead, n, n)]
 
 
 def _check(op, n, lead, C, dtype_name, variant="plain", seed=0):
@@ -596,8 +723,7 @@ def _check(op, n, lead, C, dtype_name, variant="plain", seed=0):
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, f"{op} output {i}")
     # A gradient for every output (mhc_mappings_collapse: its residual too, as the update's).
-    grads = [torch.randn(w.shape, generator=gen).to(device=w.device, dtype=w.dtype)
-             for w in want]
+    grads = [torch.randn(w.shape, generator=gen).to(device=w.device, dtype=w.dtype) for w in want]
     torch.autograd.backward(want, grads)
     torch.autograd.backward(got, grads)
     if op == "mhc_head":
@@ -615,14 +741,17 @@ def _check(op, n, lead, C, dtype_name, variant="plain", seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,C", [((5,), 37), ((3, 7), 300), ((2, 33), 1000)])
 @pytest.mark.parametrize("n", [2, 3, 4, 8])
-@pytest.mark.parametrize("op", ["mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head"])
+@pytest.mark.parametrize(
+    "op", ["mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head"]
+)
 def test_op_matches_reference_gpu_ragged(op, n, lead, C, dtype):
     _check(op, n, lead, C, dtype)
 
 
 @pytest.mark.skipif(not RUN_GPU, reason=NO_GPU)
-@pytest.mark.parametrize("op,variant", [("mhc_collapse", "static"), ("mhc_update", "static"),
-                                        ("mhc_update", "bf16_y")])
+@pytest.mark.parametrize(
+    "op,variant", [("mhc_collapse", "static"), ("mhc_update", "static"), ("mhc_update", "bf16_y")]
+)
 def test_op_variants_gpu(op, variant):
     _check(op, 4, (3, 7), 300, "fp32", variant)
 
@@ -630,7 +759,9 @@ def test_op_variants_gpu(op, variant):
 @pytest.mark.skipif(not RUN_GPU, reason=NO_GPU)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [4, 8])
-@pytest.mark.parametrize("op", ["mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head"])
+@pytest.mark.parametrize(
+    "op", ["mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head"]
+)
 def test_op_matches_reference_gpu_real_size(op, n, dtype):
     _check(op, n, (1024, 4), 4096, dtype)
 
@@ -638,9 +769,11 @@ def test_op_matches_reference_gpu_real_size(op, n, dtype):
 @pytest.mark.skipif(not RUN_GPU, reason=NO_GPU)
 @pytest.mark.parametrize("iters", [1, 20])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,T,C", [(n, T, C) for n in (1, 2, 3, 4, 8)
-                                   for T, C in ((5, 37), (66, 1000))]
-                         + [(4, 4096, 4096), (8, 4096, 4096)])
+@pytest.mark.parametrize(
+    "n,T,C",
+    [(n, T, C) for n in (1, 2, 3, 4, 8) for T, C in ((5, 37), (66, 1000))]
+    + [(4, 4096, 4096), (8, 4096, 4096)],
+)
 def test_mappings_launchers_gpu(n, T, C, dtype, iters):
     """The mappings' launchers (which the generic Function of fused_frontend chains) against the
     reference."""
@@ -648,7 +781,9 @@ def test_mappings_launchers_gpu(n, T, C, dtype, iters):
 
 
 @pytest.mark.skipif(not RUN_GPU, reason=NO_GPU)
-@pytest.mark.parametrize("op", ["mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head"])
+@pytest.mark.parametrize(
+    "op", ["mhc_mappings", "mhc_mappings_collapse", "mhc_collapse", "mhc_update", "mhc_head"]
+)
 def test_saves_only_inputs_gpu(op):
     """The inputs as given, plus the small fp32 per-token tensors: mn, r (mappings; head) and
     h_pre (mappings_collapse) or w (head)."""
@@ -656,19 +791,21 @@ def test_saves_only_inputs_gpu(op):
     inputs = [t.requires_grad_() for t in _inputs(op, 4, (5,), 37, torch.bfloat16, gen, "plain")]
     out = getattr(cutile, op)(*inputs)
     saved = (out[0] if isinstance(out, tuple) else out).grad_fn.saved_tensors
-    extra = {"mhc_head": [(5, 4), (5,), (5, 4)], "mhc_mappings": [(5, 24), (5,)],
-             "mhc_mappings_collapse": [(5, 24), (5,), (5, 4)]}.get(op, [])
+    extra = {
+        "mhc_head": [(5, 4), (5,), (5, 4)],
+        "mhc_mappings": [(5, 24), (5,)],
+        "mhc_mappings_collapse": [(5, 24), (5,), (5, 4)],
+    }.get(op, [])
     assert len(saved) == len(inputs) + len(extra)
     for s, t in zip(saved, inputs):
         assert s.data_ptr() == t.data_ptr() and s.shape == t.shape
-    for s, shape in zip(saved[len(inputs):], extra):
+    for s, shape in zip(saved[len(inputs) :], extra):
         assert tuple(s.shape) == shape and s.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 4])
-def test_hc_module_ops_through_the_autograd_functions_emulated(emulated_ops, monkeypatch, n,
-                                                               dtype):
+def test_hc_module_ops_through_the_autograd_functions_emulated(emulated_ops, monkeypatch, n, dtype):
     """What HyperConnectionModule and the learned head run on this backend, through the autograd
     Functions (fused_frontend's Mappings, Update; ops.Head) with the emulated kernels: the mappings
     and collapse, a sublayer, the update (whose gradient of x comes back through the mappings'
@@ -678,11 +815,16 @@ def test_hc_module_ops_through_the_autograd_functions_emulated(emulated_ops, mon
     T, C = 6, 37
     K, M = n * C, n * n + 2 * n
     gen = torch.Generator().manual_seed(n + 17)
-    inputs = [torch.randn(T, n, C, generator=gen).to(dt),
-              torch.randn(M, K, generator=gen) * K ** -0.5, torch.randn(M, generator=gen) * 0.5,
-              torch.rand(3, generator=gen) + 0.5, torch.randn(n, K, generator=gen) * K ** -0.5,
-              torch.randn(n, generator=gen) * 0.5, torch.rand(1, generator=gen) + 0.5]
-    proj = torch.randn(C, C, generator=gen) * C ** -0.5
+    inputs = [
+        torch.randn(T, n, C, generator=gen).to(dt),
+        torch.randn(M, K, generator=gen) * K**-0.5,
+        torch.randn(M, generator=gen) * 0.5,
+        torch.rand(3, generator=gen) + 0.5,
+        torch.randn(n, K, generator=gen) * K**-0.5,
+        torch.randn(n, generator=gen) * 0.5,
+        torch.rand(1, generator=gen) + 0.5,
+    ]
+    proj = torch.randn(C, C, generator=gen) * C**-0.5
     weights = torch.randn(T, C, generator=gen)
 
     def run(mappings_collapse, update, head, leaves):
@@ -695,17 +837,42 @@ def test_hc_module_ops_through_the_autograd_functions_emulated(emulated_ops, mon
         return [u, h_pre, h_post, comb, streams, out] + [t.grad for t in leaves]
 
     fused = _frontend.FusedOps("cutile", lambda: emulated_ops)
-    got = run(fused.mhc_mappings_collapse, fused.mhc_update, fused.mhc_head,
-              [t.clone().requires_grad_() for t in inputs])
-    want = run(reference.mhc_mappings_collapse, reference.mhc_update, reference.mhc_head,
-               [t.clone().requires_grad_() for t in inputs])
-    names = ["u", "h_pre", "h_post", "comb", "update", "head", "grad x", "grad fn", "grad base",
-             "grad scale", "grad head fn", "grad head base", "grad head scale"]
+    got = run(
+        fused.mhc_mappings_collapse,
+        fused.mhc_update,
+        fused.mhc_head,
+        [t.clone().requires_grad_() for t in inputs],
+    )
+    want = run(
+        reference.mhc_mappings_collapse,
+        reference.mhc_update,
+        reference.mhc_head,
+        [t.clone().requires_grad_() for t in inputs],
+    )
+    names = [
+        "u",
+        "h_pre",
+        "h_post",
+        "comb",
+        "update",
+        "head",
+        "grad x",
+        "grad fn",
+        "grad base",
+        "grad scale",
+        "grad head fn",
+        "grad head base",
+        "grad head scale",
+    ]
     # With bf16 streams every value past the first op carries bf16 roundings made at different
     # places (a fused kernel rounds once), so the whole chain is held to the bf16 tolerance.
     rtol, atol = TOLERANCES[dt]
     for g, w, name in zip(got, want, names):
         assert g.dtype == w.dtype and g.shape == w.shape and torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.float(), w.float(), rtol=rtol,
-                                   atol=atol * w.float().abs().max().item(),
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            g.float(),
+            w.float(),
+            rtol=rtol,
+            atol=atol * w.float().abs().max().item(),
+            msg=lambda m, name=name: f"{name}: {m}",
+        )

@@ -235,18 +235,39 @@ def test_cli_reports_bad_line(tmp_path, capsys):
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "fine"}\n{"content": "x"}\n', encoding="utf-8")
-    rc = cli.main(["--input", str(src), "--json-key", "text", "--output-prefix",
-                   str(tmp_path / "o"), "--append-eod"])
+    rc = cli.main(
+        [
+            "--input",
+            str(src),
+            "--json-key",
+            "text",
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--append-eod",
+        ]
+    )
     assert rc == 2
     assert f"{src}:2: key 'text' not found" in capsys.readouterr().err
 
-    rc = cli.main(["--input", str(tmp_path / "missing.jsonl"), "--output-prefix",
-                   str(tmp_path / "o")])
+    rc = cli.main(
+        ["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o")]
+    )
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
 
     src.write_text('{"content": "fine"}\n', encoding="utf-8")
-    rc = cli.main(["--input", str(src), "--json-key", "content", "--output-prefix",
-                   str(tmp_path / "o"), "--append-eod", "--log-interval", "0"])
+    rc = cli.main(
+        [
+            "--input",
+            str(src),
+            "--json-key",
+            "content",
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--append-eod",
+            "--log-interval",
+            "0",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0 and f"--data-path {tmp_path / 'o'}" in out.out
     assert "docs/s" in out.err and "MB/s" in out.err

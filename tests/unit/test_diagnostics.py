@@ -41,8 +41,12 @@ def _figures_per_layout(rank, world_size, overrides):
 
 @pytest.mark.parametrize("mhc_type", ["mhc", "hc"])
 def test_stack_figures_span_pipeline_stages(mhc_type):
-    overrides = dict(enable_mhc_connections=True, mhc_num_residual_streams=4, mhc_type=mhc_type,
-                     mhc_init_gating_factor=0.5)
+    overrides = dict(
+        enable_mhc_connections=True,
+        mhc_num_residual_streams=4,
+        mhc_type=mhc_type,
+        mhc_init_gating_factor=0.5,
+    )
     per_rank = run_distributed(_figures_per_layout, 2, overrides)
     single = per_rank[0][1]
     assert {f"mhc/layer{i:02d}/amax_gain_fwd" for i in range(1, 5)} <= single.keys()

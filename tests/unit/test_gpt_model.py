@@ -3,7 +3,6 @@ identity init (built directly or upcycled from a baseline state dict) computes i
 
 import pytest
 import torch
-
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -46,10 +45,14 @@ def _one_stream(rank, world_size, overrides):
     return _baseline_and_candidate(overrides, upcycle=False)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
-    dict(enable_mhc_connections=False, mhc_num_residual_streams=4),
-], ids=["n1", "disabled"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
+        dict(enable_mhc_connections=False, mhc_num_residual_streams=4),
+    ],
+    ids=["n1", "disabled"],
+)
 def test_one_stream_or_disabled_is_the_baseline_bit_for_bit(overrides):
     base, got, base_names, names, kind = run_distributed(_one_stream, 1, overrides)[0]
     assert kind == "GPTModel"
@@ -64,8 +67,12 @@ def _identity(rank, world_size, overrides, upcycle):
 @pytest.mark.parametrize("upcycle", [False, True], ids=["built", "upcycled"])
 @pytest.mark.parametrize("contract", ["mean", "learned"])
 def test_identity_init_n4_computes_the_baseline_function(contract, upcycle):
-    overrides = dict(enable_mhc_connections=True, mhc_num_residual_streams=4,
-                     mhc_init="identity", mhc_output_contract=contract)
+    overrides = dict(
+        enable_mhc_connections=True,
+        mhc_num_residual_streams=4,
+        mhc_init="identity",
+        mhc_output_contract=contract,
+    )
     base, got, base_names, names, kind = run_distributed(_identity, 1, overrides, upcycle)[0]
     assert kind == "MHCGPTModel"
     assert set(base_names) < set(names)

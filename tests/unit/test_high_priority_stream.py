@@ -18,8 +18,7 @@ NO_GPU = "needs a CUDA GPU (CUDA streams)"
 def _build_with_high_priority_stream(rank, world_size):
     initialize_model_parallel(1, 1)
     try:
-        build_tiny_gpt(tiny_config(enable_mhc_connections=True,
-                                   mhc_mlp_high_priority_stream=True))
+        build_tiny_gpt(tiny_config(enable_mhc_connections=True, mhc_mlp_high_priority_stream=True))
     except ValueError as err:
         return str(err)
     return None
@@ -27,7 +26,9 @@ def _build_with_high_priority_stream(rank, world_size):
 
 def test_without_cuda_the_option_is_an_error_when_the_model_is_built():
     (message,) = run_distributed(_build_with_high_priority_stream, 1)
-    assert message is not None and "mhc_mlp_high_priority_stream=True needs a CUDA device" in message
+    assert (
+        message is not None and "mhc_mlp_high_priority_stream=True needs a CUDA device" in message
+    )
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)
@@ -50,13 +51,19 @@ def test_stream_has_the_greatest_priority_and_runs_the_op_on_it():
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_update_on_the_stream_is_bitwise_the_same_under_load(backend):
-    config = MHCTransformerConfig(num_layers=1, hidden_size=1024, num_attention_heads=8,
-                                  enable_mhc_connections=True, mhc_num_residual_streams=4,
-                                  mhc_kernel_backend=backend)
+    config = MHCTransformerConfig(
+        num_layers=1,
+        hidden_size=1024,
+        num_attention_heads=8,
+        enable_mhc_connections=True,
+        mhc_num_residual_streams=4,
+        mhc_kernel_backend=backend,
+    )
     torch.manual_seed(0)
     plain = HyperConnectionModule(config, 1)
-    side = HyperConnectionModule(config, 1, update_stream=high_priority_stream(
-        torch.cuda.current_device()))
+    side = HyperConnectionModule(
+        config, 1, update_stream=high_priority_stream(torch.cuda.current_device())
+    )
     side.load_state_dict(plain.state_dict())
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4096, 2, 4, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -86,11 +93,18 @@ def _cuda_gpt_step(high_priority, recompute, weights=None):
 
     from tests.tiny_gpt import MICRO_BATCH, SEQ, batches, causal_mask
 
-    model = build_tiny_gpt(tiny_config(
-        enable_mhc_connections=True, mhc_num_residual_streams=4, num_layers=4,
-        hidden_dropout=0.1, use_cpu_initialization=False, mhc_kernel_backend="triton",
-        mhc_mlp_high_priority_stream=high_priority, mhc_recompute_layer_num=recompute,
-    )).cuda()
+    model = build_tiny_gpt(
+        tiny_config(
+            enable_mhc_connections=True,
+            mhc_num_residual_streams=4,
+            num_layers=4,
+            hidden_dropout=0.1,
+            use_cpu_initialization=False,
+            mhc_kernel_backend="triton",
+            mhc_mlp_high_priority_stream=high_priority,
+            mhc_recompute_layer_num=recompute,
+        )
+    ).cuda()
     weights = weights if weights is not None else model.state_dict()
     model.load_state_dict(weights)
     mask = causal_mask().cuda()
@@ -105,8 +119,13 @@ def _cuda_gpt_step(high_priority, recompute, weights=None):
     torch.cuda.manual_seed(5)
     data = batches()
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(data), model=[model],
-        num_microbatches=len(data), seq_length=SEQ, micro_batch_size=MICRO_BATCH)
+        forward_step_func=forward_step,
+        data_iterator=iter(data),
+        model=[model],
+        num_microbatches=len(data),
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH,
+    )
     torch.cuda.synchronize()
     loss = torch.stack([x["loss"] for x in losses]).mean()
     return weights, loss, {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_mhc.models.upcycling import check_upcycled_names, upcycle_state_dict
@@ -43,8 +42,13 @@ SEED = 1234
 MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
 # Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and the
 # allgather dispatcher (alltoall creates a CUDA stream).
-MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, add_bias_linear=False,
-           moe_token_dispatcher_type="allgather")
+MOE = dict(
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    add_bias_linear=False,
+    moe_token_dispatcher_type="allgather",
+)
 _HYBRID_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -80,8 +84,9 @@ def _hybrid_against_gpt(overrides):
         tiny_hybrid_config("*-*-*-*-", **MHC, **overrides, mhc_recompute_layer_num=2), "*-*-*-*-"
     )
     gpt_state = gpt.state_dict()
-    hybrid.load_state_dict({name: gpt_state[gpt_name(name)] for name in hybrid.state_dict()},
-                           strict=True)
+    hybrid.load_state_dict(
+        {name: gpt_state[gpt_name(name)] for name in hybrid.state_dict()}, strict=True
+    )
     gpt_logits, gpt_grads = _logits_and_grads(gpt, tokens)
     hybrid_logits, hybrid_grads = _logits_and_grads(hybrid, tokens)
     mapped = {gpt_name(name): grad for name, grad in hybrid_grads.items()}
@@ -107,10 +112,12 @@ def _baseline_and_candidate(pattern, baseline_overrides, candidate_overrides, up
     candidate.eval()
     with torch.no_grad():
         return dict(
-            baseline=logits(baseline, tokens), candidate=logits(candidate, tokens),
+            baseline=logits(baseline, tokens),
+            candidate=logits(candidate, tokens),
             baseline_names=[n for n, _ in baseline.named_parameters()],
             names=[n for n, _ in candidate.named_parameters()],
-            stack=type(candidate.decoder).__name__, model=type(candidate).__name__,
+            stack=type(candidate.decoder).__name__,
+            model=type(candidate).__name__,
         )
 
 
@@ -122,14 +129,16 @@ def _train(overrides, pattern, steps):
     moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
     model, optimizer = megatron_training(model, config)
     data = batches(seed=3)
-    losses = [train_step(model, optimizer, lambda m: forward_backward(m, data))
-              for _ in range(steps)]
+    losses = [
+        train_step(model, optimizer, lambda m: forward_backward(m, data)) for _ in range(steps)
+    ]
     return losses, moe_layers
 
 
 IDENTITY_CASES = {
     f"{contract}_{how}": (contract, how == "upcycled")
-    for contract in ("mean", "learned") for how in ("built", "upcycled")
+    for contract in ("mean", "learned")
+    for how in ("built", "upcycled")
 }
 
 
@@ -137,8 +146,10 @@ def _single_process_checks(rank, world_size):
     """Every single-process check in one process (model-parallel state set up once)."""
     initialize_model_parallel(seed=SEED)
     results = {"gpt": _hybrid_against_gpt(dict(mhc_output_contract="learned"))}
-    for name, overrides in {"n1": dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
-                            "disabled": dict(enable_mhc_connections=False)}.items():
+    for name, overrides in {
+        "n1": dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
+        "disabled": dict(enable_mhc_connections=False),
+    }.items():
         results[name] = _baseline_and_candidate("*-*E", MOE, overrides, upcycle=False)
     for name, (contract, upcycle) in IDENTITY_CASES.items():
         results[name] = _baseline_and_candidate(
@@ -194,8 +205,12 @@ def test_hybrid_with_moe_layers_trains(single_process):
 
 # (TP, PP, VPP, sequence_parallel, pattern); the rest of the 2 ranks is data parallel. More
 # stages in the pattern ('|') than PP ranks make virtual stages.
-LAYOUTS = [(1, 1, None, False, "*-*E*-*E"), (1, 2, None, False, "*-*E|*-*E"),
-           (1, 2, 2, False, "*-|*E|*-|*E"), (2, 1, None, True, "*-*E*-*E")]
+LAYOUTS = [
+    (1, 1, None, False, "*-*E*-*E"),
+    (1, 2, None, False, "*-*E|*-*E"),
+    (1, 2, 2, False, "*-|*E|*-|*E"),
+    (2, 1, None, True, "*-*E*-*E"),
+]
 NUM_MICROBATCHES = 4  # the interleaved schedule needs a multiple of PP
 
 
@@ -212,28 +227,41 @@ def _per_layout(rank, world_size, overrides):
     for tp, pp, vpp, sequence_parallel, pattern in LAYOUTS:
         initialize_model_parallel(tp, pp, seed=SEED, virtual_pipeline_model_parallel_size=vpp)
         config = tiny_hybrid_config(
-            pattern, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
-            params_dtype=torch.float64, pipeline_dtype=torch.float64,
+            pattern,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            sequence_parallel=sequence_parallel,
+            params_dtype=torch.float64,
+            pipeline_dtype=torch.float64,
             # Megatron-Core's default batched P2P lets the two sends of PP=2 to the same peer
             # swap under the interleaved schedule; megatron.training sets these for it.
-            overlap_p2p_comm=vpp is not None, batch_p2p_comm=vpp is None, **overrides,
+            overlap_p2p_comm=vpp is not None,
+            batch_p2p_comm=vpp is None,
+            **overrides,
         )
         config.finalize_model_grads_func = finalize_model_grads
-        chunks = [build_tiny_hybrid(config, pattern, vp_stage=vp_stage)
-                  for vp_stage in ([None] if vpp is None else range(vpp))]
+        chunks = [
+            build_tiny_hybrid(config, pattern, vp_stage=vp_stage)
+            for vp_stage in ([None] if vpp is None else range(vpp))
+        ]
         if full is None:
             full = full_state_dict(chunks[0])
         blocks = []
         for chunk in chunks:
             load_full_state_dict(chunk, full)
             blocks.append(chunk.decoder.recompute_block_size)
-        chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(), chunk)
-                  for chunk in chunks]
+        chunks = [
+            DistributedDataParallel(config, DistributedDataParallelConfig(), chunk)
+            for chunk in chunks
+        ]
         data = batches(num=NUM_MICROBATCHES)
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=[iter(data) for _ in chunks],
-            model=chunks, num_microbatches=NUM_MICROBATCHES, seq_length=SEQ,
+            forward_step_func=forward_step,
+            data_iterator=[iter(data) for _ in chunks],
+            model=chunks,
+            num_microbatches=NUM_MICROBATCHES,
+            seq_length=SEQ,
             micro_batch_size=MICRO_BATCH,
         )
         loss = None
@@ -250,8 +278,9 @@ def _per_layout(rank, world_size, overrides):
 @pytest.fixture(scope="module")
 def per_layout():
     # qk_layernorm: the attention's own norms run under sequence parallelism too.
-    overrides = dict(MHC, **MOE, mhc_output_contract="learned", mhc_recompute_layer_num="auto",
-                     qk_layernorm=True)
+    overrides = dict(
+        MHC, **MOE, mhc_output_contract="learned", mhc_recompute_layer_num="auto", qk_layernorm=True
+    )
     return run_distributed(_per_layout, 2, overrides, timeout_s=600)
 
 
@@ -272,8 +301,13 @@ def test_hybrid_pipeline_split_by_the_pattern_equals_pp1(per_layout, vpp):
         # PP = 1 runs 2 data-parallel replicas: DDP halves each replica's gradient before the
         # sum, which drops the last bit of fp32 subnormals (the HC projections' gradients reach
         # 1e-39); the rest agrees to float64 rounding.
-        torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12 * want.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad,
+            want,
+            rtol=1e-10,
+            atol=1e-12 * want.abs().max().item(),
+            msg=lambda m: f"{name}: {m}",
+        )
 
 
 def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
@@ -286,30 +320,74 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
     for name, grad in grads.items():
         want = reference[name]
         # Relative to the tensor's scale: TP sums partial products in another order.
-        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f"{name}: {m}"
+        )
 
 
-@pytest.mark.parametrize("pattern,overrides,message", [
-    ("*-M-", dict(MHC, transformer_impl="transformer_engine"),
-     r"hybrid_layer_pattern='\*-M-' is invalid: Mamba layers \('M'\) are not supported with mHC"),
-    ("*-G-", MHC, r"hybrid_layer_pattern='\*-G-' is invalid: layer types \['G'\] need "
-                  r"transformer_impl='transformer_engine'"),
-    ("+-+-", MHC, r"hybrid_layer_pattern='\+-\+-' is invalid: layer types \['\+'\] "
-                  r"\(multi-latent attention\) need an MLATransformerConfig"),
-    ("*-*x", MHC, r"hybrid_layer_pattern='\*-\*x' is invalid: .*'x' is not a valid layer symbol"),
-    ("*-*E", MHC, r"MHCTransformerConfig.num_moe_experts=None is invalid: .*MoE layers \('E'\)"),
-    ("*-*-/*-", MHC, r"MHCTransformerConfig.mtp_num_layers=None is invalid with "
-                     r"hybrid_layer_pattern='\*-\*-/\*-': .* \(1 here\)"),
-    ("*-*-", dict(MHC, mtp_num_layers=1), r"MHCTransformerConfig.mtp_num_layers=1 is invalid "
-                                          r"with hybrid_layer_pattern='\*-\*-': .* \(0 here\)"),
-    ("*-*-/G-", dict(MHC, mtp_num_layers=1),
-     r"hybrid_layer_pattern='\*-\*-/G-' is invalid: layer types \['G'\] need "
-     r"transformer_impl='transformer_engine'"),
-], ids=["mamba_with_mhc", "gdn_local", "mla_config", "bad_symbol", "moe_without_experts",
-        "mtp_part_without_mtp_num_layers", "mtp_num_layers_without_mtp_part", "gdn_in_mtp_part"])
+@pytest.mark.parametrize(
+    "pattern,overrides,message",
+    [
+        (
+            "*-M-",
+            dict(MHC, transformer_impl="transformer_engine"),
+            r"hybrid_layer_pattern='\*-M-' is invalid: Mamba layers \('M'\) are not supported with mHC",
+        ),
+        (
+            "*-G-",
+            MHC,
+            r"hybrid_layer_pattern='\*-G-' is invalid: layer types \['G'\] need "
+            r"transformer_impl='transformer_engine'",
+        ),
+        (
+            "+-+-",
+            MHC,
+            r"hybrid_layer_pattern='\+-\+-' is invalid: layer types \['\+'\] "
+            r"\(multi-latent attention\) need an MLATransformerConfig",
+        ),
+        (
+            "*-*x",
+            MHC,
+            r"hybrid_layer_pattern='\*-\*x' is invalid: .*'x' is not a valid layer symbol",
+        ),
+        (
+            "*-*E",
+            MHC,
+            r"MHCTransformerConfig.num_moe_experts=None is invalid: .*MoE layers \('E'\)",
+        ),
+        (
+            "*-*-/*-",
+            MHC,
+            r"MHCTransformerConfig.mtp_num_layers=None is invalid with "
+            r"hybrid_layer_pattern='\*-\*-/\*-': .* \(1 here\)",
+        ),
+        (
+            "*-*-",
+            dict(MHC, mtp_num_layers=1),
+            r"MHCTransformerConfig.mtp_num_layers=1 is invalid "
+            r"with hybrid_layer_pattern='\*-\*-': .* \(0 here\)",
+        ),
+        (
+            "*-*-/G-",
+            dict(MHC, mtp_num_layers=1),
+            r"hybrid_layer_pattern='\*-\*-/G-' is invalid: layer types \['G'\] need "
+            r"transformer_impl='transformer_engine'",
+        ),
+    ],
+    ids=[
+        "mamba_with_mhc",
+        "gdn_local",
+        "mla_config",
+        "bad_symbol",
+        "moe_without_experts",
+        "mtp_part_without_mtp_num_layers",
+        "mtp_num_layers_without_mtp_part",
+        "gdn_in_mtp_part",
+    ],
+)
 def test_unbuildable_pattern_is_refused_before_building_naming_the_field(
-        pattern, overrides, message):
+    pattern, overrides, message
+):
     from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 
     with pytest.raises(ValueError, match=message):

@@ -28,15 +28,23 @@ def _chunks(config):
     """This rank's model chunks (one per virtual stage)."""
     from megatron.core import parallel_state
 
-    vp_stages = [None] if config.virtual_pipeline_model_parallel_size is None else range(
-        config.virtual_pipeline_model_parallel_size)
+    vp_stages = (
+        [None]
+        if config.virtual_pipeline_model_parallel_size is None
+        else range(config.virtual_pipeline_model_parallel_size)
+    )
     return [
         build_mhc_gpt_model(
-            config, vocab_size=VOCAB, max_sequence_length=SEQ, vp_stage=vp_stage,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                               vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                               vp_stage=vp_stage),
+            config,
+            vocab_size=VOCAB,
+            max_sequence_length=SEQ,
+            vp_stage=vp_stage,
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
             position_embedding_type="rope",
         )
         for vp_stage in vp_stages
@@ -53,13 +61,17 @@ def _step_per_layout(rank, world_size):
     for pp, vpp, variable_seq_lengths in LAYOUTS:
         initialize_model_parallel(1, pp, virtual_pipeline_model_parallel_size=vpp)
         config = tiny_config(
-            enable_mhc_connections=True, mhc_num_residual_streams=4,
-            pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-            variable_seq_lengths=variable_seq_lengths, params_dtype=torch.float64,
+            enable_mhc_connections=True,
+            mhc_num_residual_streams=4,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            variable_seq_lengths=variable_seq_lengths,
+            params_dtype=torch.float64,
             pipeline_dtype=torch.float64,
             # Megatron-Core's default batched P2P lets the two sends of PP=2 to the same peer
             # swap under the interleaved schedule; megatron.training sets these for it.
-            overlap_p2p_comm=vpp is not None, batch_p2p_comm=vpp is None,
+            overlap_p2p_comm=vpp is not None,
+            batch_p2p_comm=vpp is None,
             # Megatron refuses variable_seq_lengths with the (default) allgather dispatcher,
             # even for a dense model.
             moe_token_dispatcher_type="alltoall",
@@ -103,5 +115,10 @@ def test_interleaved_pipeline_matches_pp1_and_1f1b():
         grads = merge_full_grads([r[layout][1] for r in per_rank])
         assert grads.keys() == reference_grads.keys(), layout
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, reference_grads[name], rtol=1e-10, atol=1e-14,
-                                       msg=lambda m: f"{layout} {name}: {m}")
+            torch.testing.assert_close(
+                grad,
+                reference_grads[name],
+                rtol=1e-10,
+                atol=1e-14,
+                msg=lambda m: f"{layout} {name}: {m}",
+            )

@@ -14,8 +14,13 @@ plan in megatron-core 0.19.2) with the overlap is refused before it is built.
 import pytest
 import torch
 
-from tests.dist_utils import export_grads, full_state_dict, initialize_model_parallel
-from tests.dist_utils import load_full_state_dict, run_distributed
+from tests.dist_utils import (
+    export_grads,
+    full_state_dict,
+    initialize_model_parallel,
+    load_full_state_dict,
+    run_distributed,
+)
 from tests.tiny_gpt import (
     MICRO_BATCH,
     SEQ,
@@ -35,11 +40,18 @@ MOE_LAYER_FREQ = [0, 1, 1, 0]
 # (computed in the pre-dispatch node, added in the combine node); dropout on, so that the random
 # numbers drawn by forward must come in the same order in both schedules.
 MHC_MOE_GPT = dict(
-    enable_mhc_connections=True, hidden_dropout=0.1,
-    num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
+    enable_mhc_connections=True,
+    hidden_dropout=0.1,
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    moe_layer_freq=MOE_LAYER_FREQ,
     moe_shared_expert_intermediate_size=32,
-    expert_model_parallel_size=EXPERT_PARALLEL, moe_token_dispatcher_type="alltoall",
-    add_bias_linear=False, bf16=True, pipeline_dtype=torch.bfloat16,
+    expert_model_parallel_size=EXPERT_PARALLEL,
+    moe_token_dispatcher_type="alltoall",
+    add_bias_linear=False,
+    bf16=True,
+    pipeline_dtype=torch.bfloat16,
 )
 OVERLAP = dict(overlap_moe_expert_parallel_comm=True)
 # Schedule settings tried in a row, in one set of processes; the first is the plain schedule.
@@ -104,23 +116,35 @@ def _train_under_each_schedule(rank, world_size):
         get_cuda_rng_tracker().set_states(rng_state[1])
         contracts = []
         gpt.decoder.final_layernorm.register_forward_pre_hook(
-            lambda _norm, args: contracts.append(args[0].shape[-1]))
+            lambda _norm, args: contracts.append(args[0].shape[-1])
+        )
         # As megatron.training's get_model: bf16 weights (Float16Module), DDP with fp32 grads.
         model, optimizer = megatron_training(gpt, config, bf16=True)
         _layer_of_node_state.clear()
         _node_calls.clear()
         losses, grads = [], []
         for _ in range(STEPS):
-            outputs = train_step(model, optimizer, lambda m: get_forward_backward_func()(
-                forward_step_func=_forward_step, data_iterator=iter(data), model=[m],
-                num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-            ))
+            outputs = train_step(
+                model,
+                optimizer,
+                lambda m: get_forward_backward_func()(
+                    forward_step_func=_forward_step,
+                    data_iterator=iter(data),
+                    model=[m],
+                    num_microbatches=MICROBATCHES,
+                    seq_length=SEQ,
+                    micro_batch_size=MICRO_BATCH,
+                ),
+            )
             losses.append([output["loss"].item() for output in outputs])
             grads.append(export_grads(model))
         runs[schedule] = dict(
-            losses=losses, grads=grads, node_calls=list(_node_calls),
+            losses=losses,
+            grads=grads,
+            node_calls=list(_node_calls),
             # The final norm's input width seen by its pre-hooks: n*C before the contract.
-            contracts=contracts, hidden=config.hidden_size,
+            contracts=contracts,
+            hidden=config.hidden_size,
             schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
         )
     return runs
@@ -162,25 +186,33 @@ def test_mhc_moe_gpt_under_combined_1f1b_equals_plain_schedule_bitwise_on_cpu(ru
                     assert torch.equal(grads[key][0], grad), (rank, schedule, step, key)
 
 
-def test_mlp_hc_update_node_runs_after_its_layers_combine_and_before_the_next_layer(
-        runs_by_rank):
+def test_mlp_hc_update_node_runs_after_its_layers_combine_and_before_the_next_layer(runs_by_rank):
     calls = runs_by_rank[0]["overlap"]["node_calls"]
     for micro_batch in range(STEPS * MICROBATCHES):
         for direction in ("forward", "backward"):
-            nodes = [(layer, name) for mb, layer, name, d in calls
-                     if mb == micro_batch and d == direction]
+            nodes = [
+                (layer, name)
+                for mb, layer, name, d in calls
+                if mb == micro_batch and d == direction
+            ]
             assert nodes == _expected_nodes_of_a_micro_batch(direction), (micro_batch, direction)
     # The forward of one micro-batch and the backward of the previous one are interleaved
     # node by node (the combined 1F1B schedule, not one micro-batch after the other).
     directions = [(mb, d) for mb, _, _, d in calls]
-    assert any(directions[i:i + 2] == [(1, "forward"), (0, "backward")]
-               for i in range(len(directions) - 1))
+    assert any(
+        directions[i : i + 2] == [(1, "forward"), (0, "backward")]
+        for i in range(len(directions) - 1)
+    )
 
 
 # Interleaved pipeline: EP=2 x PP=2 x VPP=2 on 4 processes, one layer per model chunk (the
 # stage exchange [s, b*n, C] wraps around from the last stage to the next chunk of the first).
-INTERLEAVED = dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
-                   overlap_p2p_comm=True, batch_p2p_comm=False)
+INTERLEAVED = dict(
+    pipeline_model_parallel_size=2,
+    virtual_pipeline_model_parallel_size=2,
+    overlap_p2p_comm=True,
+    batch_p2p_comm=False,
+)
 INTERLEAVED_SCHEDULES = {
     "plain": dict(),
     "overlap": OVERLAP,
@@ -196,8 +228,9 @@ def _interleaved_step_under_each_schedule(rank, world_size):
     from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
     from tests.unit.test_interleaved_pipeline import _chunks
 
-    initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=2,
-                              expert_model_parallel_size=EXPERT_PARALLEL)
+    initialize_model_parallel(
+        1, 2, virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=EXPERT_PARALLEL
+    )
     data = batches(seed=parallel_state.get_expert_model_parallel_rank(), num=MICROBATCHES)
     weights = rng_state = None
     runs = {}
@@ -205,8 +238,13 @@ def _interleaved_step_under_each_schedule(rank, world_size):
         config = tiny_config(**MHC_MOE_GPT, **INTERLEAVED, **settings)
         chunks = _chunks(config)
         if weights is None:
-            weights = [{name: value.clone() if isinstance(value, torch.Tensor) else value
-                        for name, value in chunk.state_dict().items()} for chunk in chunks]
+            weights = [
+                {
+                    name: value.clone() if isinstance(value, torch.Tensor) else value
+                    for name, value in chunk.state_dict().items()
+                }
+                for chunk in chunks
+            ]
             rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
         for chunk, chunk_weights in zip(chunks, weights):
             chunk.load_state_dict(chunk_weights)
@@ -223,8 +261,11 @@ def _interleaved_step_under_each_schedule(rank, world_size):
         )
         runs[schedule] = dict(
             losses=[output["loss"].item() for output in outputs],
-            grads={f"{index}.{name}": param.grad for index, chunk in enumerate(chunks)
-                   for name, param in chunk.named_parameters()},
+            grads={
+                f"{index}.{name}": param.grad
+                for index, chunk in enumerate(chunks)
+                for name, param in chunk.named_parameters()
+            },
             schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
         )
     return runs
@@ -232,7 +273,8 @@ def _interleaved_step_under_each_schedule(rank, world_size):
 
 def test_interleaved_pipeline_under_combined_1f1b_equals_plain_interleaved_bitwise_on_cpu():
     for rank, runs in enumerate(
-            run_distributed(_interleaved_step_under_each_schedule, 2 * EXPERT_PARALLEL)):
+        run_distributed(_interleaved_step_under_each_schedule, 2 * EXPERT_PARALLEL)
+    ):
         plain = runs["plain"]
         assert plain["schedule_plans"] == 0
         for schedule in ("overlap", "overlap_mhc_recompute"):
@@ -251,5 +293,6 @@ def test_hybrid_model_with_the_overlap_is_refused_naming_the_field():
 
     config = tiny_config(**MHC_MOE_GPT, **OVERLAP)
     with pytest.raises(ValueError, match="overlap_moe_expert_parallel_comm=True.*HybridModel"):
-        build_mhc_hybrid_model(config, vocab_size=128, max_sequence_length=SEQ,
-                               hybrid_layer_pattern="*-*E")
+        build_mhc_hybrid_model(
+            config, vocab_size=128, max_sequence_length=SEQ, hybrid_layer_pattern="*-*E"
+        )

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_mhc.config import MHCMLATransformerConfig
@@ -28,13 +27,25 @@ from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 SEED = 1234
 # Key heads of qk_head_dim + qk_pos_emb_head_dim = 12 and value heads of 6, both unlike kv_channels
 # (hidden 32 / 4 heads = 8), so the core attention's k_channels and v_channels both matter.
-MLA = dict(config_class=MHCMLATransformerConfig, q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8,
-           qk_pos_emb_head_dim=4, v_head_dim=6, rope_type="rope")
+MLA = dict(
+    config_class=MHCMLATransformerConfig,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_head_dim=8,
+    qk_pos_emb_head_dim=4,
+    v_head_dim=6,
+    rope_type="rope",
+)
 MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
 # Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and the
 # allgather dispatcher (alltoall creates a CUDA stream).
-MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, add_bias_linear=False,
-           moe_token_dispatcher_type="allgather")
+MOE = dict(
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    add_bias_linear=False,
+    moe_token_dispatcher_type="allgather",
+)
 HYBRID_PATTERN = "+-+E"
 
 
@@ -43,8 +54,9 @@ def _gpt(**overrides):
 
 
 def _hybrid(**overrides):
-    return build_tiny_hybrid(tiny_hybrid_config(HYBRID_PATTERN, **MLA, **MOE, **overrides),
-                             HYBRID_PATTERN)
+    return build_tiny_hybrid(
+        tiny_hybrid_config(HYBRID_PATTERN, **MLA, **MOE, **overrides), HYBRID_PATTERN
+    )
 
 
 def _seeded(build, **overrides):
@@ -64,12 +76,16 @@ def _logits_against_baseline(build, overrides):
 
 def _train(build, steps):
     model = build(**MHC)
-    attention = [type(layer.self_attention.core_attention) for layer in model.decoder.layers
-                 if hasattr(layer.self_attention, "core_attention")]
+    attention = [
+        type(layer.self_attention.core_attention)
+        for layer in model.decoder.layers
+        if hasattr(layer.self_attention, "core_attention")
+    ]
     model, optimizer = megatron_training(model, model.config)
     data = batches(seed=3)
-    losses = [train_step(model, optimizer, lambda m: forward_backward(m, data))
-              for _ in range(steps)]
+    losses = [
+        train_step(model, optimizer, lambda m: forward_backward(m, data)) for _ in range(steps)
+    ]
     return losses, attention
 
 
@@ -81,16 +97,24 @@ def _core_attention_against_sdpa():
     config = tiny_config(**MLA)
     heads, k_channels, v_channels = config.num_attention_heads, 12, 6
     attention = LatentDotProductAttention(
-        config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
-        k_channels=k_channels, v_channels=v_channels,
+        config,
+        layer_number=1,
+        attn_mask_type=AttnMaskType.causal,
+        attention_type="self",
+        k_channels=k_channels,
+        v_channels=v_channels,
     )
     generator = torch.Generator().manual_seed(SEED)
     query, key = (torch.randn(SEQ, 2, heads, k_channels, generator=generator) for _ in range(2))
     value = torch.randn(SEQ, 2, heads, v_channels, generator=generator)
     got = attention(query, key, value, causal_mask())
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        *(x.permute(1, 2, 0, 3) for x in (query, key, value)), is_causal=True
-    ).permute(2, 0, 1, 3).reshape(SEQ, 2, heads * v_channels)
+    expected = (
+        torch.nn.functional.scaled_dot_product_attention(
+            *(x.permute(1, 2, 0, 3) for x in (query, key, value)), is_causal=True
+        )
+        .permute(2, 0, 1, 3)
+        .reshape(SEQ, 2, heads * v_channels)
+    )
     return got, expected
 
 
@@ -100,7 +124,8 @@ def _checks(rank, world_size):
     return {
         "core_attention": _core_attention_against_sdpa(),
         "gpt_n1": _logits_against_baseline(
-            _gpt, dict(enable_mhc_connections=True, mhc_num_residual_streams=1)),
+            _gpt, dict(enable_mhc_connections=True, mhc_num_residual_streams=1)
+        ),
         "gpt_identity": _logits_against_baseline(_gpt, dict(MHC, mhc_init="identity")),
         "hybrid_identity": _logits_against_baseline(_hybrid, dict(MHC, mhc_init="identity")),
         "gpt_training": _train(_gpt, steps=8),
@@ -152,6 +177,9 @@ def test_mla_config_keeps_mla_defaults_and_validates_the_mhc_fields():
 def test_deepseek_attention_layers_are_refused_on_the_local_spec_naming_the_pattern():
     from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern
 
-    with pytest.raises(ValueError, match=r"hybrid_layer_pattern='D-D-' is invalid: layer types "
-                                         r"\['D'\] need transformer_impl='transformer_engine'"):
+    with pytest.raises(
+        ValueError,
+        match=r"hybrid_layer_pattern='D-D-' is invalid: layer types "
+        r"\['D'\] need transformer_impl='transformer_engine'",
+    ):
         check_hybrid_layer_pattern(tiny_hybrid_config("D-D-", **MLA, **MHC), "D-D-")

@@ -46,7 +46,7 @@ _MTP_HYBRID_LAYER = re.compile(r"^(mtp\.layers\.\d+\.mtp_model_layer\.)layers\.\
 def _hybrid_pattern(pipeline_stages: int = 1) -> str:
     """HYBRID_MAIN split into `pipeline_stages` equal stages ('|'), then HYBRID_MTP."""
     size = len(HYBRID_MAIN) // pipeline_stages
-    stages = [HYBRID_MAIN[i:i + size] for i in range(0, len(HYBRID_MAIN), size)]
+    stages = [HYBRID_MAIN[i : i + size] for i in range(0, len(HYBRID_MAIN), size)]
     return "|".join(stages) + HYBRID_MTP
 
 
@@ -134,9 +134,14 @@ def _step_per_layout(rank, world_size, overrides, hybrid):
     for tp, pp, sequence_parallel in LAYOUTS:
         initialize_model_parallel(tp, pp)
         model = _build(
-            hybrid, pipeline_stages=pp, tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
-            params_dtype=torch.float64, pipeline_dtype=torch.float64, **overrides,
+            hybrid,
+            pipeline_stages=pp,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=sequence_parallel,
+            params_dtype=torch.float64,
+            pipeline_dtype=torch.float64,
+            **overrides,
         )
         if full is None:
             full = full_state_dict(model)
@@ -156,13 +161,17 @@ def _step_per_layout(rank, world_size, overrides, hybrid):
 
 
 @pytest.mark.parametrize("model", ["gpt", "hybrid"])
-@pytest.mark.parametrize("layout,rtol", [
-    ((1, 2, False), 1e-10),  # the same ops on the same values, split over two stages
-    # TP sums partial products in another order (and Megatron's vocab-parallel cross entropy
-    # stays fp32): the tolerance of tests/unit/test_parallel_equivalence.py.
-    ((2, 1, False), 1e-5),
-    ((2, 1, True), 1e-5),
-], ids=["pp2", "tp2", "tp2_sequence_parallel"])
+@pytest.mark.parametrize(
+    "layout,rtol",
+    [
+        ((1, 2, False), 1e-10),  # the same ops on the same values, split over two stages
+        # TP sums partial products in another order (and Megatron's vocab-parallel cross entropy
+        # stays fp32): the tolerance of tests/unit/test_parallel_equivalence.py.
+        ((2, 1, False), 1e-5),
+        ((2, 1, True), 1e-5),
+    ],
+    ids=["pp2", "tp2", "tp2_sequence_parallel"],
+)
 def test_parallel_layouts_with_mtp_match_one_rank(per_layout, model, layout, rtol):
     per_layout = per_layout[model]
     loss, mtp, _ = per_layout[0][(1, 1, False)]
@@ -180,8 +189,13 @@ def test_parallel_layouts_with_mtp_match_one_rank(per_layout, model, layout, rto
     for name, grad in grads.items():
         want = reference[name]
         assert torch.isfinite(grad).all() and want.abs().max() > 0, name
-        torch.testing.assert_close(grad, want, rtol=rtol, atol=rtol * want.abs().max().item(),
-                                   msg=lambda m: f"{layout} {name}: {m}")
+        torch.testing.assert_close(
+            grad,
+            want,
+            rtol=rtol,
+            atol=rtol * want.abs().max().item(),
+            msg=lambda m: f"{layout} {name}: {m}",
+        )
 
 
 def _megatron_mtp_gpt(config):
@@ -194,7 +208,10 @@ def _megatron_mtp_gpt(config):
 
     decoder_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
     return GPTModel(
-        config, transformer_layer_spec=decoder_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+        config,
+        transformer_layer_spec=decoder_spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
         mtp_block_spec=get_gpt_mtp_block_spec(config, decoder_spec, use_transformer_engine=False),
         position_embedding_type="rope",
     )
@@ -207,8 +224,11 @@ def _megatron_mtp_hybrid(config):
     from megatron_mhc.transformer.hybrid_specs import get_local_hybrid_stack_spec
 
     return HybridModel(
-        config, hybrid_stack_spec=get_local_hybrid_stack_spec(config), vocab_size=VOCAB,
-        max_sequence_length=SEQ, hybrid_layer_pattern=_hybrid_pattern(),
+        config,
+        hybrid_stack_spec=get_local_hybrid_stack_spec(config),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        hybrid_layer_pattern=_hybrid_pattern(),
         position_embedding_type="rope",
     )
 
@@ -227,7 +247,8 @@ def _plain_and_candidate(rank, world_size, overrides, hybrid):
             model = _build(hybrid, mtp_num_layers=1, **overrides)
         elif hybrid:
             model = _megatron_mtp_hybrid(
-                tiny_hybrid_config(_hybrid_pattern(), mtp_num_layers=1, **overrides))
+                tiny_hybrid_config(_hybrid_pattern(), mtp_num_layers=1, **overrides)
+            )
         else:
             model = _megatron_mtp_gpt(tiny_config(mtp_num_layers=1, **overrides))
         results.append((type(model).__name__, _loss_mtp_loss_and_grads(model)))
@@ -236,10 +257,14 @@ def _plain_and_candidate(rank, world_size, overrides, hybrid):
 
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["gpt", "hybrid"])
-@pytest.mark.parametrize("overrides", [
-    dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
-    dict(enable_mhc_connections=False, mhc_num_residual_streams=4),
-], ids=["n1", "disabled"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
+        dict(enable_mhc_connections=False, mhc_num_residual_streams=4),
+    ],
+    ids=["n1", "disabled"],
+)
 def test_one_stream_or_disabled_mtp_model_is_megatrons_bit_for_bit(overrides, hybrid):
     (_, (loss, mtp, grads)), (kind, (got_loss, got_mtp, got_grads)) = run_distributed(
         _plain_and_candidate, 1, overrides, hybrid
@@ -263,21 +288,25 @@ def _gpt_and_hybrid(rank, world_size):
     gpt = _build(False, **MHC, mtp_num_layers=1)
     hybrid = _build(True, **MHC, mtp_num_layers=1)
     gpt_state = gpt.state_dict()
-    hybrid.load_state_dict({name: gpt_state[_gpt_name(name)] for name in hybrid.state_dict()},
-                           strict=True)
+    hybrid.load_state_dict(
+        {name: gpt_state[_gpt_name(name)] for name in hybrid.state_dict()}, strict=True
+    )
     (loss, mtp, grads), (got_loss, got_mtp, got_grads) = (
         _loss_mtp_loss_and_grads(model) for model in (gpt, hybrid)
     )
-    return (type(hybrid).__name__, (loss, mtp, grads),
-            (got_loss, got_mtp, {_gpt_name(name): grad for name, grad in got_grads.items()}))
+    return (
+        type(hybrid).__name__,
+        (loss, mtp, grads),
+        (got_loss, got_mtp, {_gpt_name(name): grad for name, grad in got_grads.items()}),
+    )
 
 
 def test_hybrid_mtp_is_the_gpt_mtp_model_with_the_same_weights_bit_for_bit():
     """`*-*-*-*-/*-` holds the GPT MTP model's modules (decoder and MTP layer) and runs them on
     the same values in the same order: main loss, MTP loss and every gradient bitwise."""
-    kind, (loss, mtp, grads), (got_loss, got_mtp, got_grads) = run_distributed(
-        _gpt_and_hybrid, 1
-    )[0]
+    kind, (loss, mtp, grads), (got_loss, got_mtp, got_grads) = run_distributed(_gpt_and_hybrid, 1)[
+        0
+    ]
     assert kind == "MHCHybridModel"
     assert got_loss == loss and got_mtp == mtp
     assert got_grads.keys() == grads.keys()
@@ -304,16 +333,22 @@ def _upcycled_mtp_state_dict(plain_state_dict: dict, candidate_state_dict: dict)
 
 def _identity_against_plain(rank, world_size, overrides):
     torch.set_default_dtype(torch.float64)
-    config_fields = dict(mtp_num_layers=1, params_dtype=torch.float64,
-                         pipeline_dtype=torch.float64, layernorm_epsilon=0.0)
+    config_fields = dict(
+        mtp_num_layers=1,
+        params_dtype=torch.float64,
+        pipeline_dtype=torch.float64,
+        layernorm_epsilon=0.0,
+    )
     initialize_model_parallel(seed=1234)
     plain = build_tiny_gpt(tiny_config(**config_fields))
     candidate = build_tiny_gpt(tiny_config(**config_fields, **overrides))
     candidate.load_state_dict(
         _upcycled_mtp_state_dict(plain.state_dict(), candidate.state_dict()), strict=True
     )
-    return [(type(model).__name__, forward_backward(model, batches()), _mtp_losses())
-            for model in (plain, candidate)]
+    return [
+        (type(model).__name__, forward_backward(model, batches()), _mtp_losses())
+        for model in (plain, candidate)
+    ]
 
 
 def test_identity_init_n4_mtp_computes_the_single_stream_mtp_function():
@@ -334,26 +369,42 @@ def test_identity_init_n4_mtp_computes_the_single_stream_mtp_function():
     assert got_mtp == pytest.approx(mtp, rel=1e-10)
 
 
-@pytest.mark.parametrize("untie,pipeline,refused", [
-    (False, 2, True), (True, 2, False), (False, 1, False),
-])
+@pytest.mark.parametrize(
+    "untie,pipeline,refused",
+    [
+        (False, 2, True),
+        (True, 2, False),
+        (False, 1, False),
+    ],
+)
 def test_mtp_with_tied_embeddings_over_pipeline_stages_is_refused(untie, pipeline, refused):
     """megatron-core 0.19.2 cannot save such a model: refused before training, naming it."""
-    args = SimpleNamespace(mtp_num_layers=1, pipeline_model_parallel_size=pipeline,
-                           untie_embeddings_and_output_weights=untie)
+    args = SimpleNamespace(
+        mtp_num_layers=1,
+        pipeline_model_parallel_size=pipeline,
+        untie_embeddings_and_output_weights=untie,
+    )
     if not refused:
         check_mtp_arguments(args)
         return
-    with pytest.raises(ValueError, match="mtp_num_layers=1 with pipeline_model_parallel_size=2 "
-                                         "needs --untie-embeddings-and-output-weights"):
+    with pytest.raises(
+        ValueError,
+        match="mtp_num_layers=1 with pipeline_model_parallel_size=2 "
+        "needs --untie-embeddings-and-output-weights",
+    ):
         check_mtp_arguments(args)
 
 
 RECOMPUTED = {
     "none": dict(MHC, mtp_num_layers=1),
     # Megatron's full recompute reruns the MTP layer on the stream state in backward.
-    "full": dict(MHC, mtp_num_layers=1, recompute_granularity="full",
-                 recompute_method="uniform", recompute_num_layers=1),
+    "full": dict(
+        MHC,
+        mtp_num_layers=1,
+        recompute_granularity="full",
+        recompute_method="uniform",
+        recompute_num_layers=1,
+    ),
     # mHC's block recompute frees the decoder's inner stream states; the MTP block reads the
     # stage output, which the manager keeps.
     "mhc_blocks": dict(MHC, mtp_num_layers=1, mhc_recompute_layer_num=2),

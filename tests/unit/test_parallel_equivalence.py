@@ -20,8 +20,9 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (TP, PP); the rest of the 4 ranks 
 MODELS = {
     "baseline": dict(enable_mhc_connections=False),
     "mhc": dict(enable_mhc_connections=True, mhc_num_residual_streams=4),
-    "mhc_learned_contract": dict(enable_mhc_connections=True, mhc_num_residual_streams=4,
-                                 mhc_output_contract="learned"),
+    "mhc_learned_contract": dict(
+        enable_mhc_connections=True, mhc_num_residual_streams=4, mhc_output_contract="learned"
+    ),
 }
 
 
@@ -37,10 +38,15 @@ def _step_per_layout(rank, world_size, overrides):
     results, full = {}, None
     for tp, pp in LAYOUTS:
         initialize_model_parallel(tp, pp)
-        model = build_tiny_gpt(tiny_config(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            params_dtype=torch.float64, pipeline_dtype=torch.float64, **overrides
-        ))
+        model = build_tiny_gpt(
+            tiny_config(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                params_dtype=torch.float64,
+                pipeline_dtype=torch.float64,
+                **overrides,
+            )
+        )
         if full is None:
             full = full_state_dict(model)
         load_full_state_dict(model, full)
@@ -55,7 +61,9 @@ def test_tp_pp_layouts_match_tp1pp1(model):
     per_rank = run_distributed(_step_per_layout, 4, MODELS[model])
     reference_loss = per_rank[0][(1, 1)][0]
     reference_grads = merge_full_grads([r[(1, 1)][1] for r in per_rank])
-    hc_grads = [name for name in reference_grads if "_hyper_connection." in name or "mhc_head" in name]
+    hc_grads = [
+        name for name in reference_grads if "_hyper_connection." in name or "mhc_head" in name
+    ]
     if model != "baseline":
         assert len(hc_grads) >= 4 * 2 * 3, "every HC parameter must receive a gradient"
     for layout in LAYOUTS[1:]:
@@ -69,5 +77,10 @@ def test_tp_pp_layouts_match_tp1pp1(model):
             want = reference_grads[name]
             assert torch.isfinite(grad).all(), name
             # Relative to the tensor's scale: TP sums partial products in another order.
-            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
-                                       msg=lambda m: f"{layout} {name}: {m}")
+            torch.testing.assert_close(
+                grad,
+                want,
+                rtol=1e-5,
+                atol=1e-5 * want.abs().max().item(),
+                msg=lambda m: f"{layout} {name}: {m}",
+            )

@@ -15,9 +15,14 @@ def _python_example(section: str) -> str:
 
 
 def _run(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "",
-                                            "TORCHDYNAMO_DISABLE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "TORCHDYNAMO_DISABLE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -28,6 +33,7 @@ def test_readme_python_example_runs():
 
 
 def test_readme_hybrid_example_runs_after_the_gpt_one():
-    stdout = _run(_python_example("## Build an mHC GPT in Python")
-                  + _python_example("### HybridModel"))
+    stdout = _run(
+        _python_example("## Build an mHC GPT in Python") + _python_example("### HybridModel")
+    )
     assert re.search(r"^HyperConnectionHybridStack loss \d+\.\d+$", stdout, re.M), stdout

@@ -16,8 +16,11 @@ from tests.dist_utils import (
 from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, logits, tiny_config
 
 MHC_8_LAYERS_DROPOUT = dict(
-    enable_mhc_connections=True, mhc_num_residual_streams=4, num_layers=8,
-    hidden_dropout=0.1, attention_dropout=0.1,
+    enable_mhc_connections=True,
+    mhc_num_residual_streams=4,
+    num_layers=8,
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
 )
 
 
@@ -33,10 +36,15 @@ def _with_and_without(rank, world_size, tp, pp, settings, overrides):
     initialize_model_parallel(tp, pp)
     results, weights = {}, None
     for setting in [None, *settings]:
-        model = build_tiny_gpt(tiny_config(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            mhc_recompute_layer_num=setting, **MHC_8_LAYERS_DROPOUT, **overrides,
-        ))
+        model = build_tiny_gpt(
+            tiny_config(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                mhc_recompute_layer_num=setting,
+                **MHC_8_LAYERS_DROPOUT,
+                **overrides,
+            )
+        )
         if weights is None:
             weights = model.state_dict()
         model.load_state_dict(weights)
@@ -81,9 +89,13 @@ def test_bitwise_equal_under_tensor_and_pipeline_parallelism(tp, pp):
 # Transformer Engine; "mlp" recompute does not finish on CPU for the plain Megatron layer either.
 def test_bitwise_equal_with_moe_and_selective_recompute():
     overrides = dict(
-        num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, add_bias_linear=False,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=64,
+        add_bias_linear=False,
         moe_token_dispatcher_type="allgather",
-        recompute_granularity="selective", recompute_modules=["core_attn"],
+        recompute_granularity="selective",
+        recompute_modules=["core_attn"],
     )
     per_rank = run_distributed(_with_and_without, 1, 1, 1, [2], overrides)
     _assert_bitwise(per_rank, [2])
@@ -127,12 +139,22 @@ def test_block_size_follows_eq20_per_stage():
     assert recompute_block_size(None, 4, 12) is None
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (dict(mhc_recompute_layer_num=0), "mhc_recompute_layer_num"),
-    (dict(mhc_recompute_layer_num="sqrt"), "mhc_recompute_layer_num"),
-    (dict(mhc_recompute_layer_num=2, recompute_granularity="full", recompute_method="uniform",
-          recompute_num_layers=1), "mhc_recompute_layer_num"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(mhc_recompute_layer_num=0), "mhc_recompute_layer_num"),
+        (dict(mhc_recompute_layer_num="sqrt"), "mhc_recompute_layer_num"),
+        (
+            dict(
+                mhc_recompute_layer_num=2,
+                recompute_granularity="full",
+                recompute_method="uniform",
+                recompute_num_layers=1,
+            ),
+            "mhc_recompute_layer_num",
+        ),
+    ],
+)
 def test_bad_recompute_settings_are_rejected(overrides, field):
     with pytest.raises(ValueError, match=rf"\.{field}="):
         tiny_config(enable_mhc_connections=True, **overrides)

@@ -37,9 +37,11 @@ def test_mappings_follow_spec_gates():
     flat = x.flatten(-2)
     m = (flat @ fn.t()) / flat.square().mean(-1, keepdim=True).add(1e-6).sqrt()
     torch.testing.assert_close(h_pre, torch.sigmoid(scale[0] * m[:, :n] + base[:n]) + eps)
-    torch.testing.assert_close(h_post, 2 * torch.sigmoid(scale[1] * m[:, n:2 * n] + base[n:2 * n]))
+    torch.testing.assert_close(
+        h_post, 2 * torch.sigmoid(scale[1] * m[:, n : 2 * n] + base[n : 2 * n])
+    )
     # One iteration: softmax over the last axis, + eps, then one column normalisation.
-    k = torch.softmax((scale[2] * m[:, 2 * n:] + base[2 * n:]).view(5, n, n), -1) + eps
+    k = torch.softmax((scale[2] * m[:, 2 * n :] + base[2 * n :]).view(5, n, n), -1) + eps
     torch.testing.assert_close(comb, k / (k.sum(-2, keepdim=True) + eps))
 
 
@@ -94,8 +96,8 @@ def test_hc_mappings_are_per_stream_and_unconstrained():
     normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
     m = torch.tanh(normed @ fn.t())
     torch.testing.assert_close(h_pre, scale[0] * m[..., 0] + base[:n])
-    torch.testing.assert_close(h_post, scale[1] * m[..., 1] + base[n:2 * n])
-    torch.testing.assert_close(comb, scale[2] * m[..., 2:] + base[2 * n:].view(n, n))
+    torch.testing.assert_close(h_post, scale[1] * m[..., 1] + base[n : 2 * n])
+    torch.testing.assert_close(comb, scale[2] * m[..., 2:] + base[2 * n :].view(n, n))
 
 
 def _gradcheck(fn, *inputs):

@@ -24,10 +24,12 @@ TP1, TP2, TP2_PP2 = (1, 1), (2, 1), (2, 2)
 MODELS = {
     "baseline": dict(enable_mhc_connections=False),
     "mhc": dict(enable_mhc_connections=True, mhc_num_residual_streams=4),
-    "mhc_learned_contract": dict(enable_mhc_connections=True, mhc_num_residual_streams=4,
-                                 mhc_output_contract="learned"),
-    "mhc_recompute": dict(enable_mhc_connections=True, mhc_num_residual_streams=4,
-                          mhc_recompute_layer_num=2),
+    "mhc_learned_contract": dict(
+        enable_mhc_connections=True, mhc_num_residual_streams=4, mhc_output_contract="learned"
+    ),
+    "mhc_recompute": dict(
+        enable_mhc_connections=True, mhc_num_residual_streams=4, mhc_recompute_layer_num=2
+    ),
     "baseline_mtp": dict(enable_mhc_connections=False, mtp_num_layers=1),
 }
 
@@ -51,9 +53,12 @@ def _step_per_model_and_layout(rank, world_size, models, layouts):
         for tp, pp in layouts:
             initialize_model_parallel(tp, pp)
             config = tiny_config(
-                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                sequence_parallel=tp > 1, params_dtype=torch.float64,
-                pipeline_dtype=torch.float64, **MODELS[model_name],
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                sequence_parallel=tp > 1,
+                params_dtype=torch.float64,
+                pipeline_dtype=torch.float64,
+                **MODELS[model_name],
             )
             before_finalize = {}
 
@@ -85,8 +90,9 @@ def _assert_layout_matches_tp1(per_rank, model, layout):
     for name, grad in grads.items():
         want = reference_grads[name]
         # Relative to the tensor's scale: TP sums partial products in another order.
-        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f"{name}: {m}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -117,5 +123,6 @@ def test_hc_and_norm_grads_are_summed_over_tp_ranks_by_finalize_model_grads(per_
         # Each rank saw its own half of the sequence: without the all-reduce the ranks disagree.
         assert not torch.allclose(partial_0, partial_1), name
         assert torch.equal(grad_0, grad_1), name
-        torch.testing.assert_close(grad_0, partial_0 + partial_1, rtol=1e-12, atol=0,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad_0, partial_0 + partial_1, rtol=1e-12, atol=0, msg=lambda m: f"{name}: {m}"
+        )

@@ -22,14 +22,23 @@ VARIANTS = {
     # Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and
     # the allgather dispatcher (alltoall creates a CUDA stream).
     "mhc_moe_4_experts_top2": dict(
-        MHC, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64,
-        add_bias_linear=False, moe_token_dispatcher_type="allgather",
+        MHC,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=64,
+        add_bias_linear=False,
+        moe_token_dispatcher_type="allgather",
     ),
     # Megatron requires sequence parallelism for MoE with TP > 1.
     "mhc_moe_tp2_sequence_parallel": dict(
-        MHC, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64,
-        add_bias_linear=False, moe_token_dispatcher_type="allgather",
-        tensor_model_parallel_size=2, sequence_parallel=True,
+        MHC,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=64,
+        add_bias_linear=False,
+        moe_token_dispatcher_type="allgather",
+        tensor_model_parallel_size=2,
+        sequence_parallel=True,
     ),
     "hc": dict(MHC, mhc_type="hc"),
     "hc_static": dict(MHC, mhc_type="hc_static"),
@@ -45,8 +54,9 @@ def _train(rank, world_size, overrides):
     moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
     model, optimizer = megatron_training(model, config)
     data = batches(seed=3)
-    losses = [train_step(model, optimizer, lambda m: forward_backward(m, data))
-              for _ in range(STEPS)]
+    losses = [
+        train_step(model, optimizer, lambda m: forward_backward(m, data)) for _ in range(STEPS)
+    ]
     return losses, moe_layers
 
 

@@ -15,8 +15,15 @@ import torch
 from tests.triton_aot import compile_launch, launches, resource_usage
 
 MAX_SHARED_BYTES = 227 * 1024
-CASES = [(1, torch.bfloat16), (2, torch.bfloat16), (3, torch.bfloat16), (4, torch.bfloat16),
-         (8, torch.bfloat16), (4, torch.float32), (8, torch.float32)]
+CASES = [
+    (1, torch.bfloat16),
+    (2, torch.bfloat16),
+    (3, torch.bfloat16),
+    (4, torch.bfloat16),
+    (8, torch.bfloat16),
+    (4, torch.float32),
+    (8, torch.float32),
+]
 
 
 @pytest.mark.parametrize("arch", [90, 100], ids=["sm_90", "sm_100"])
@@ -26,6 +33,8 @@ def test_every_launch_compiles_without_spills(arch, n, dtype):
     for launch in launches(n, 8192, 7168, dtype):
         use = resource_usage(compile_launch(launch, arch), arch)
         if use.spill_bytes or use.shared_bytes > MAX_SHARED_BYTES:
-            problems.append(f"{launch.kernel_name} {launch.constexprs()} "
-                            f"warps={launch.kwargs.get('num_warps', 4)}: {use}")
+            problems.append(
+                f"{launch.kernel_name} {launch.constexprs()} "
+                f"warps={launch.kwargs.get('num_warps', 4)}: {use}"
+            )
     assert not problems, "\n".join(problems)

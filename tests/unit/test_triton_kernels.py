@@ -46,19 +46,19 @@ def _make_inputs(op, n, lead, C, dtype, device, gen, variant):
         M = n * n + 2 * n
         # Logits of order 1: a Sinkhorn far from its fixed point would hide nothing, one at it
         # would make every gradient tiny.
-        return [x, randn(M, K, scale=K ** -0.5), randn(M, scale=0.5), rand(3, shift=0.5)]
+        return [x, randn(M, K, scale=K**-0.5), randn(M, scale=0.5), rand(3, shift=0.5)]
     if op == "mhc_head":
-        return [x, randn(n, K, scale=K ** -0.5), randn(n, scale=0.5), rand(1, shift=0.5)]
+        return [x, randn(n, K, scale=K**-0.5), randn(n, scale=0.5), rand(1, shift=0.5)]
     gate_lead = () if variant == "static" else lead  # shared by all tokens (hc_static)
     if op == "mhc_collapse":
         return [x, rand(*gate_lead, n)]
     y_dtype = torch.bfloat16 if variant == "bf16_y" else dtype
-    return [x, randn(*lead, C).to(y_dtype), rand(*gate_lead, n, scale=2.0),
-            rand(*gate_lead, n, n)]
+    return [x, randn(*lead, C).to(y_dtype), rand(*gate_lead, n, scale=2.0), rand(*gate_lead, n, n)]
 
 
-def check_op(op, n, lead, C, dtype_name, device="cpu", seed=0, variant="plain", iters=20,
-             block_mode=None):
+def check_op(
+    op, n, lead, C, dtype_name, device="cpu", seed=0, variant="plain", iters=20, block_mode=None
+):
     """Forward and every input gradient of the Triton `op` against the reference.
 
     variant: "plain"; "static" (gates shared by all tokens, broadcast); "bf16_y" (update with a
@@ -84,8 +84,7 @@ def check_op(op, n, lead, C, dtype_name, device="cpu", seed=0, variant="plain", 
         assert len(got) == len(want)
         for i, (g, w) in enumerate(zip(got, want)):
             assert_close(g, w, f"{op} output {i}")
-        grads = [torch.randn(w.shape, generator=gen).to(device=device, dtype=w.dtype)
-                 for w in want]
+        grads = [torch.randn(w.shape, generator=gen).to(device=device, dtype=w.dtype) for w in want]
         torch.autograd.backward(want, grads)
         torch.autograd.backward(got, grads)
     finally:
@@ -106,20 +105,20 @@ def check_mappings_collapse_with_unused_outputs(device="cpu"):
     from megatron_mhc.fusions import triton as triton_ops
 
     gen = torch.Generator().manual_seed(4)
-    inputs = _make_inputs("mhc_mappings_collapse", 4, (6,), 37, torch.float32, device, gen,
-                          "plain")
+    inputs = _make_inputs("mhc_mappings_collapse", 4, (6,), 37, torch.float32, device, gen, "plain")
     for used in [(0,), (4,), (2, 3), (1, 4), (0, 4)]:  # u; residual; h_post+comb; ...
         grads = {}
-        for name, impl, dtype in (("ref", reference, torch.float32),
-                                  ("ref64", reference, torch.float64),
-                                  ("triton", triton_ops, torch.float32)):
+        for name, impl, dtype in (
+            ("ref", reference, torch.float32),
+            ("ref64", reference, torch.float64),
+            ("triton", triton_ops, torch.float32),
+        ):
             leaves = [t.clone().to(dtype).requires_grad_() for t in inputs]
             outputs = impl.mhc_mappings_collapse(*leaves)
             loss = sum((outputs[i] * (i + 1)).sin().sum() for i in used)
             loss.backward()
             grads[name] = [t.grad for t in leaves]
-        for i, (got, want, exact) in enumerate(zip(grads["triton"], grads["ref"],
-                                                    grads["ref64"])):
+        for i, (got, want, exact) in enumerate(zip(grads["triton"], grads["ref"], grads["ref64"])):
             if want is None:
                 assert got is None or not got.any(), (used, i)
             else:
@@ -145,11 +144,13 @@ def check_saves_inputs_only(op, n=4, lead=(5,), C=37, device="cpu"):
             out = getattr(triton_ops, op)(streams, *rest)
         out = out if isinstance(out, tuple) else (out,)
         inputs_storage = {t.untyped_storage().data_ptr() for t in [streams, *rest]}
-        assert any(t.untyped_storage().data_ptr() == streams.untyped_storage().data_ptr()
-                   for t in saved), f"{op} did not save the stream tensor itself"
+        assert any(
+            t.untyped_storage().data_ptr() == streams.untyped_storage().data_ptr() for t in saved
+        ), f"{op} did not save the stream tensor itself"
         for t in saved:  # not an input: a small per-token tensor
-            assert (t.untyped_storage().data_ptr() in inputs_storage
-                    or t.numel() <= T * (n * n + 2 * n + 1)), f"{op} saved {tuple(t.shape)}"
+            assert t.untyped_storage().data_ptr() in inputs_storage or t.numel() <= T * (
+                n * n + 2 * n + 1
+            ), f"{op} saved {tuple(t.shape)}"
         if free_and_restore:
             keep = streams.detach().clone()
             streams.untyped_storage().resize_(0)
@@ -170,9 +171,14 @@ def check_hyper_connection_module(n=4, seed=0):
     from megatron_mhc.fusions import triton as triton_ops
     from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
 
-    common = dict(num_layers=1, hidden_size=32, num_attention_heads=4,
-                  enable_mhc_connections=True, mhc_num_residual_streams=n,
-                  use_cpu_initialization=True)
+    common = dict(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        enable_mhc_connections=True,
+        mhc_num_residual_streams=n,
+        use_cpu_initialization=True,
+    )
     torch.manual_seed(seed)
     ref_mod = HyperConnectionModule(MHCTransformerConfig(**common, mhc_kernel_backend="torch"), 0)
     tri_mod = HyperConnectionModule(MHCTransformerConfig(**common, mhc_kernel_backend="triton"), 0)
@@ -184,7 +190,7 @@ def check_hyper_connection_module(n=4, seed=0):
         ref_mod.scale.copy_(torch.rand(3, generator=gen) + 0.5)
     tri_mod.load_state_dict(ref_mod.state_dict())
     x0 = torch.randn(3, 2, n, 32, generator=gen)
-    proj = torch.randn(32, 32, generator=gen) * 32 ** -0.5
+    proj = torch.randn(32, 32, generator=gen) * 32**-0.5
     bias = torch.randn(32, generator=gen)
     weights = torch.randn(3, 2, n, 32, generator=gen)
 
@@ -194,8 +200,9 @@ def check_hyper_connection_module(n=4, seed=0):
         y = torch.tanh(hc.sublayer_input @ proj)
         out = mod.update(hc.streams, (y, bias), hc.h_post, hc.comb, dropout_p=0.0)
         (out * weights).sum().backward()
-        return ([hc.h_pre, hc.h_post, hc.comb, hc.sublayer_input, out, x.grad]
-                + [p.grad for p in mod.parameters()])
+        return [hc.h_pre, hc.h_post, hc.comb, hc.sublayer_input, out, x.grad] + [
+            p.grad for p in mod.parameters()
+        ]
 
     names = ["h_pre", "h_post", "comb", "collapse", "update", "grad x", "grad params..."]
     for i, (got, want) in enumerate(zip(step(tri_mod), step(ref_mod))):
@@ -218,11 +225,16 @@ def check_recompute_with_triton_backend():
         initialize_model_parallel(1, 1)
         results, weights = {}, None
         for backend, block in [("torch", None), ("triton", None), ("triton", 2)]:
-            model = build_tiny_gpt(tiny_config(
-                enable_mhc_connections=True, mhc_num_residual_streams=4, num_layers=4,
-                mhc_output_contract="learned", mhc_kernel_backend=backend,
-                mhc_recompute_layer_num=block,
-            ))
+            model = build_tiny_gpt(
+                tiny_config(
+                    enable_mhc_connections=True,
+                    mhc_num_residual_streams=4,
+                    num_layers=4,
+                    mhc_output_contract="learned",
+                    mhc_kernel_backend=backend,
+                    mhc_recompute_layer_num=block,
+                )
+            )
             weights = weights if weights is not None else model.state_dict()
             model.load_state_dict(weights)
             torch.manual_seed(5)
@@ -240,8 +252,9 @@ def check_recompute_with_triton_backend():
         # Some mapping gradients are ~1e-7 at init (scale 0.01), the sum of terms of ~1e-3:
         # fp32 cancellation, not the ops' precision (checked op by op above).
         want = grads_ref[name]
-        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=lambda m: f"{name}: {m}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,8 +262,12 @@ def check_recompute_with_triton_backend():
 # ----------------------------------------------------------------------------------------------
 # The portable CPU numerics too: the gating factors' gradients are sums over all tokens that
 # cancel, and how close the fp32 reference comes to float64 there depends on the CPU's kernels.
-_WORKER_ENV = {**CPU_ENV, **PORTABLE_CPU_NUMERICS, "TRITON_INTERPRET": "1",
-               "CUDA_VISIBLE_DEVICES": ""}
+_WORKER_ENV = {
+    **CPU_ENV,
+    **PORTABLE_CPU_NUMERICS,
+    "TRITON_INTERPRET": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+}
 
 
 def _enter_interpreter():
@@ -291,8 +308,9 @@ def test_many_blocks_leading_dims_odd_n_interpreted(interpreted, op, n, block_mo
     interpreted(check_op, op, n, (2, 35), 300, "fp32", seed=5, block_mode=block_mode)
 
 
-@pytest.mark.parametrize("op,variant", [("mhc_collapse", "static"), ("mhc_update", "static"),
-                                        ("mhc_update", "bf16_y")])
+@pytest.mark.parametrize(
+    "op,variant", [("mhc_collapse", "static"), ("mhc_update", "static"), ("mhc_update", "bf16_y")]
+)
 def test_broadcast_gates_and_mixed_dtypes_interpreted(interpreted, op, variant):
     dtype = "fp32" if variant == "bf16_y" else "bf16"
     interpreted(check_op, op, 4, (3, 2), 37, dtype, seed=7, variant=variant)
@@ -327,15 +345,20 @@ def test_unfused_hc_mappings_save_only_inputs_and_match_reference():
 
     gen = torch.Generator().manual_seed(3)
     n, C = 4, 16
-    inputs = [torch.randn(6, n, C, generator=gen), torch.randn(2 + n, C, generator=gen),
-              torch.randn(n * n + 2 * n, generator=gen), torch.rand(3, generator=gen)]
+    inputs = [
+        torch.randn(6, n, C, generator=gen),
+        torch.randn(2 + n, C, generator=gen),
+        torch.randn(n * n + 2 * n, generator=gen),
+        torch.rand(3, generator=gen),
+    ]
     ref_in = [t.clone().requires_grad_() for t in inputs]
     tri_in = [t.clone().requires_grad_() for t in inputs]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         got = triton_ops.hc_mappings(*tri_in)
     assert {t.untyped_storage().data_ptr() for t in saved} <= {
-        t.untyped_storage().data_ptr() for t in tri_in}
+        t.untyped_storage().data_ptr() for t in tri_in
+    }
     want = reference.hc_mappings(*ref_in)
     grads = [torch.randn(w.shape, generator=gen) for w in want]
     torch.autograd.backward(want, grads)

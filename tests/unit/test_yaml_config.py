@@ -29,8 +29,17 @@ def _write(tmp_path, text):
 
 def test_shipped_configs_are_valid(parser):
     names = {p.stem for p in CONFIGS}
-    assert {"gpt_tiny_mhc", "gpt_tiny_baseline", "mhc_moe_3b", "mhc_moe_9b", "mhc_moe_27b",
-            "gpt_1p3b_mhc", "gpt_1p3b_baseline", "hybrid_tiny_mhc", "mhc_hybrid_moe_27b"} <= names
+    assert {
+        "gpt_tiny_mhc",
+        "gpt_tiny_baseline",
+        "mhc_moe_3b",
+        "mhc_moe_9b",
+        "mhc_moe_27b",
+        "gpt_1p3b_mhc",
+        "gpt_1p3b_baseline",
+        "hybrid_tiny_mhc",
+        "mhc_hybrid_moe_27b",
+    } <= names
     for path in CONFIGS:
         values = load_yaml_config(str(path), parser)
         # A HybridModel's layers come from its pattern (megatron.training derives num_layers).
@@ -52,18 +61,25 @@ def test_paper_hybrid_config_is_the_27b_moe_one_sublayer_per_layer(parser):
     pattern = hybrid.pop("hybrid_layer_pattern")
     counts = get_hybrid_layer_counts(pattern)
     assert (counts["*"], counts["-"], counts["E"]) == (30, 3, 27)
-    assert get_hybrid_total_pipeline_segment_count(pattern) == hybrid[
-        "pipeline_model_parallel_size"]
+    assert (
+        get_hybrid_total_pipeline_segment_count(pattern) == hybrid["pipeline_model_parallel_size"]
+    )
     different = {key for key in gpt.keys() | hybrid.keys() if gpt.get(key) != hybrid.get(key)}
     assert different == {"num_layers", "save", "load", "tensorboard_dir"}
 
 
 def test_paper_moe_configs_follow_table_5(parser):
-    for name, layers, hidden, experts in [("mhc_moe_3b", 12, 1280, 64), ("mhc_moe_9b", 18, 1920, 64),
-                                          ("mhc_moe_27b", 30, 2560, 72)]:
+    for name, layers, hidden, experts in [
+        ("mhc_moe_3b", 12, 1280, 64),
+        ("mhc_moe_9b", 18, 1920, 64),
+        ("mhc_moe_27b", 30, 2560, 72),
+    ]:
         values = load_yaml_config(str(CONFIGS[0].parent / f"{name}.yaml"), parser)
         assert (values["num_layers"], values["hidden_size"], values["num_experts"]) == (
-            layers, hidden, experts)
+            layers,
+            hidden,
+            experts,
+        )
         assert values["mhc_num_residual_streams"] == 4
         assert values["mhc_init_gating_factor"] == 0.01
         assert values["mhc_sinkhorn_iterations"] == 20
@@ -71,8 +87,11 @@ def test_paper_moe_configs_follow_table_5(parser):
 
 
 def test_command_line_overrides_the_file(parser, tmp_path):
-    path = _write(tmp_path, "model: {num_layers: 6, hidden_size: 64}\n"
-                            "mhc: {enable_mhc_connections: true, mhc_recompute_layer_num: auto}\n")
+    path = _write(
+        tmp_path,
+        "model: {num_layers: 6, hidden_size: 64}\n"
+        "mhc: {enable_mhc_connections: true, mhc_recompute_layer_num: auto}\n",
+    )
     parser.set_defaults(**load_yaml_config(path, parser))
     args = parser.parse_args(["--num-layers", "8", "--num-attention-heads", "4"])
     assert (args.num_layers, args.hidden_size) == (8, 64)
@@ -87,17 +106,23 @@ def test_switches_take_booleans_in_either_direction(parser, tmp_path):
     assert args.bias_gelu_fusion is False and args.add_bias_linear is False
 
 
-@pytest.mark.parametrize("text,message", [
-    ("model: {num_layer: 4}\n", r"unknown key model\.num_layer; did you mean 'num_layers'\?"),
-    ("modle: {num_layers: 4}\n", r"unknown section 'modle'; did you mean 'model'\?"),
-    ("model: {hidden_size: wide}\n", r"model\.hidden_size='wide' is invalid"),
-    ("mhc: {enable_mhc_connections: 'yes'}\n", r"mhc\.enable_mhc_connections=.* true or false"),
-    ("mhc: {mhc_type: mHC}\n", r"mhc\.mhc_type='mHC' is invalid: allowed values"),
-    ("mhc: {mhc_recompute_layer_num: sqrt}\n", r"mhc\.mhc_recompute_layer_num='sqrt' is invalid"),
-    ("model: {num_layers: 4}\ntrain: {num_layers: 6}\n", r"'num_layers' is set twice"),
-    ("- model\n", r"top level must be a mapping"),
-    ("model: [num_layers]\n", r"section 'model' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("model: {num_layer: 4}\n", r"unknown key model\.num_layer; did you mean 'num_layers'\?"),
+        ("modle: {num_layers: 4}\n", r"unknown section 'modle'; did you mean 'model'\?"),
+        ("model: {hidden_size: wide}\n", r"model\.hidden_size='wide' is invalid"),
+        ("mhc: {enable_mhc_connections: 'yes'}\n", r"mhc\.enable_mhc_connections=.* true or false"),
+        ("mhc: {mhc_type: mHC}\n", r"mhc\.mhc_type='mHC' is invalid: allowed values"),
+        (
+            "mhc: {mhc_recompute_layer_num: sqrt}\n",
+            r"mhc\.mhc_recompute_layer_num='sqrt' is invalid",
+        ),
+        ("model: {num_layers: 4}\ntrain: {num_layers: 6}\n", r"'num_layers' is set twice"),
+        ("- model\n", r"top level must be a mapping"),
+        ("model: [num_layers]\n", r"section 'model' must be a mapping"),
+    ],
+)
 def test_mistakes_are_errors_naming_the_key(parser, tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_yaml_config(_write(tmp_path, text), parser)

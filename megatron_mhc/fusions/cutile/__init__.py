@@ -39,8 +39,10 @@ def _arch_reason(capability) -> "str | None":
     if major == 9:
         return f"cuTile's compiler does not support Hopper (sm_{major}{minor})"
     if major not in SUPPORTED_MAJORS:
-        return (f"cuTile's compiler does not support sm_{major}{minor} (it supports Ampere/Ada "
-                "sm_80/86/89 and Blackwell sm_100/120)")
+        return (
+            f"cuTile's compiler does not support sm_{major}{minor} (it supports Ampere/Ada "
+            "sm_80/86/89 and Blackwell sm_100/120)"
+        )
     return None
 
 

@@ -52,8 +52,9 @@ def _scalar(array, i):
 # head's backward uses proj_rms_bwd too, with M = n and the collapse term).
 # ----------------------------------------------------------------------------------------------
 @ct.kernel
-def proj_rms_fwd_kernel(x, fn, mn, r, norm_eps: float,
-                        BT: ct.Constant[int], BK: ct.Constant[int], MP: ct.Constant[int]):
+def proj_rms_fwd_kernel(
+    x, fn, mn, r, norm_eps: float, BT: ct.Constant[int], BK: ct.Constant[int], MP: ct.Constant[int]
+):
     """Grid (token tiles,): one pass over x [T, K] accumulates x @ fn^T ([BT, MP], fn [M, K])
     and sum(x^2); stores mn [T, M] and r [T]."""
     bt = ct.bid(0)
@@ -77,11 +78,25 @@ def _load_k_tile(a, t, s, bl, BT, BL):
 
 
 @ct.kernel
-def proj_rms_bwd_kernel(x, fn, g, coef, dx, dfn, w, du, residual,
-                        TILES_PER_SPLIT: ct.Constant[int], BT: ct.Constant[int],
-                        BL: ct.Constant[int], MP: ct.Constant[int],
-                        WRITE_DX: ct.Constant[bool], WRITE_DFN: ct.Constant[bool],
-                        COLLAPSE: ct.Constant[bool], RESIDUAL: ct.Constant[bool]):
+def proj_rms_bwd_kernel(
+    x,
+    fn,
+    g,
+    coef,
+    dx,
+    dfn,
+    w,
+    du,
+    residual,
+    TILES_PER_SPLIT: ct.Constant[int],
+    BT: ct.Constant[int],
+    BL: ct.Constant[int],
+    MP: ct.Constant[int],
+    WRITE_DX: ct.Constant[bool],
+    WRITE_DFN: ct.Constant[bool],
+    COLLAPSE: ct.Constant[bool],
+    RESIDUAL: ct.Constant[bool],
+):
     """dx = g @ fn + coef x (+ w_s du) (+ residual) and dfn[split] = g^T x, in one pass over x.
 
     x, dx, residual [T, S, L] and fn [M, S, L] are the [T, K] and [M, K] arrays with K = S*L:
@@ -95,8 +110,9 @@ def proj_rms_bwd_kernel(x, fn, g, coef, dx, dfn, w, du, residual,
     bl = ct.bid(0)
     s = ct.bid(1)
     split = ct.bid(2)
-    ft = ct.reshape(ct.astype(ct.load(fn, (0, s, bl), (MP, 1, BL), padding_mode=_ZERO), _F32),
-                    (MP, BL))
+    ft = ct.reshape(
+        ct.astype(ct.load(fn, (0, s, bl), (MP, 1, BL), padding_mode=_ZERO), _F32), (MP, BL)
+    )
     acc = ct.zeros((MP, BL), dtype=_F32)
     num_t = ct.num_tiles(g, 0, (BT, MP))
     for i in range(TILES_PER_SPLIT):
@@ -140,10 +156,10 @@ def _logits(pre, post, res, b_pre, b_post, b_res, scale, bt, BT, NP):
     m_post = ct.load(post, (bt, 0), (BT, NP), padding_mode=_ZERO)
     m_res = ct.load(res, (bt, 0, 0), (BT, NP, NP), padding_mode=_ZERO)
     c_pre = ct.reshape(ct.astype(ct.load(b_pre, (0,), (NP,), padding_mode=_ZERO), _F32), (1, NP))
-    c_post = ct.reshape(ct.astype(ct.load(b_post, (0,), (NP,), padding_mode=_ZERO), _F32),
-                        (1, NP))
-    c_res = ct.reshape(ct.astype(ct.load(b_res, (0, 0), (NP, NP), padding_mode=_ZERO), _F32),
-                       (1, NP, NP))
+    c_post = ct.reshape(ct.astype(ct.load(b_post, (0,), (NP,), padding_mode=_ZERO), _F32), (1, NP))
+    c_res = ct.reshape(
+        ct.astype(ct.load(b_res, (0, 0), (NP, NP), padding_mode=_ZERO), _F32), (1, NP, NP)
+    )
     z_pre = _scalar(scale, 0) * m_pre + c_pre
     z_post = _scalar(scale, 1) * m_post + c_post
     z_res = _scalar(scale, 2) * m_res + c_res
@@ -172,14 +188,29 @@ def _row_den(a, rows_ok, eps):
 
 
 @ct.kernel
-def mhc_gates_fwd_kernel(pre, post, res, b_pre, b_post, b_res, scale, hpre, hpost, comb,
-                         iters: int, eps: float, BT: ct.Constant[int], NP: ct.Constant[int]):
+def mhc_gates_fwd_kernel(
+    pre,
+    post,
+    res,
+    b_pre,
+    b_post,
+    b_res,
+    scale,
+    hpre,
+    hpost,
+    comb,
+    iters: int,
+    eps: float,
+    BT: ct.Constant[int],
+    NP: ct.Constant[int],
+):
     """Grid (token tiles,): the gates and all Sinkhorn iterations in registers:
     a_0 = colnorm(softmax + eps), then iters - 1 times a = colnorm(rownorm(a))."""
     bt = ct.bid(0)
     rows_ok, cols_ok = _lane_masks(hpre.shape[1], NP)
     _m_pre, _m_post, _m_res, z_pre, z_post, z_res = _logits(
-        pre, post, res, b_pre, b_post, b_res, scale, bt, BT, NP)
+        pre, post, res, b_pre, b_post, b_res, scale, bt, BT, NP
+    )
     ct.store(hpre, (bt, 0), _sigmoid(z_pre) + eps)
     ct.store(hpost, (bt, 0), 2.0 * _sigmoid(z_post))
     a = ct.where(rows_ok & cols_ok, _softmax_last(z_res, rows_ok, cols_ok) + eps, 0.0)
@@ -191,10 +222,32 @@ def mhc_gates_fwd_kernel(pre, post, res, b_pre, b_post, b_res, scale, hpre, hpos
 
 
 @ct.kernel
-def mhc_gates_bwd_kernel(pre, post, res, r, b_pre, b_post, b_res, scale, dhpre, dhpost, dcomb,
-                         g_pre, g_post, g_res, coef, db_pre, db_post, db_res, dscale,
-                         K: int, iters: int, eps: float,
-                         BT: ct.Constant[int], NP: ct.Constant[int]):
+def mhc_gates_bwd_kernel(
+    pre,
+    post,
+    res,
+    r,
+    b_pre,
+    b_post,
+    b_res,
+    scale,
+    dhpre,
+    dhpost,
+    dcomb,
+    g_pre,
+    g_post,
+    g_res,
+    coef,
+    db_pre,
+    db_post,
+    db_res,
+    dscale,
+    K: int,
+    iters: int,
+    eps: float,
+    BT: ct.Constant[int],
+    NP: ct.Constant[int],
+):
     """Grid (token tiles,): backward of the gates and of the Sinkhorn projection, in registers.
 
     Nothing was stored per Sinkhorn iteration: backpropagating through iteration i (a row then
@@ -207,7 +260,8 @@ def mhc_gates_bwd_kernel(pre, post, res, r, b_pre, b_post, b_res, scale, dhpre, 
     rows_ok, cols_ok = _lane_masks(dhpre.shape[1], NP)
     valid = rows_ok & cols_ok
     m_pre, m_post, m_res, z_pre, z_post, z_res = _logits(
-        pre, post, res, b_pre, b_post, b_res, scale, bt, BT, NP)
+        pre, post, res, b_pre, b_post, b_res, scale, bt, BT, NP
+    )
 
     # Gates (0 on padded tokens and lanes, where dh is 0).
     sig = _sigmoid(z_pre)
@@ -247,8 +301,11 @@ def mhc_gates_bwd_kernel(pre, post, res, r, b_pre, b_post, b_res, scale, dhpre, 
     dm_post = _scalar(scale, 1) * dz_post
     dm_res = _scalar(scale, 2) * dz_res
     rt = ct.load(r, (bt,), (BT,), padding_mode=_ZERO)
-    dot = (ct.sum(dm_pre * m_pre, axis=1) + ct.sum(dm_post * m_post, axis=1)
-           + ct.sum(dm_res * m_res, axis=(1, 2)))
+    dot = (
+        ct.sum(dm_pre * m_pre, axis=1)
+        + ct.sum(dm_post * m_post, axis=1)
+        + ct.sum(dm_res * m_res, axis=(1, 2))
+    )
     ct.store(coef, (bt,), -(rt * rt / K) * dot)
     ct.store(g_pre, (bt, 0), dm_pre * ct.reshape(rt, (BT, 1)))
     ct.store(g_post, (bt, 0), dm_post * ct.reshape(rt, (BT, 1)))
@@ -267,8 +324,9 @@ def mhc_gates_bwd_kernel(pre, post, res, r, b_pre, b_post, b_res, scale, dhpre, 
 # Collapse: u = sum_i h_i x_i.
 # ----------------------------------------------------------------------------------------------
 @ct.kernel
-def collapse_fwd_kernel(x, h, out,
-                        BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int]):
+def collapse_fwd_kernel(
+    x, h, out, BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int]
+):
     """Grid (token tiles, C tiles): one read of x, one write of u."""
     bt = ct.bid(0)
     bc = ct.bid(1)
@@ -279,20 +337,28 @@ def collapse_fwd_kernel(x, h, out,
 
 
 @ct.kernel
-def collapse_bwd_kernel(x, h, du, dx, dh,
-                        BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int],
-                        WRITE_DX: ct.Constant[bool]):
+def collapse_bwd_kernel(
+    x,
+    h,
+    du,
+    dx,
+    dh,
+    BT: ct.Constant[int],
+    NP: ct.Constant[int],
+    BC: ct.Constant[int],
+    WRITE_DX: ct.Constant[bool],
+):
     """Grid (token tiles,): walks C in one pass over x and du; dx_i = h_i du (when WRITE_DX,
     else dx is an unused placeholder), dh_i = <x_i, du>."""
     bt = ct.bid(0)
-    h3 = ct.reshape(ct.astype(ct.load(h, (bt, 0), (BT, NP), padding_mode=_ZERO), _F32),
-                    (BT, NP, 1))
+    h3 = ct.reshape(ct.astype(ct.load(h, (bt, 0), (BT, NP), padding_mode=_ZERO), _F32), (BT, NP, 1))
     acc = ct.zeros((BT, NP), dtype=_F32)
     num_c = ct.num_tiles(du, 1, (BT, BC))
     for c in range(num_c):
         xt = ct.astype(ct.load(x, (bt, 0, c), (BT, NP, BC), padding_mode=_ZERO), _F32)
-        du3 = ct.reshape(ct.astype(ct.load(du, (bt, c), (BT, BC), padding_mode=_ZERO), _F32),
-                         (BT, 1, BC))
+        du3 = ct.reshape(
+            ct.astype(ct.load(du, (bt, c), (BT, BC), padding_mode=_ZERO), _F32), (BT, 1, BC)
+        )
         if WRITE_DX:
             ct.store(dx, (bt, 0, c), ct.astype(h3 * du3, dx.dtype))
         acc = acc + ct.sum(xt * du3, axis=2)
@@ -303,8 +369,9 @@ def collapse_bwd_kernel(x, h, du, dx, dh,
 # Update: out_k = h_post_k y + sum_j comb[j, k] x_j.
 # ----------------------------------------------------------------------------------------------
 @ct.kernel
-def update_fwd_kernel(x, y, hpost, comb, out,
-                      BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int]):
+def update_fwd_kernel(
+    x, y, hpost, comb, out, BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int]
+):
     """Grid (token tiles, C tiles): one read of x and y, one write of out; all n outputs come
     from one [BT, NP(j), NP(k), BC] product tile summed over j."""
     bt = ct.bid(0)
@@ -319,17 +386,31 @@ def update_fwd_kernel(x, y, hpost, comb, out,
 
 
 @ct.kernel
-def update_bwd_kernel(x, y, hpost, comb, dout, dx, dy, dhpost, dcomb,
-                      BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int]):
+def update_bwd_kernel(
+    x,
+    y,
+    hpost,
+    comb,
+    dout,
+    dx,
+    dy,
+    dhpost,
+    dcomb,
+    BT: ct.Constant[int],
+    NP: ct.Constant[int],
+    BC: ct.Constant[int],
+):
     """Grid (token tiles,): one pass over x, y and dout along C:
     dx_j = sum_k comb[j, k] dout_k, dy = sum_k h_post_k dout_k, dh_post_k = <dout_k, y>,
     dcomb[j, k] = <x_j, dout_k>."""
     bt = ct.bid(0)
-    hp3 = ct.reshape(ct.astype(ct.load(hpost, (bt, 0), (BT, NP), padding_mode=_ZERO), _F32),
-                     (BT, NP, 1))
+    hp3 = ct.reshape(
+        ct.astype(ct.load(hpost, (bt, 0), (BT, NP), padding_mode=_ZERO), _F32), (BT, NP, 1)
+    )
     cb4 = ct.reshape(
         ct.astype(ct.load(comb, (bt, 0, 0), (BT, NP, NP), padding_mode=_ZERO), _F32),
-        (BT, NP, NP, 1))
+        (BT, NP, NP, 1),
+    )
     dh = ct.zeros((BT, NP), dtype=_F32)
     dc = ct.zeros((BT, NP, NP), dtype=_F32)
     num_c = ct.num_tiles(y, 1, (BT, BC))
@@ -353,8 +434,21 @@ def update_bwd_kernel(x, y, hpost, comb, dout, dx, dy, dhpost, dcomb,
 # head_gate_bwd_kernel followed by proj_rms_bwd_kernel with M = n and the collapse term.
 # ----------------------------------------------------------------------------------------------
 @ct.kernel
-def head_fwd_kernel(x, fn, base, scale, out, mn, r, w, eps: float, norm_eps: float,
-                    BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int]):
+def head_fwd_kernel(
+    x,
+    fn,
+    base,
+    scale,
+    out,
+    mn,
+    r,
+    w,
+    eps: float,
+    norm_eps: float,
+    BT: ct.Constant[int],
+    NP: ct.Constant[int],
+    BC: ct.Constant[int],
+):
     """Grid (token tiles,): pass 1 over x computes m and r (stores mn [T, n], r [T],
     w [T, n]); pass 2 over x computes u (2 reads of x, as the Triton head)."""
     bt = ct.bid(0)
@@ -383,8 +477,21 @@ def head_fwd_kernel(x, fn, base, scale, out, mn, r, w, eps: float, norm_eps: flo
 
 
 @ct.kernel
-def head_gate_bwd_kernel(x, du, mn, r, base, scale, g, coef, dbase, dscale,
-                         BT: ct.Constant[int], NP: ct.Constant[int], BC: ct.Constant[int]):
+def head_gate_bwd_kernel(
+    x,
+    du,
+    mn,
+    r,
+    base,
+    scale,
+    g,
+    coef,
+    dbase,
+    dscale,
+    BT: ct.Constant[int],
+    NP: ct.Constant[int],
+    BC: ct.Constant[int],
+):
     """Grid (token tiles,): dw_i = <x_i, du> in one pass, then the gate backward:
     g = r * s * dz [T, n], coef = -(r^2 / K) <s dz, m> [T], partial dbase [P, n], dscale [P]."""
     bt = ct.bid(0)

@@ -86,9 +86,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def kernel_args(name: str, T: int, n: int, C: int = 1, *, m: "int | None" = None,
-                write_dx: bool = True, write_dfn: bool = True, collapse: bool = False,
-                residual: bool = False, num_sms: int = 132):
+def kernel_args(
+    name: str,
+    T: int,
+    n: int,
+    C: int = 1,
+    *,
+    m: "int | None" = None,
+    write_dx: bool = True,
+    write_dfn: bool = True,
+    collapse: bool = False,
+    residual: bool = False,
+    num_sms: int = 132,
+):
     """(grid, constant arguments) of kernel `name` for T tokens of x [T, n, C].
 
     The projection kernels read x as [T, K], K = n*C, against the m rows of fn (required for
@@ -106,9 +116,19 @@ def kernel_args(name: str, T: int, n: int, C: int = 1, *, m: "int | None" = None
         t_tiles, l_tiles = _cdiv(T, bt), _cdiv(C, bk)
         splits = max(1, min(t_tiles, _cdiv(2 * num_sms, l_tiles * n)))
         per_split = _cdiv(t_tiles, splits)
-        return ((l_tiles, n, _cdiv(t_tiles, per_split)),
-                (per_split, bt, bk, mp, bool(write_dx), bool(write_dfn), bool(collapse),
-                 bool(residual)))
+        return (
+            (l_tiles, n, _cdiv(t_tiles, per_split)),
+            (
+                per_split,
+                bt,
+                bk,
+                mp,
+                bool(write_dx),
+                bool(write_dfn),
+                bool(collapse),
+                bool(residual),
+            ),
+        )
     if name.startswith("mhc_gates"):
         bt = gates_tile(T, n)
         return (_cdiv(T, bt), 1, 1), (bt, p)
@@ -151,7 +171,7 @@ def _launch(name: str, args, arrays) -> None:
 def _parts(t: torch.Tensor, n: int):
     """The [pre (n) | post (n) | res (n*n)] parts of t's last axis (M = n*n + 2n) as views
     [..., n], [..., n], [..., n, n]: the gates kernels load each part by tile index."""
-    return t[..., :n], t[..., n:2 * n], t[..., 2 * n:].unflatten(-1, (n, n))
+    return t[..., :n], t[..., n : 2 * n], t[..., 2 * n :].unflatten(-1, (n, n))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,8 +183,9 @@ def proj_rms_fwd(x2, fn, norm_eps):
     M = fn.shape[0]
     mn = torch.empty(T, M, device=x2.device, dtype=torch.float32)
     r = torch.empty(T, device=x2.device, dtype=torch.float32)
-    _launch("proj_rms_fwd", kernel_args("proj_rms_fwd", T, 1, K, m=M),
-            (x2, fn, mn, r, float(norm_eps)))
+    _launch(
+        "proj_rms_fwd", kernel_args("proj_rms_fwd", T, 1, K, m=M), (x2, fn, mn, r, float(norm_eps))
+    )
     return mn, r
 
 
@@ -179,17 +200,38 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
     dev = x2.device
     w, du, C = collapse if collapse is not None else (g, g, K)
     S = K // C
-    args = kernel_args("proj_rms_bwd", T, S, C, m=M, write_dx=need_dx, write_dfn=need_dfn,
-                       collapse=collapse is not None, residual=residual is not None,
-                       num_sms=_num_sms(dev))
+    args = kernel_args(
+        "proj_rms_bwd",
+        T,
+        S,
+        C,
+        m=M,
+        write_dx=need_dx,
+        write_dfn=need_dfn,
+        collapse=collapse is not None,
+        residual=residual is not None,
+        num_sms=_num_sms(dev),
+    )
     splits = args[0][2]
     x3 = x2.view(T, S, C)
     dx = torch.empty(T, S, C, device=dev, dtype=dx_dtype) if need_dx else None
     parts = torch.empty(splits, M, S, C, device=dev, dtype=torch.float32) if need_dfn else None
     # The arrays the flags leave unused are never touched: x3 and g stand in for them.
-    _launch("proj_rms_bwd", args, (
-        x3, fn.view(M, S, C), g, coef, x3 if dx is None else dx, x3 if parts is None else parts,
-        w, du, x3 if residual is None else residual.view(T, S, C)))
+    _launch(
+        "proj_rms_bwd",
+        args,
+        (
+            x3,
+            fn.view(M, S, C),
+            g,
+            coef,
+            x3 if dx is None else dx,
+            x3 if parts is None else parts,
+            w,
+            du,
+            x3 if residual is None else residual.view(T, S, C),
+        ),
+    )
     dfn = None
     if need_dfn:
         dfn = (parts[0] if splits == 1 else parts.sum(dim=0)).view(M, K)
@@ -202,9 +244,11 @@ def mhc_gates_fwd(mn, base, scale, n, iters, eps):
     h_pre = torch.empty(T, n, device=mn.device, dtype=torch.float32)
     h_post = torch.empty(T, n, device=mn.device, dtype=torch.float32)
     comb = torch.empty(T, n, n, device=mn.device, dtype=torch.float32)
-    _launch("mhc_gates_fwd", kernel_args("mhc_gates_fwd", T, n),
-            (*_parts(mn, n), *_parts(base, n), scale, h_pre, h_post, comb, int(iters),
-             float(eps)))
+    _launch(
+        "mhc_gates_fwd",
+        kernel_args("mhc_gates_fwd", T, n),
+        (*_parts(mn, n), *_parts(base, n), scale, h_pre, h_post, comb, int(iters), float(eps)),
+    )
     return h_pre, h_post, comb
 
 
@@ -218,9 +262,26 @@ def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
     coef = torch.empty(T, device=dev, dtype=torch.float32)
     dbase = torch.empty(programs, M, device=dev, dtype=torch.float32)
     dscale = torch.empty(programs, 3, device=dev, dtype=torch.float32)
-    _launch("mhc_gates_bwd", args,
-            (*_parts(mn, n), r, *_parts(base, n), scale, dh_pre, dh_post, dcomb, *_parts(g, n),
-             coef, *_parts(dbase, n), dscale, int(K), int(iters), float(eps)))
+    _launch(
+        "mhc_gates_bwd",
+        args,
+        (
+            *_parts(mn, n),
+            r,
+            *_parts(base, n),
+            scale,
+            dh_pre,
+            dh_post,
+            dcomb,
+            *_parts(g, n),
+            coef,
+            *_parts(dbase, n),
+            dscale,
+            int(K),
+            int(iters),
+            float(eps),
+        ),
+    )
     return g, coef, dbase.sum(dim=0), dscale.sum(dim=0)
 
 
@@ -236,8 +297,11 @@ def collapse_bwd(x3, h, du, need_dx, dx_dtype, dh_dtype):
     dx = torch.empty(T, n, C, device=x3.device, dtype=dx_dtype) if need_dx else None
     dh = torch.empty(T, n, device=x3.device, dtype=dh_dtype)
     # Without dx the kernel never touches its dx argument: x3 stands in (never written).
-    _launch("collapse_bwd", kernel_args("collapse_bwd", T, n, C, write_dx=need_dx),
-            (x3, h, du, dx if need_dx else x3, dh))
+    _launch(
+        "collapse_bwd",
+        kernel_args("collapse_bwd", T, n, C, write_dx=need_dx),
+        (x3, h, du, dx if need_dx else x3, dh),
+    )
     return dx, dh
 
 
@@ -254,8 +318,11 @@ def update_bwd(x3, y2, h_post, comb, dout, dtypes):
     dy = torch.empty(T, C, device=x3.device, dtype=dtypes[1])
     dh = torch.empty(T, n, device=x3.device, dtype=dtypes[2])
     dcomb = torch.empty(T, n, n, device=x3.device, dtype=dtypes[3])
-    _launch("update_bwd", kernel_args("update_bwd", T, n, C),
-            (x3, y2, h_post, comb, dout, dx, dy, dh, dcomb))
+    _launch(
+        "update_bwd",
+        kernel_args("update_bwd", T, n, C),
+        (x3, y2, h_post, comb, dout, dx, dy, dh, dcomb),
+    )
     return dx, dy, dh, dcomb
 
 
@@ -266,8 +333,11 @@ def head_fwd(x3, fn3, base, scale, eps, norm_eps):
     mn = torch.empty(T, n, device=x3.device, dtype=torch.float32)
     r = torch.empty(T, device=x3.device, dtype=torch.float32)
     w = torch.empty(T, n, device=x3.device, dtype=torch.float32)
-    _launch("head_fwd", kernel_args("head_fwd", T, n, C),
-            (x3, fn3, base, scale, out, mn, r, w, float(eps), float(norm_eps)))
+    _launch(
+        "head_fwd",
+        kernel_args("head_fwd", T, n, C),
+        (x3, fn3, base, scale, out, mn, r, w, float(eps), float(norm_eps)),
+    )
     return out, mn, r, w
 
 
@@ -283,8 +353,16 @@ def head_bwd(x3, fn3, base, scale, du, mn, r, w, need_dx, need_dfn):
     dbase = torch.empty(programs, n, device=dev, dtype=torch.float32)
     dscale = torch.empty(programs, device=dev, dtype=torch.float32)
     _launch("head_gate_bwd", args, (x3, du, mn, r, base, scale, g, coef, dbase, dscale))
-    dx, dfn = proj_rms_bwd(x3.view(T, n * C), fn3.view(n, n * C), g, coef, need_dx, need_dfn,
-                           x3.dtype, collapse=(w, du, C))
+    dx, dfn = proj_rms_bwd(
+        x3.view(T, n * C),
+        fn3.view(n, n * C),
+        g,
+        coef,
+        need_dx,
+        need_dfn,
+        x3.dtype,
+        collapse=(w, du, C),
+    )
     return dx, dfn, dbase.sum(dim=0), dscale.sum(dim=0, keepdim=True)
 
 
@@ -292,14 +370,16 @@ def head_bwd(x3, fn3, base, scale, du, mn, r, w, need_dx, need_dfn):
 # Autograd Functions. Inputs arrive with matching leading dims (the package broadcasts them).
 # ----------------------------------------------------------------------------------------------
 
+
 class Head(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, base, scale, eps, norm_eps):
         n, C = x.shape[-2:]
         T = tokens(x, 2)
         check_device(x, fn, base, scale)
-        out, mn, r, w = head_fwd(rows(x, T, n, C), rows(fn, n, n, C), base.contiguous(),
-                                 rows(scale, 1), eps, norm_eps)
+        out, mn, r, w = head_fwd(
+            rows(x, T, n, C), rows(fn, n, n, C), base.contiguous(), rows(scale, 1), eps, norm_eps
+        )
         ctx.save_for_backward(x, fn, base, scale, mn, r, w)
         return out.view(*x.shape[:-2], C)
 
@@ -309,12 +389,22 @@ class Head(torch.autograd.Function):
         n, C = x.shape[-2:]
         T = tokens(x, 2)
         dx, dfn, dbase, dscale = head_bwd(
-            rows(x, T, n, C), rows(fn, n, n, C), base.contiguous(), rows(scale, 1),
-            rows(du, T, C), mn, r, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            rows(x, T, n, C),
+            rows(fn, n, n, C),
+            base.contiguous(),
+            rows(scale, 1),
+            rows(du, T, C),
+            mn,
+            r,
+            w,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+        )
         return (
             dx.view(x.shape) if dx is not None else None,
             dfn.view(fn.shape).to(fn.dtype) if dfn is not None else None,
             dbase.to(base.dtype),
             dscale.view(scale.shape).to(scale.dtype),
-            None, None,
+            None,
+            None,
         )

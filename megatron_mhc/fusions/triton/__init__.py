@@ -47,14 +47,18 @@ def _unavailable_reason():
         # Triton's own library functions (tl.sum, tl.zeros, ...) are interpreted only when
         # triton.language was first imported with TRITON_INTERPRET=1 already set.
         if type(tl.zeros).__name__ != "InterpretedFunction":
-            return ("TRITON_INTERPRET=1 was set after triton was imported in this process: set "
-                    "it in the environment before anything imports triton (or torch's "
-                    "inductor, or Megatron)")
+            return (
+                "TRITON_INTERPRET=1 was set after triton was imported in this process: set "
+                "it in the environment before anything imports triton (or torch's "
+                "inductor, or Megatron)"
+            )
         return None
     if torch.cuda.is_available():
         return None
-    return ("no CUDA device (the Triton kernels run on CPU only in Triton's interpreter, for "
-            "tests: TRITON_INTERPRET=1 in the environment before triton is imported)")
+    return (
+        "no CUDA device (the Triton kernels run on CPU only in Triton's interpreter, for "
+        "tests: TRITON_INTERPRET=1 in the environment before triton is imported)"
+    )
 
 
 def _ops():

@@ -29,9 +29,17 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def proj_rms_fwd_kernel(
-    x_ptr, fn_ptr, mn_ptr, r_ptr,
-    T, K, M, norm_eps,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    x_ptr,
+    fn_ptr,
+    mn_ptr,
+    r_ptr,
+    T,
+    K,
+    M,
+    norm_eps,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -45,11 +53,13 @@ def proj_rms_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        xt = tl.load(x_ptr + t64[:, None] * K + k[None, :],
-                     mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        xt = tl.load(
+            x_ptr + t64[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
         # fn^T tile [BLOCK_K, BLOCK_M]
-        fnt = tl.load(fn_ptr + m[None, :] * K + k[:, None],
-                      mask=m_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
+        fnt = tl.load(
+            fn_ptr + m[None, :] * K + k[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0
+        ).to(tl.float32)
         acc = tl.dot(xt, fnt, acc, input_precision=DOT_PRECISION)
         sumsq += tl.sum(xt * xt, axis=1)
     r = 1.0 / tl.sqrt(sumsq / K + norm_eps)
@@ -60,11 +70,28 @@ def proj_rms_fwd_kernel(
 
 @triton.jit
 def proj_rms_bwd_kernel(
-    x_ptr, fn_ptr, g_ptr, coef_ptr, dx_ptr, dfn_ptr, w_ptr, du_ptr, res_ptr,
-    T, K, M, C, n, tokens_per_split,
-    COLLAPSE: tl.constexpr, RESIDUAL: tl.constexpr, WRITE_DX: tl.constexpr,
+    x_ptr,
+    fn_ptr,
+    g_ptr,
+    coef_ptr,
+    dx_ptr,
+    dfn_ptr,
+    w_ptr,
+    du_ptr,
+    res_ptr,
+    T,
+    K,
+    M,
+    C,
+    n,
+    tokens_per_split,
+    COLLAPSE: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    WRITE_DX: tl.constexpr,
     WRITE_DFN: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dx = g @ fn + coef * x (+ w[stream] * du, COLLAPSE) (+ res, RESIDUAL), dfn[split] = g^T x.
@@ -81,8 +108,9 @@ def proj_rms_bwd_kernel(
     k_ok = k < K
     m = tl.arange(0, BLOCK_M)
     m_ok = m < M
-    fn_tile = tl.load(fn_ptr + m[:, None] * K + k[None, :],
-                      mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    fn_tile = tl.load(
+        fn_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+    ).to(tl.float32)
     if COLLAPSE:
         stream = k // C
         col = k - stream * C
@@ -95,26 +123,33 @@ def proj_rms_bwd_kernel(
         t64 = t.to(tl.int64)
         tk_ok = t_ok[:, None] & k_ok[None, :]
         xt = tl.load(x_ptr + t64[:, None] * K + k[None, :], mask=tk_ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + t64[:, None] * M + m[None, :],
-                    mask=t_ok[:, None] & m_ok[None, :], other=0.0)
+        g = tl.load(
+            g_ptr + t64[:, None] * M + m[None, :], mask=t_ok[:, None] & m_ok[None, :], other=0.0
+        )
         if WRITE_DX:
             coef = tl.load(coef_ptr + t64, mask=t_ok, other=0.0)
             dx = tl.dot(g, fn_tile, input_precision=DOT_PRECISION) + coef[:, None] * xt
             if COLLAPSE:
                 w = tl.load(w_ptr + t64[:, None] * n + stream[None, :], mask=tk_ok, other=0.0)
-                du = tl.load(du_ptr + t64[:, None] * C + col[None, :],
-                             mask=tk_ok, other=0.0).to(tl.float32)
+                du = tl.load(du_ptr + t64[:, None] * C + col[None, :], mask=tk_ok, other=0.0).to(
+                    tl.float32
+                )
                 dx += w * du
             if RESIDUAL:
-                dx += tl.load(res_ptr + t64[:, None] * K + k[None, :],
-                              mask=tk_ok, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + t64[:, None] * K + k[None, :],
-                     dx.to(dx_ptr.dtype.element_ty), mask=tk_ok)
+                dx += tl.load(res_ptr + t64[:, None] * K + k[None, :], mask=tk_ok, other=0.0).to(
+                    tl.float32
+                )
+            tl.store(
+                dx_ptr + t64[:, None] * K + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tk_ok
+            )
         if WRITE_DFN:
             dfn = tl.dot(tl.trans(g), xt, dfn, input_precision=DOT_PRECISION)
     if WRITE_DFN:
-        tl.store(dfn_ptr + pid_s.to(tl.int64) * M * K + m[:, None] * K + k[None, :], dfn,
-                 mask=m_ok[:, None] & k_ok[None, :])
+        tl.store(
+            dfn_ptr + pid_s.to(tl.int64) * M * K + m[:, None] * K + k[None, :],
+            dfn,
+            mask=m_ok[:, None] & k_ok[None, :],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,17 +196,29 @@ def _load_gates(mn_ptr, base_ptr, scale_ptr, t64, t_ok, i, i_ok, n, M):
     b_post = tl.load(base_ptr + n + i, mask=i_ok, other=0.0).to(tl.float32)
     valid = i_ok[:, None] & i_ok[None, :]
     res_off = 2 * n + i[:, None] * n + i[None, :]
-    res = tl.load(mn_ptr + t64[:, None, None] * M + res_off[None, :, :],
-                  mask=t_ok[:, None, None] & valid[None, :, :], other=0.0)
+    res = tl.load(
+        mn_ptr + t64[:, None, None] * M + res_off[None, :, :],
+        mask=t_ok[:, None, None] & valid[None, :, :],
+        other=0.0,
+    )
     b_res = tl.load(base_ptr + res_off, mask=valid, other=0.0).to(tl.float32)
     return s0, s1, s2, pre, post, res, b_pre, b_post, b_res, valid
 
 
 @triton.jit
 def mhc_gates_fwd_kernel(
-    mn_ptr, base_ptr, scale_ptr, hpre_ptr, hpost_ptr, comb_ptr,
-    T, n, iters, eps,
-    BLOCK_T: tl.constexpr, NP: tl.constexpr,
+    mn_ptr,
+    base_ptr,
+    scale_ptr,
+    hpre_ptr,
+    hpost_ptr,
+    comb_ptr,
+    T,
+    n,
+    iters,
+    eps,
+    BLOCK_T: tl.constexpr,
+    NP: tl.constexpr,
 ):
     """Per token: h_pre = sigmoid(.) + eps, h_post = 2 sigmoid(.), comb = Sinkhorn(softmax(.))."""
     pid = tl.program_id(0)
@@ -182,7 +229,8 @@ def mhc_gates_fwd_kernel(
     i_ok = i < n
     M = n * n + 2 * n
     s0, s1, s2, pre, post, res, b_pre, b_post, b_res, valid = _load_gates(
-        mn_ptr, base_ptr, scale_ptr, t64, t_ok, i, i_ok, n, M)
+        mn_ptr, base_ptr, scale_ptr, t64, t_ok, i, i_ok, n, M
+    )
     ti_ok = t_ok[:, None] & i_ok[None, :]
     h_pre = tl.sigmoid(s0 * pre + b_pre[None, :]) + eps
     h_post = 2.0 * tl.sigmoid(s1 * post + b_post[None, :])
@@ -196,16 +244,33 @@ def mhc_gates_fwd_kernel(
         a, _s = _row_norm(a, i_ok, eps)
         a, _s = _col_norm(a, i_ok, eps)
     comb_off = i[:, None] * n + i[None, :]
-    tl.store(comb_ptr + t64[:, None, None] * (n * n) + comb_off[None, :, :], a,
-             mask=t_ok[:, None, None] & valid[None, :, :])
+    tl.store(
+        comb_ptr + t64[:, None, None] * (n * n) + comb_off[None, :, :],
+        a,
+        mask=t_ok[:, None, None] & valid[None, :, :],
+    )
 
 
 @triton.jit
 def mhc_gates_bwd_kernel(
-    mn_ptr, r_ptr, base_ptr, scale_ptr, dhpre_ptr, dhpost_ptr, dcomb_ptr,
-    g_ptr, coef_ptr, dbase_ptr, dscale_ptr,
-    T, n, K, iters, eps,
-    BLOCK_T: tl.constexpr, NP: tl.constexpr,
+    mn_ptr,
+    r_ptr,
+    base_ptr,
+    scale_ptr,
+    dhpre_ptr,
+    dhpost_ptr,
+    dcomb_ptr,
+    g_ptr,
+    coef_ptr,
+    dbase_ptr,
+    dscale_ptr,
+    T,
+    n,
+    K,
+    iters,
+    eps,
+    BLOCK_T: tl.constexpr,
+    NP: tl.constexpr,
 ):
     """Backward of the gates and of the Sinkhorn projection, per token, all in registers.
 
@@ -222,7 +287,8 @@ def mhc_gates_bwd_kernel(
     i_ok = i < n
     M = n * n + 2 * n
     s0, s1, s2, pre, post, res, b_pre, b_post, b_res, valid = _load_gates(
-        mn_ptr, base_ptr, scale_ptr, t64, t_ok, i, i_ok, n, M)
+        mn_ptr, base_ptr, scale_ptr, t64, t_ok, i, i_ok, n, M
+    )
     ti_ok = t_ok[:, None] & i_ok[None, :]
     tvv_ok = t_ok[:, None, None] & valid[None, :, :]
     r = tl.load(r_ptr + t64, mask=t_ok, other=0.0)
@@ -239,8 +305,9 @@ def mhc_gates_bwd_kernel(
     p = _softmax_last(s2 * res + b_res[None, :, :], valid, i_ok)
     k0 = tl.where(valid[None, :, :], p + eps, 0.0)
     comb_off = i[:, None] * n + i[None, :]
-    da = tl.load(dcomb_ptr + t64[:, None, None] * (n * n) + comb_off[None, :, :],
-                 mask=tvv_ok, other=0.0).to(tl.float32)
+    da = tl.load(
+        dcomb_ptr + t64[:, None, None] * (n * n) + comb_off[None, :, :], mask=tvv_ok, other=0.0
+    ).to(tl.float32)
     for it in range(1, iters):
         step = iters - it  # backpropagate through iteration `step` (iters-1 down to 1)
         a, _s = _col_norm(k0, i_ok, eps)
@@ -262,14 +329,20 @@ def mhc_gates_bwd_kernel(
     dmn_pre = s0 * dz_pre
     dmn_post = s1 * dz_post
     dmn_res = s2 * dz_res
-    dot = (tl.sum(dmn_pre * pre, axis=1) + tl.sum(dmn_post * post, axis=1)
-           + tl.sum(tl.sum(dmn_res * res, axis=2), axis=1))
+    dot = (
+        tl.sum(dmn_pre * pre, axis=1)
+        + tl.sum(dmn_post * post, axis=1)
+        + tl.sum(tl.sum(dmn_res * res, axis=2), axis=1)
+    )
     coef = -(r * r / K) * dot
     tl.store(coef_ptr + t64, coef, mask=t_ok)
     tl.store(g_ptr + t64[:, None] * M + i[None, :], r[:, None] * dmn_pre, mask=ti_ok)
     tl.store(g_ptr + t64[:, None] * M + n + i[None, :], r[:, None] * dmn_post, mask=ti_ok)
-    tl.store(g_ptr + t64[:, None, None] * M + 2 * n + comb_off[None, :, :],
-             r[:, None, None] * dmn_res, mask=tvv_ok)
+    tl.store(
+        g_ptr + t64[:, None, None] * M + 2 * n + comb_off[None, :, :],
+        r[:, None, None] * dmn_res,
+        mask=tvv_ok,
+    )
 
     # Partial sums over this program's tokens (padded tokens contribute exactly 0).
     part = dbase_ptr + pid.to(tl.int64) * M
@@ -287,9 +360,20 @@ def mhc_gates_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def collapse_fwd_kernel(
-    x_ptr, h_ptr, out_ptr, mn_ptr, base_ptr, scale_ptr, w_ptr,
-    T, C, n, eps,
-    HEAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    h_ptr,
+    out_ptr,
+    mn_ptr,
+    base_ptr,
+    scale_ptr,
+    w_ptr,
+    T,
+    C,
+    n,
+    eps,
+    HEAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -309,20 +393,37 @@ def collapse_fwd_kernel(
             tl.store(w_ptr + t64 * n + i, h, mask=t_ok & (pid_c == 0))
         else:
             h = tl.load(h_ptr + t64 * n + i, mask=t_ok, other=0.0).to(tl.float32)
-        xi = tl.load(x_ptr + t64[:, None] * n * C + i * C + c[None, :],
-                     mask=tc_ok, other=0.0).to(tl.float32)
+        xi = tl.load(x_ptr + t64[:, None] * n * C + i * C + c[None, :], mask=tc_ok, other=0.0).to(
+            tl.float32
+        )
         acc += h[:, None] * xi
-    tl.store(out_ptr + t64[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=tc_ok)
+    tl.store(out_ptr + t64[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=tc_ok)
 
 
 @triton.jit
 def collapse_bwd_kernel(
-    x_ptr, h_ptr, du_ptr, dx_ptr, dh_ptr,
-    mn_ptr, r_ptr, base_ptr, scale_ptr, g_ptr, coef_ptr, dbase_ptr, dscale_ptr,
-    T, C, n, K,
-    HEAD: tl.constexpr, WRITE_DX: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, NP: tl.constexpr,
+    x_ptr,
+    h_ptr,
+    du_ptr,
+    dx_ptr,
+    dh_ptr,
+    mn_ptr,
+    r_ptr,
+    base_ptr,
+    scale_ptr,
+    g_ptr,
+    coef_ptr,
+    dbase_ptr,
+    dscale_ptr,
+    T,
+    C,
+    n,
+    K,
+    HEAD: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NP: tl.constexpr,
 ):
     """dx_i = h_i du (when WRITE_DX), dh_i = <x_i, du> in one pass over x and du.
 
@@ -345,8 +446,7 @@ def collapse_bwd_kernel(
             xi = tl.load(x_ptr + x_off, mask=tc_ok, other=0.0).to(tl.float32)
             if WRITE_DX:
                 h = tl.load(h_ptr + t64 * n + i, mask=t_ok, other=0.0).to(tl.float32)
-                tl.store(dx_ptr + x_off, (h[:, None] * du).to(dx_ptr.dtype.element_ty),
-                         mask=tc_ok)
+                tl.store(dx_ptr + x_off, (h[:, None] * du).to(dx_ptr.dtype.element_ty), mask=tc_ok)
             part = tl.sum(xi * du, axis=1)
             dh += tl.where(idx[None, :] == i, part[:, None], 0.0)
     ti_ok = t_ok[:, None] & (idx < n)[None, :]
@@ -363,8 +463,9 @@ def collapse_bwd_kernel(
         tl.store(dbase_ptr + pid.to(tl.int64) * n + idx, tl.sum(dz, axis=0), mask=idx < n)
         tl.store(dscale_ptr + pid, tl.sum(tl.sum(dz * mi, axis=1), axis=0))
     else:
-        tl.store(dh_ptr + t64[:, None] * n + idx[None, :], dh.to(dh_ptr.dtype.element_ty),
-                 mask=ti_ok)
+        tl.store(
+            dh_ptr + t64[:, None] * n + idx[None, :], dh.to(dh_ptr.dtype.element_ty), mask=ti_ok
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,9 +473,17 @@ def collapse_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def update_fwd_kernel(
-    x_ptr, y_ptr, hpost_ptr, comb_ptr, out_ptr,
-    T, C, n,
-    BLOCK_T: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    hpost_ptr,
+    comb_ptr,
+    out_ptr,
+    T,
+    C,
+    n,
+    BLOCK_T: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -391,22 +500,38 @@ def update_fwd_kernel(
     hp = tl.load(hpost_ptr + t64[:, None] * n + kk[None, :], mask=tk_ok, other=0.0).to(tl.float32)
     acc = hp[:, :, None] * y[:, None, :]
     for j in range(n):
-        xj = tl.load(x_ptr + t64[:, None] * n * C + j * C + c[None, :],
-                     mask=tc_ok, other=0.0).to(tl.float32)
-        cj = tl.load(comb_ptr + t64[:, None] * n * n + j * n + kk[None, :],
-                     mask=tk_ok, other=0.0).to(tl.float32)
+        xj = tl.load(x_ptr + t64[:, None] * n * C + j * C + c[None, :], mask=tc_ok, other=0.0).to(
+            tl.float32
+        )
+        cj = tl.load(
+            comb_ptr + t64[:, None] * n * n + j * n + kk[None, :], mask=tk_ok, other=0.0
+        ).to(tl.float32)
         acc += cj[:, :, None] * xj[:, None, :]
     out_off = t64[:, None, None] * n * C + kk[None, :, None] * C + c[None, None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),
-             mask=tk_ok[:, :, None] & c_ok[None, None, :])
+    tl.store(
+        out_ptr + out_off,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=tk_ok[:, :, None] & c_ok[None, None, :],
+    )
 
 
 @triton.jit
 def update_bwd_kernel(
-    x_ptr, y_ptr, hpost_ptr, comb_ptr, dout_ptr,
-    dx_ptr, dy_ptr, dhpost_ptr, dcomb_ptr,
-    T, C, n,
-    BLOCK_T: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    hpost_ptr,
+    comb_ptr,
+    dout_ptr,
+    dx_ptr,
+    dy_ptr,
+    dhpost_ptr,
+    dcomb_ptr,
+    T,
+    C,
+    n,
+    BLOCK_T: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """One pass over x, y and dout: dx_j = sum_k comb[j, k] dout_k, dy = sum_k h_post_k dout_k,
     dh_post_k = <dout_k, y>, dcomb[j, k] = <x_j, dout_k>."""
@@ -430,22 +555,26 @@ def update_bwd_kernel(
         dx3 = tl.zeros((BLOCK_T, NP, BLOCK_C), dtype=tl.float32)
         dy = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for k in range(n):
-            dk = tl.load(dout_ptr + t64[:, None] * n * C + k * C + c[None, :],
-                         mask=tc_ok, other=0.0).to(tl.float32)
+            dk = tl.load(
+                dout_ptr + t64[:, None] * n * C + k * C + c[None, :], mask=tc_ok, other=0.0
+            ).to(tl.float32)
             hk = tl.load(hpost_ptr + t64 * n + k, mask=t_ok, other=0.0).to(tl.float32)
-            ck = tl.load(comb_ptr + t64[:, None] * n * n + jj[None, :] * n + k,
-                         mask=tj_ok, other=0.0).to(tl.float32)  # comb[:, j, k] over j
+            ck = tl.load(
+                comb_ptr + t64[:, None] * n * n + jj[None, :] * n + k, mask=tj_ok, other=0.0
+            ).to(tl.float32)  # comb[:, j, k] over j
             dy += hk[:, None] * dk
             dx3 += ck[:, :, None] * dk[:, None, :]
             dh += tl.where(jj[None, :] == k, tl.sum(dk * y, axis=1)[:, None], 0.0)
             dc = tl.sum(x3 * dk[:, None, :], axis=2)  # <x_j, dout_k> over j
             dcomb += tl.where(jj[None, None, :] == k, dc[:, :, None], 0.0)
         tl.store(dx_ptr + x_off, dx3.to(dx_ptr.dtype.element_ty), mask=tjc_ok)
-        tl.store(dy_ptr + t64[:, None] * C + c[None, :], dy.to(dy_ptr.dtype.element_ty),
-                 mask=tc_ok)
-    tl.store(dhpost_ptr + t64[:, None] * n + jj[None, :], dh.to(dhpost_ptr.dtype.element_ty),
-             mask=tj_ok)
+        tl.store(dy_ptr + t64[:, None] * C + c[None, :], dy.to(dy_ptr.dtype.element_ty), mask=tc_ok)
+    tl.store(
+        dhpost_ptr + t64[:, None] * n + jj[None, :], dh.to(dhpost_ptr.dtype.element_ty), mask=tj_ok
+    )
     comb_off = jj[:, None] * n + jj[None, :]
-    tl.store(dcomb_ptr + t64[:, None, None] * n * n + comb_off[None, :, :],
-             dcomb.to(dcomb_ptr.dtype.element_ty),
-             mask=t_ok[:, None, None] & (j_ok[:, None] & j_ok[None, :])[None, :, :])
+    tl.store(
+        dcomb_ptr + t64[:, None, None] * n * n + comb_off[None, :, :],
+        dcomb.to(dcomb_ptr.dtype.element_ty),
+        mask=t_ok[:, None, None] & (j_ok[:, None] & j_ok[None, :])[None, :, :],
+    )

@@ -73,8 +73,18 @@ def proj_rms_fwd(x2: torch.Tensor, fn: torch.Tensor, norm_eps: float):
     else:
         block_t, block_k, warps = _pow2(T, 16, 64), _pow2(K, 16, 256), 4
     kernels.proj_rms_fwd_kernel[(triton.cdiv(T, block_t),)](
-        x2, fn, mn, r, T, K, M, norm_eps,
-        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_M=block_m, DOT_PRECISION=DOT_PRECISION,
+        x2,
+        fn,
+        mn,
+        r,
+        T,
+        K,
+        M,
+        norm_eps,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
+        BLOCK_M=block_m,
+        DOT_PRECISION=DOT_PRECISION,
         num_warps=warps,
     )
     return mn, r
@@ -94,23 +104,41 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
         # fn's K slice and dfn's accumulator stay in registers for the whole token walk.
         block_t, block_k, warps = 32, {16: 64, 32: 32}.get(block_m, 16), 8
         k_blocks = triton.cdiv(K, block_k)
-        splits = max(1, min(triton.cdiv(T, block_t), triton.cdiv(2 * _num_sms(x2.device), k_blocks)))
+        splits = max(
+            1, min(triton.cdiv(T, block_t), triton.cdiv(2 * _num_sms(x2.device), k_blocks))
+        )
     else:
         block_t, block_k, warps = _pow2(T, 16, 64), _pow2(K, 16, 256), 4
         k_blocks, splits = triton.cdiv(K, block_k), 1
     tokens_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, tokens_per_split)
-    dfn = (torch.empty(splits, M, K, device=x2.device, dtype=torch.float32)
-           if need_dfn else None)
+    dfn = torch.empty(splits, M, K, device=x2.device, dtype=torch.float32) if need_dfn else None
     unused = g  # stands in for the pointers of the terms that are off (never read or written)
     w, du, C = collapse if collapse is not None else (unused, unused, K)
     kernels.proj_rms_bwd_kernel[(k_blocks, splits)](
-        x2, fn, g, coef, dx if need_dx else unused, dfn if need_dfn else unused, w, du,
+        x2,
+        fn,
+        g,
+        coef,
+        dx if need_dx else unused,
+        dfn if need_dfn else unused,
+        w,
+        du,
         residual if residual is not None else unused,
-        T, K, M, C, w.shape[1] if collapse is not None else 1, tokens_per_split,
-        COLLAPSE=collapse is not None, RESIDUAL=residual is not None, WRITE_DX=need_dx,
+        T,
+        K,
+        M,
+        C,
+        w.shape[1] if collapse is not None else 1,
+        tokens_per_split,
+        COLLAPSE=collapse is not None,
+        RESIDUAL=residual is not None,
+        WRITE_DX=need_dx,
         WRITE_DFN=need_dfn,
-        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_M=block_m, DOT_PRECISION=DOT_PRECISION,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
+        BLOCK_M=block_m,
+        DOT_PRECISION=DOT_PRECISION,
         num_warps=warps,
     )
     if need_dfn:
@@ -132,8 +160,19 @@ def mhc_gates_fwd(mn, base, scale, n, iters, eps):
     np_ = _np(n)
     block_t = _gates_block_t(T, np_)
     kernels.mhc_gates_fwd_kernel[(triton.cdiv(T, block_t),)](
-        mn, base, scale, h_pre, h_post, comb, T, n, iters, eps,
-        BLOCK_T=block_t, NP=np_, num_warps=4,
+        mn,
+        base,
+        scale,
+        h_pre,
+        h_post,
+        comb,
+        T,
+        n,
+        iters,
+        eps,
+        BLOCK_T=block_t,
+        NP=np_,
+        num_warps=4,
     )
     return h_pre, h_post, comb
 
@@ -149,9 +188,25 @@ def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
     dbase = torch.empty(programs, M, device=mn.device, dtype=torch.float32)
     dscale = torch.empty(programs, 3, device=mn.device, dtype=torch.float32)
     kernels.mhc_gates_bwd_kernel[(programs,)](
-        mn, r, base, scale, dh_pre, dh_post, dcomb, g, coef, dbase, dscale,
-        T, n, K, iters, eps,
-        BLOCK_T=block_t, NP=np_, num_warps=4,
+        mn,
+        r,
+        base,
+        scale,
+        dh_pre,
+        dh_post,
+        dcomb,
+        g,
+        coef,
+        dbase,
+        dscale,
+        T,
+        n,
+        K,
+        iters,
+        eps,
+        BLOCK_T=block_t,
+        NP=np_,
+        num_warps=4,
     )
     return g, coef, dbase.sum(dim=0), dscale.sum(dim=0)
 
@@ -182,8 +237,21 @@ def _collapse_fwd(x3, h, out_dtype, head=None):
         mn, base, scale, eps = head
         h = w = torch.empty(T, n, device=x3.device, dtype=torch.float32)
     kernels.collapse_fwd_kernel[(triton.cdiv(T, block_t), triton.cdiv(C, block_c))](
-        x3, h, out, mn, base, scale, w, T, C, n, eps,
-        HEAD=head is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+        x3,
+        h,
+        out,
+        mn,
+        base,
+        scale,
+        w,
+        T,
+        C,
+        n,
+        eps,
+        HEAD=head is not None,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=4,
     )
     return out, (w if head is not None else None)
 
@@ -195,10 +263,28 @@ def collapse_bwd(x3, h, du, need_dx, dx_dtype, dh_dtype):
     dx = torch.empty(T, n, C, device=x3.device, dtype=dx_dtype) if need_dx else None
     dh = torch.empty(T, n, device=x3.device, dtype=dh_dtype)
     kernels.collapse_bwd_kernel[(triton.cdiv(T, block_t),)](
-        x3, h, du, dx if need_dx else dh, dh,
-        h, h, h, h, h, h, h, h,  # head-only pointers, unused
-        T, C, n, n * C,
-        HEAD=False, WRITE_DX=need_dx, BLOCK_T=block_t, BLOCK_C=block_c, NP=_np(n),
+        x3,
+        h,
+        du,
+        dx if need_dx else dh,
+        dh,
+        h,
+        h,
+        h,
+        h,
+        h,
+        h,
+        h,
+        h,  # head-only pointers, unused
+        T,
+        C,
+        n,
+        n * C,
+        HEAD=False,
+        WRITE_DX=need_dx,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        NP=_np(n),
         num_warps=4,
     )
     return dx, dh
@@ -215,10 +301,28 @@ def head_gate_bwd(x3, du, mn, r, base, scale):
     dbase = torch.empty(programs, n, device=x3.device, dtype=torch.float32)
     dscale = torch.empty(programs, device=x3.device, dtype=torch.float32)
     kernels.collapse_bwd_kernel[(programs,)](
-        x3, g, du, g, g,
-        mn, r, base, scale, g, coef, dbase, dscale,
-        T, C, n, n * C,
-        HEAD=True, WRITE_DX=False, BLOCK_T=block_t, BLOCK_C=block_c, NP=_np(n),
+        x3,
+        g,
+        du,
+        g,
+        g,
+        mn,
+        r,
+        base,
+        scale,
+        g,
+        coef,
+        dbase,
+        dscale,
+        T,
+        C,
+        n,
+        n * C,
+        HEAD=True,
+        WRITE_DX=False,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        NP=_np(n),
         num_warps=4,
     )
     return g, coef, dbase.sum(dim=0), dscale.sum(dim=0, keepdim=True)
@@ -233,8 +337,18 @@ def update_fwd(x3, y2, h_post, comb):
     else:
         block_t, block_c = _pow2(T, 2, 32), _pow2(C, 16, 128)
     kernels.update_fwd_kernel[(triton.cdiv(T, block_t), triton.cdiv(C, block_c))](
-        x3, y2, h_post, comb, out, T, C, n,
-        BLOCK_T=block_t, NP=np_, BLOCK_C=block_c, num_warps=4,
+        x3,
+        y2,
+        h_post,
+        comb,
+        out,
+        T,
+        C,
+        n,
+        BLOCK_T=block_t,
+        NP=np_,
+        BLOCK_C=block_c,
+        num_warps=4,
     )
     return out
 
@@ -254,8 +368,22 @@ def update_bwd(x3, y2, h_post, comb, dout, dtypes):
     else:
         block_t, block_c = _pow2(T, 2, 32), _pow2(C, 16, 128)
     kernels.update_bwd_kernel[(triton.cdiv(T, block_t),)](
-        x3, y2, h_post, comb, dout, dx, dy, dh, dcomb, T, C, n,
-        BLOCK_T=block_t, NP=np_, BLOCK_C=block_c, num_warps=warps,
+        x3,
+        y2,
+        h_post,
+        comb,
+        dout,
+        dx,
+        dy,
+        dh,
+        dcomb,
+        T,
+        C,
+        n,
+        BLOCK_T=block_t,
+        NP=np_,
+        BLOCK_C=block_c,
+        num_warps=warps,
     )
     return dx, dy, dh, dcomb
 
@@ -271,8 +399,9 @@ class Head(torch.autograd.Function):
         check_device(x, fn, base, scale)
         x3 = rows(x, T, n, C)
         mn, r = proj_rms_fwd(x3.view(T, n * C), fn.contiguous(), norm_eps)
-        out, w = _collapse_fwd(x3, None, x.dtype,
-                              head=(mn, base.contiguous(), rows(scale, -1), eps))
+        out, w = _collapse_fwd(
+            x3, None, x.dtype, head=(mn, base.contiguous(), rows(scale, -1), eps)
+        )
         ctx.save_for_backward(x, fn, base, scale, mn, r, w)
         return out.view(*x.shape[:-2], C)
 
@@ -283,17 +412,25 @@ class Head(torch.autograd.Function):
         T = tokens(x, 2)
         x3 = rows(x, T, n, C)
         du2 = rows(du, T, C)
-        g, coef, dbase, dscale = head_gate_bwd(x3, du2, mn, r, base.contiguous(),
-                                               rows(scale, -1))
+        g, coef, dbase, dscale = head_gate_bwd(x3, du2, mn, r, base.contiguous(), rows(scale, -1))
         need_dx, need_dfn = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dfn = None
         if need_dx or need_dfn:
-            dx, dfn = proj_rms_bwd(x3.view(T, n * C), fn.contiguous(), g, coef, need_dx,
-                                   need_dfn, x.dtype, collapse=(w, du2, C))
+            dx, dfn = proj_rms_bwd(
+                x3.view(T, n * C),
+                fn.contiguous(),
+                g,
+                coef,
+                need_dx,
+                need_dfn,
+                x.dtype,
+                collapse=(w, du2, C),
+            )
         return (
             dx.view(x.shape) if dx is not None else None,
             dfn.to(fn.dtype) if dfn is not None else None,
             dbase.to(base.dtype),
             dscale.view(scale.shape).to(scale.dtype),
-            None, None,
+            None,
+            None,
         )
