@@ -4,8 +4,8 @@ For one training step of a 12-layer GPT (one micro-batch), counts exactly the by
 activations saved for backward (saved-tensor hooks, each storage counted once, read at the end
 of the forward pass so that freed storages count as freed; parameters excluded), and times the
 forward+backward step (median of --repeats after --warmup) and the time the recompute manager
-spends recomputing stream states inside it (its backward hooks, timed where they run). On a GPU it also reports the peak allocated memory of the
-step and times with CUDA events.
+spends recomputing stream states inside it (its backward hooks, timed where they run). On a GPU
+it also reports the peak allocated memory of the step and times with CUDA events.
 
     python bench/activation_memory.py [--layers 12 --hidden 512 --heads 8 --seq 256 --micro-batch 2]
 """

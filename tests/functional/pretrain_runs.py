@@ -95,7 +95,8 @@ def write_golden(losses: dict) -> None:
     GOLDEN.write_text(
         json.dumps(
             {
-                "what": "lm loss per iteration of the tiny mHC GPT (CPU, gloo, 2 processes, TP=1 PP=2)",
+                "what": "lm loss per iteration of the tiny mHC GPT "
+                "(CPU, gloo, 2 processes, TP=1 PP=2)",
                 "command": "MHC_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest "
                 "tests/functional/test_pretrain.py -k golden",
                 "flags": BASE_FLAGS,

@@ -127,7 +127,7 @@ def test_combined_1f1b_overlap_equals_plain_schedule_bitwise_for_plain_moe_gpt_o
             assert overlapped["schedule_plans"] == STEPS * MICROBATCHES, schedule
             assert overlapped["losses"] == plain["losses"], (rank, schedule)
             for step, (plain_grads, overlapped_grads) in enumerate(
-                zip(plain["grads"], overlapped["grads"])
+                zip(plain["grads"], overlapped["grads"], strict=True)
             ):
                 assert plain_grads.keys() == overlapped_grads.keys()
                 for key, (grad, _) in plain_grads.items():

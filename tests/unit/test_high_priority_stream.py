@@ -84,7 +84,7 @@ def test_update_on_the_stream_is_bitwise_the_same_under_load(backend):
         torch.cuda.synchronize()
         return [out, streams.grad] + [p.grad for p in module.parameters()]
 
-    for got, want in zip(step(side), step(plain)):
+    for got, want in zip(step(side), step(plain), strict=True):
         assert torch.equal(got, want)
 
 

@@ -331,7 +331,8 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
         (
             "*-M-",
             dict(MHC, transformer_impl="transformer_engine"),
-            r"hybrid_layer_pattern='\*-M-' is invalid: Mamba layers \('M'\) are not supported with mHC",
+            r"hybrid_layer_pattern='\*-M-' is invalid: "
+            r"Mamba layers \('M'\) are not supported with mHC",
         ),
         (
             "*-G-",

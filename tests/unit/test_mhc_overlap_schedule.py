@@ -180,7 +180,9 @@ def test_mhc_moe_gpt_under_combined_1f1b_equals_plain_schedule_bitwise_on_cpu(ru
             # Megatron's combined schedule ran: one schedule plan per micro-batch.
             assert run["schedule_plans"] == STEPS * MICROBATCHES, schedule
             assert run["losses"] == plain["losses"], (rank, schedule)
-            for step, (plain_grads, grads) in enumerate(zip(plain["grads"], run["grads"])):
+            for step, (plain_grads, grads) in enumerate(
+                zip(plain["grads"], run["grads"], strict=True)
+            ):
                 assert plain_grads.keys() == grads.keys()
                 for key, (grad, _) in plain_grads.items():
                     assert torch.equal(grads[key][0], grad), (rank, schedule, step, key)
@@ -246,7 +248,7 @@ def _interleaved_step_under_each_schedule(rank, world_size):
                 for chunk in chunks
             ]
             rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
-        for chunk, chunk_weights in zip(chunks, weights):
+        for chunk, chunk_weights in zip(chunks, weights, strict=True):
             chunk.load_state_dict(chunk_weights)
         torch.set_rng_state(rng_state[0])
         get_cuda_rng_tracker().set_states(rng_state[1])

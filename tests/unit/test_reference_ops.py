@@ -79,7 +79,7 @@ def test_hc_mappings_at_init_are_the_static_biases():
     fn = torch.zeros(2 + n, hidden)
     dynamic = ref.hc_mappings(x, fn, base, torch.full((3,), 0.01))
     static = ref.hc_static_mappings(x, base)
-    for got, want in zip(dynamic, static):
+    for got, want in zip(dynamic, static, strict=True):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want)
     assert static[2].shape == (3, n, n)
@@ -147,7 +147,7 @@ def test_low_precision_inputs_give_fp32_mappings_without_overflow(dtype):
         assert t.dtype == torch.float32
         assert torch.isfinite(t).all()
     expected = ref.mhc_mappings(x.float(), fn, base, scale)
-    for got, want in zip((h_pre, h_post, comb), expected):
+    for got, want in zip((h_pre, h_post, comb), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     if dtype == torch.float16:
         return  # sums of several 1e4-sized streams exceed fp16's range by construction

@@ -67,4 +67,4 @@ def test_variant_trains_with_finite_decreasing_loss(variant):
     assert moe_layers == (4 if "moe" in variant else 0)
     assert all(math.isfinite(loss) for loss in losses), losses
     assert losses[-1] < losses[0] - 0.1, losses
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
