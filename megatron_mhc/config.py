@@ -3,14 +3,19 @@ MHCMLATransformerConfig: the same fields on Megatron's MLATransformerConfig."""
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-from megatron_mhc.fusions import KERNEL_BACKENDS
+from megatron_mhc.fusions import KERNEL_BACKENDS, KernelBackend
 
-MHC_TYPES = ("mhc", "hc", "hc_static")
-MHC_INITS = ("default", "identity")
-MHC_OUTPUT_CONTRACTS = ("mean", "learned")
+# The annotations of the fields below: their command-line flags take these as choices.
+MHCType = Literal["mhc", "hc", "hc_static"]
+MHCInit = Literal["default", "identity"]
+MHCOutputContract = Literal["mean", "learned"]
+MHC_TYPES = get_args(MHCType)
+MHC_INITS = get_args(MHCInit)
+MHC_OUTPUT_CONTRACTS = get_args(MHCOutputContract)
 
 
 def _is_int(value) -> bool:
@@ -35,7 +40,7 @@ class MHCTransformerConfig(TransformerConfig):
     mhc_num_residual_streams: int = 4
     """n, the number of parallel residual streams (1 = the plain residual)."""
 
-    mhc_type: str = "mhc"
+    mhc_type: MHCType = "mhc"
     """`mhc` (Sinkhorn-projected mixing), `hc` (dynamic hyper-connections) or `hc_static`."""
 
     mhc_sinkhorn_iterations: int = 20
@@ -50,13 +55,13 @@ class MHCTransformerConfig(TransformerConfig):
     mhc_init_gating_factor: float = 0.01
     """Initial value of the gating factors (scale) alpha_pre, alpha_post, alpha_res."""
 
-    mhc_init: str = "default"
+    mhc_init: MHCInit = "default"
     """`default` (small random projection) or `identity` (function-preserving, for upcycling)."""
 
-    mhc_output_contract: str = "mean"
+    mhc_output_contract: MHCOutputContract = "mean"
     """How the streams become one before the final norm: `mean` or `learned` (DeepSeek-V4 head)."""
 
-    mhc_kernel_backend: str = "auto"
+    mhc_kernel_backend: KernelBackend = "auto"
     """Implementation of the mHC ops: `auto`, `torch` (reference), `triton` or `cutile`."""
 
     mhc_mlp_high_priority_stream: bool = False
@@ -64,7 +69,7 @@ class MHCTransformerConfig(TransformerConfig):
     events (results unchanged), so that pipeline and expert-parallel communication kernels never
     delay it. Needs a CUDA device."""
 
-    mhc_recompute_layer_num: int | str | None = None
+    mhc_recompute_layer_num: int | Literal["auto"] | None = None
     """L_r: free the n-stream states inside each block of L_r layers after forward and recompute
     them in backward; `auto` uses eq. 20 of the mHC paper per pipeline stage; None keeps them."""
 

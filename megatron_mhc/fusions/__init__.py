@@ -16,8 +16,10 @@ prints it as a table). Elsewhere, and for `get_backend("auto")` (no model to che
 
 import importlib
 from types import ModuleType
+from typing import Literal, get_args
 
-KERNEL_BACKENDS = ("auto", "torch", "triton", "cutile")
+KernelBackend = Literal["auto", "torch", "triton", "cutile"]
+KERNEL_BACKENDS = get_args(KernelBackend)
 
 _BACKEND_MODULES = {
     "torch": "megatron_mhc.fusions.reference",

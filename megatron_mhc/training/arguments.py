@@ -4,72 +4,64 @@ MHCTransformerConfig, `--config` (a YAML run config), and `--default-corpus`."""
 import argparse
 import dataclasses
 import sys
+import types
+import typing
 
-from megatron_mhc.config import MHC_INITS, MHC_OUTPUT_CONTRACTS, MHC_TYPES, MHCTransformerConfig
-from megatron_mhc.fusions import KERNEL_BACKENDS
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.training.argument_utils import ArgumentGroupFactory
+
+from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.training.yaml_config import load_yaml_config
 
 
-def _layer_num(value: str):
-    return value if value == "auto" else int(value)
+def _integer_or_one_of(words: tuple[str, ...]):
+    def integer_or_word(value):
+        if value in words:
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is neither an integer nor one of {list(words)}"
+            ) from err
+
+    return integer_or_word
 
 
-def _mhc_flags():
-    """(field, argparse kwargs, help) for every mHC field of MHCTransformerConfig."""
-    return [
-        (
-            "enable_mhc_connections",
-            dict(action="store_true"),
-            "Widen the residual stream into --mhc-num-residual-streams streams (mHC).",
-        ),
-        ("mhc_num_residual_streams", dict(type=int), "n, the number of residual streams."),
-        (
-            "mhc_type",
-            dict(choices=MHC_TYPES),
-            "mhc (Sinkhorn-projected mixing), hc (dynamic hyper-connections) or hc_static.",
-        ),
-        ("mhc_sinkhorn_iterations", dict(type=int), "Sinkhorn-Knopp iterations."),
-        ("mhc_eps", dict(type=float), "Epsilon added to H_pre and in the Sinkhorn steps."),
-        ("mhc_norm_eps", dict(type=float), "Epsilon of the RMS normalisation in the mappings."),
-        ("mhc_init_gating_factor", dict(type=float), "Initial gating factors alpha."),
-        (
-            "mhc_init",
-            dict(choices=MHC_INITS),
-            "default (small random projection) or identity (function-preserving, to upcycle).",
-        ),
-        (
-            "mhc_output_contract",
-            dict(choices=MHC_OUTPUT_CONTRACTS),
-            "How the streams become one before the final norm.",
-        ),
-        ("mhc_kernel_backend", dict(choices=KERNEL_BACKENDS), "Implementation of the mHC ops."),
-        (
-            "mhc_mlp_high_priority_stream",
-            dict(action="store_true"),
-            "Run the MLP's HC update on a high-priority CUDA stream (needs a GPU).",
-        ),
-        (
-            "mhc_recompute_layer_num",
-            dict(type=_layer_num),
-            "L_r: recompute the n-stream states per block of L_r layers ('auto': eq. 20); "
-            "default: keep them.",
-        ),
-    ]
+class MHCArgumentGroupFactory(ArgumentGroupFactory):
+    """Megatron's flags-from-dataclass factory for the fields MHCTransformerConfig adds to
+    TransformerConfig (Megatron adds TransformerConfig's own): each flag's type, choices
+    (`Literal[...]`), default and help (the field's docstring) come from its field."""
+
+    def __init__(self):
+        super().__init__(
+            MHCTransformerConfig, exclude=[f.name for f in dataclasses.fields(TransformerConfig)]
+        )
+
+    def _extract_type(self, config_type) -> dict[str, typing.Any]:
+        # `int | Literal[words] | None`, beyond Megatron's types: an integer or one of the words.
+        members = [t for t in typing.get_args(config_type) if t is not type(None)]
+        if (
+            typing.get_origin(config_type) in (typing.Union, types.UnionType)
+            and len(members) == 2
+            and int in members
+        ):
+            (words,) = [t for t in members if t is not int]
+            if typing.get_origin(words) is typing.Literal:
+                return {"type": _integer_or_one_of(typing.get_args(words))}
+        return super()._extract_type(config_type)
+
+    def _build_argparse_kwargs_from_field(self, attribute) -> dict[str, typing.Any]:
+        kwargs = super()._build_argparse_kwargs_from_field(attribute)
+        # Megatron's parser does not show defaults; the mHC ones matter to read a run's setup.
+        kwargs["help"] = f"{kwargs['help']} Default: {kwargs['default']}."
+        return kwargs
 
 
 def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron's `extra_args_provider`: adds the flags, then applies the `--config` YAML file
     as flag defaults (so that command-line flags override it)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(MHCTransformerConfig)}
-    group = parser.add_argument_group("mHC (manifold-constrained hyper-connections)")
-    for field, kwargs, help_text in _mhc_flags():
-        group.add_argument(
-            "--" + field.replace("_", "-"),
-            dest=field,
-            default=defaults[field],
-            help=f"{help_text} Default: {defaults[field]}.",
-            **kwargs,
-        )
+    MHCArgumentGroupFactory().build_group(parser, "mHC (manifold-constrained hyper-connections)")
     run = parser.add_argument_group("megatron-mhc run")
     run.add_argument(
         "--config",

@@ -1,5 +1,8 @@
 """MHCTransformerConfig: defaults, and every bad value rejected on creation naming its field."""
 
+import dataclasses
+import typing
+
 import pytest
 import torch
 
@@ -18,6 +21,20 @@ def test_defaults_follow_the_paper():
     assert config.mhc_output_contract == "mean"
     assert config.mhc_kernel_backend == "auto"
     assert config.mhc_active
+
+
+def test_every_choice_of_an_annotated_field_is_a_valid_config():
+    # The --mhc-* flags offer the Literal annotations' values as their choices.
+    choices = {
+        f.name: typing.get_args(f.type)
+        for f in dataclasses.fields(MHCTransformerConfig)
+        if f.name.startswith("mhc_") and typing.get_origin(f.type) is typing.Literal
+    }
+    assert choices.keys() == {"mhc_type", "mhc_init", "mhc_output_contract", "mhc_kernel_backend"}
+    for name, values in choices.items():
+        for value in values:
+            assert getattr(MHCTransformerConfig(**TINY, **{name: value}), name) == value
+    assert MHCTransformerConfig(**TINY, mhc_recompute_layer_num="auto").mhc_recompute_layer_num
 
 
 @pytest.mark.parametrize(

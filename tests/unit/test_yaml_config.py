@@ -1,30 +1,28 @@
-"""YAML run configs against Megatron's real argument parser: every shipped config loads, flags on
-the command line override the file, and mistakes are errors naming the key (and the closest
-valid one)."""
+"""YAML run configs against Megatron's real argument parser (conftest.py):
+every shipped config loads, a baseline twin is its mHC config with the plain residual, a file
+overrides the base file it names, flags on the command line override the file, and mistakes are
+errors naming the key (and the closest valid one)."""
 
-import argparse
 from pathlib import Path
 
 import pytest
 
-from megatron_mhc.training.arguments import add_mhc_arguments
 from megatron_mhc.training.yaml_config import ConfigError, load_yaml_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
-@pytest.fixture
-def parser(monkeypatch):
-    from megatron.training.arguments import add_megatron_arguments
-
-    monkeypatch.setattr("sys.argv", ["pretrain_gpt_mhc.py"])  # no --config: flags only
-    return add_mhc_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
-
-
-def _write(tmp_path, text):
-    path = tmp_path / "run.yaml"
+def _write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return str(path)
+
+
+def _resolved(parser, path):
+    """Every flag's value when pretrain_gpt_mhc.py runs with `--config path` and no other flag."""
+    parser.set_defaults(**load_yaml_config(str(path), parser))
+    return vars(parser.parse_args([]))
 
 
 def test_shipped_configs_are_valid(parser):
@@ -86,6 +84,97 @@ def test_paper_moe_configs_follow_table_5(parser):
         assert values["seq_length"] == 4096
 
 
+@pytest.mark.parametrize(
+    "mhc,baseline,also_different",
+    [
+        ("gpt_tiny_mhc", "gpt_tiny_baseline", set()),
+        # The baseline keeps Megatron's defaults: no n-stream states, optimizer state saved.
+        ("gpt_1p3b_mhc", "gpt_1p3b_baseline", {"mhc_recompute_layer_num", "no_save_optim"}),
+    ],
+)
+def test_baseline_twin_is_its_mhc_config_with_the_plain_residual(
+    make_parser, mhc, baseline, also_different
+):
+    assert "base:" in (CONFIGS[0].parent / f"{baseline}.yaml").read_text()
+    twin = _resolved(make_parser(), CONFIGS[0].parent / f"{baseline}.yaml")
+    original = _resolved(make_parser(), CONFIGS[0].parent / f"{mhc}.yaml")
+    assert original["enable_mhc_connections"] and not twin["enable_mhc_connections"]
+    different = {key for key in original if original[key] != twin[key]}
+    assert different == {
+        "enable_mhc_connections",
+        "save",
+        "load",
+        "tensorboard_dir",
+        *also_different,
+    }
+    assert all(baseline in twin[key] for key in ("save", "load", "tensorboard_dir"))
+    for key in also_different:
+        assert twin[key] is None, key  # the flag's default
+
+
+def test_a_file_overrides_its_bases_key_by_key(parser, tmp_path):
+    _write(
+        tmp_path,
+        "model: {num_layers: 4, hidden_size: 64}\nmhc: {enable_mhc_connections: true}\n"
+        "logging: {log_interval: 5}\n",
+        "shared/root.yaml",
+    )
+    _write(
+        tmp_path,
+        "base: root.yaml\nmodel: {hidden_size: 128}\nmhc: {mhc_recompute_layer_num: 2}\n",
+        "shared/middle.yaml",
+    )
+    path = _write(
+        tmp_path,
+        "base: shared/middle.yaml\n"
+        "train: {num_layers: 6}\n"  # another section than the base's: still the same flag
+        "mhc: {mhc_recompute_layer_num: null}\n"
+        "logging: {log-interval: 7}\n",
+    )
+    values = load_yaml_config(path, parser)
+    assert values == {
+        "num_layers": 6,
+        "hidden_size": 128,
+        "enable_mhc_connections": True,
+        "log_interval": 7,
+    }
+    args = _resolved(parser, path)
+    assert args["mhc_recompute_layer_num"] is None  # null: the flag's own default
+
+
+def test_null_leaves_the_flag_at_its_default(parser, tmp_path):
+    path = _write(
+        tmp_path, "model: {hidden_dropout: null, num_layers: 2}\nparallel: {bf16: null}\n"
+    )
+    assert load_yaml_config(path, parser) == {"num_layers": 2}
+    args = _resolved(parser, path)
+    assert args["hidden_dropout"] == parser.get_default("hidden_dropout") == 0.1
+    assert args["bf16"] is False
+
+
+def test_mistakes_in_base_are_errors_naming_the_file(parser, tmp_path):
+    missing = _write(tmp_path, "base: nope.yaml\n", "missing.yaml")
+    with pytest.raises(ConfigError, match=r"missing\.yaml: base 'nope\.yaml' does not exist"):
+        load_yaml_config(missing, parser)
+    for value in ("[a.yaml]", "''", "3"):
+        path = _write(tmp_path, f"base: {value}\n", "bad.yaml")
+        with pytest.raises(ConfigError, match=r"bad\.yaml: base=.* must be the path of a YAML"):
+            load_yaml_config(path, parser)
+    _write(tmp_path, "base: b.yaml\nmodel: {num_layers: 2}\n", "a.yaml")
+    _write(tmp_path, "base: c.yaml\n", "b.yaml")
+    _write(tmp_path, "base: a.yaml\n", "c.yaml")
+    with pytest.raises(ConfigError, match=r"base 'a\.yaml' makes a cycle: a\.yaml -> b\.yaml -> "):
+        load_yaml_config(str(tmp_path / "a.yaml"), parser)
+    itself = _write(tmp_path, "base: itself.yaml\n", "itself.yaml")
+    with pytest.raises(ConfigError, match=r"makes a cycle: itself\.yaml -> itself\.yaml"):
+        load_yaml_config(itself, parser)
+    # A mistake inside the base names the base file.
+    _write(tmp_path, "model: {num_layer: 4}\n", "typo.yaml")
+    on_typo = _write(tmp_path, "base: typo.yaml\n", "on_typo.yaml")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key model\.num_layer"):
+        load_yaml_config(on_typo, parser)
+
+
 def test_command_line_overrides_the_file(parser, tmp_path):
     path = _write(
         tmp_path,
@@ -111,6 +200,7 @@ def test_switches_take_booleans_in_either_direction(parser, tmp_path):
     [
         ("model: {num_layer: 4}\n", r"unknown key model\.num_layer; did you mean 'num_layers'\?"),
         ("modle: {num_layers: 4}\n", r"unknown section 'modle'; did you mean 'model'\?"),
+        ("bases: gpt_tiny_mhc.yaml\n", r"unknown section 'bases'; did you mean 'base'\?"),
         ("model: {hidden_size: wide}\n", r"model\.hidden_size='wide' is invalid"),
         ("mhc: {enable_mhc_connections: 'yes'}\n", r"mhc\.enable_mhc_connections=.* true or false"),
         ("mhc: {mhc_type: mHC}\n", r"mhc\.mhc_type='mHC' is invalid: allowed values"),
