@@ -8,21 +8,14 @@ model is a HybridModel, with the same flags and YAML sections.
 
 Everything is megatron.training.pretrain (distributed optimizer, pipeline schedules, torch_dist
 checkpoints, logging, rerun state machine); this script supplies the mHC model provider, the GPT
-datasets and step, the mHC flags and YAML configs (megatron_mhc.training), and three hooks into
-megatron.training's module namespace:
-  * its `get_forward_backward_func` sizes the pipeline P2P buffers for the n-stream state;
-  * its `training_log` also logs tokens/s and the mHC health figures;
-  * its data loaders get their own random generator, so that resuming from a checkpoint draws
-    the same dropout masks as the uninterrupted run (on CPU, dropout and a loader without a
-    generator share the default generator);
-  * initialize_megatron's build of the C++ dataset helpers (`make` in megatron/core/datasets)
-    becomes an import of the helpers the megatron-core wheel ships prebuilt, without a Makefile.
+datasets and step, the mHC flags and YAML configs (megatron_mhc.training), and the names of
+megatron.training it replaces for want of an argument of pretrain (install_training_patches in
+megatron_mhc/training/training_patches.py: n-stream pipeline shapes, data loaders with their own
+generator, prebuilt dataset helpers, the mHC figures in the training log).
 Without a CUDA device it applies megatron_mhc.platform.cpu and the flags that keep Megatron off
 CUDA-only paths (gloo, local transformer, no fusions), and says so in one log line.
 """
 
-import functools
-import importlib
 import os
 import sys
 
@@ -36,47 +29,25 @@ if ON_CPU:
         os.environ.setdefault(_key, _value)
 
 from megatron.core.enums import ModelType  # noqa: E402
-from megatron.training import initialize, pretrain, training  # noqa: E402
+from megatron.training import pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.utils import print_rank_0  # noqa: E402
 
-from megatron_mhc.training import mhc_logging  # noqa: E402
 from megatron_mhc.training.gpt_step import (  # noqa: E402
     forward_step,
     model_provider,
     train_valid_test_datasets_provider,
 )
 from megatron_mhc.training.launch_checks import parse_and_check_arguments  # noqa: E402
+from megatron_mhc.training.training_patches import install_training_patches  # noqa: E402
 from megatron_mhc.training.yaml_config import ConfigError  # noqa: E402
-from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func  # noqa: E402
-
-
-def _loaders_with_own_generator(build_loader):
-    @functools.wraps(build_loader)
-    def build(dataset, consumed_samples, *args, **kwargs):
-        loader = build_loader(dataset, consumed_samples, *args, **kwargs)
-        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
-            loader.generator = torch.Generator().manual_seed(consumed_samples)
-        return loader
-
-    return build
-
-
-def _dataset_helpers_are_prebuilt():
-    importlib.import_module("megatron.core.datasets.helpers_cpp")
-    torch.distributed.barrier()  # as after Megatron's build
 
 
 def main():
     if ON_CPU:
         apply_cpu_platform()
         sys.argv[1:1] = CPU_MEGATRON_ARGS  # before the user's flags, which still override them
-    training.get_forward_backward_func = get_forward_backward_func
-    training.build_pretraining_data_loader = _loaders_with_own_generator(
-        training.build_pretraining_data_loader
-    )
-    initialize._compile_dependencies = _dataset_helpers_are_prebuilt
-    mhc_logging.install(training)
+    install_training_patches()
     try:
         args, _ = parse_and_check_arguments()
     except (ConfigError, ValueError) as err:

@@ -3,31 +3,36 @@
 Several Megatron-Core 0.19.2 constructors and helpers build a class they look up by name in their
 module's namespace and offer no argument to choose another (GPTModel's decoder block, MTP block
 and schedule plan, HybridModel's MTP block, megatron.training's MLA config class). The mHC model
-classes point those names at their own classes while that call runs.
+classes point those names at their own classes, subclasses of Megatron's, while that call runs.
 """
 
 import contextlib
 import types
 
+from megatron_mhc.megatron_patches import MegatronPatch, check_patches
+
 
 @contextlib.contextmanager
-def names_in(module: types.ModuleType, **replacements):
+def names_in(module: types.ModuleType, **replacements: type):
     """`module.<name>` is `replacements[name]` inside the block, restored on any exit.
 
-    Every name must exist in `module`: a Megatron version that renamed it fails here, loudly,
-    instead of building Megatron's own class. Single-threaded use only (model construction).
+    Each swap is a MegatronPatch: a megatron-core version the swaps are not written for, a name
+    Megatron no longer has, or a replacement that is not a subclass of the class it replaces
+    raises MegatronPatchError before any name is swapped. Single-threaded use only (model
+    construction).
     """
-    missing = [name for name in replacements if not hasattr(module, name)]
-    if missing:
-        raise RuntimeError(
-            f"megatron_mhc: {module.__name__} has no {missing}; megatron-mhc replaces these names "
-            "in megatron-core 0.19.2 to build its mHC classes"
+    patches = {
+        name: MegatronPatch(
+            f"mHC class {replacement.__name__} in place of {name}", module.__name__, name
         )
-    originals = {name: getattr(module, name) for name in replacements}
-    for name, replacement in replacements.items():
-        setattr(module, name, replacement)
-    try:
+        for name, replacement in replacements.items()
+    }
+    check_patches(patches.values())
+    for name, patch in patches.items():
+        original = patch.original()
+        if not (isinstance(original, type) and issubclass(replacements[name], original)):
+            raise patch.error(f"{replacements[name].__name__} does not subclass {original!r}")
+    with contextlib.ExitStack() as swapped:
+        for name, patch in patches.items():
+            swapped.enter_context(patch.replaced(replacements[name]))
         yield
-    finally:
-        for name, original in originals.items():
-            setattr(module, name, original)

@@ -28,7 +28,9 @@ is its CPU, and changes nothing else:
   ``pretrain``, no GPU architecture query.
 
 Nothing happens at import: call :func:`apply_cpu_platform` once per process, before Megatron
-builds anything. It is idempotent and does nothing when CUDA is available. Each patch replaces a
+builds anything. It is idempotent and does nothing when CUDA is available. Every replaced name is
+a :class:`~megatron_mhc.megatron_patches.MegatronPatch` in :data:`CPU_PLATFORM_PATCHES`, all
+checked (megatron-core version, name, signature) before the first is made. Each patch replaces a
 name in the namespace of the Megatron module that looks it up (a module's own view of ``torch``
 or ``torch.cuda`` where Megatron calls ``torch.<name>`` / ``torch.cuda.<name>``), except the
 four calls of the first item and ``Tensor.record_stream``, which are replaced on torch itself:
@@ -61,13 +63,14 @@ on any device (``DistributedOptimizer.state_dict`` asserts on the empty torch op
 
 import contextlib
 import functools
-import importlib
 import logging
 import types
 
 import torch
 
-__all__ = ["CPU_ENV", "CPU_MEGATRON_ARGS", "apply_cpu_platform"]
+from megatron_mhc.megatron_patches import MegatronPatch, check_patches
+
+__all__ = ["CPU_ENV", "CPU_MEGATRON_ARGS", "CPU_PLATFORM_PATCHES", "apply_cpu_platform"]
 
 # megatron.training flags that keep a CPU run off CUDA-only code paths.
 CPU_MEGATRON_ARGS = [
@@ -93,11 +96,13 @@ def apply_cpu_platform() -> bool:
     """Patch Megatron-Core and megatron.training to run on CPU, if no CUDA device is present.
 
     Returns True if it patched; False if there was nothing to do: CUDA is available (nothing is
-    patched), or the patches are already applied in this process.
+    patched), or the patches are already applied in this process. Raises MegatronPatchError,
+    having patched nothing, if a patch does not fit the installed Megatron.
     """
     global _applied
     if _applied or torch.cuda.is_available():
         return False
+    check_patches(CPU_PLATFORM_PATCHES)
     for patch in _PATCHES:
         patch()
     _applied = True
@@ -121,29 +126,23 @@ class _ModuleView(types.ModuleType):
         return getattr(self._real, name)
 
 
-def _override_torch_in(module_name: str, cuda: dict | None = None, **torch_attrs) -> None:
-    """In Megatron module `module_name`, make `torch.<name>` resolve to `torch_attrs[name]` and
-    `torch.cuda.<name>` to `cuda[name]`; every other name still resolves to torch's."""
-    module = importlib.import_module(module_name)
-    view = module.torch if isinstance(module.torch, _ModuleView) else _ModuleView(torch)
+def _torch_views(what: str, module_names: tuple[str, ...]) -> tuple[MegatronPatch, ...]:
+    """The patches, described as `what`, of the `torch` name of each of `module_names`."""
+    return tuple(MegatronPatch(f"CPU platform: {what}", name, "torch") for name in module_names)
+
+
+def _override_torch_in(patch: MegatronPatch, cuda: dict | None = None, **torch_attrs) -> None:
+    """In the Megatron module whose `torch` `patch` replaces, make `torch.<name>` resolve to
+    `torch_attrs[name]` and `torch.cuda.<name>` to `cuda[name]`; every other name still resolves
+    to torch's."""
+    module_torch = patch.original()
+    view = module_torch if isinstance(module_torch, _ModuleView) else _ModuleView(torch)
     if cuda:
         if not isinstance(view.cuda, _ModuleView):
             view.cuda = _ModuleView(torch.cuda)
         vars(view.cuda).update(cuda)
     vars(view).update(torch_attrs)
-    module.torch = view
-
-
-def _megatron_module_with(module_name: str, name: str) -> types.ModuleType:
-    """Megatron module `module_name`, which must have `name` in its namespace (the name a patch
-    replaces): a Megatron version that moved the code must fail here, not run unpatched."""
-    module = importlib.import_module(module_name)
-    if not hasattr(module, name):
-        raise RuntimeError(
-            f"megatron_mhc CPU platform: {module_name} has no {name!r} to replace; the patches "
-            f"are written for megatron-core 0.19.2"
-        )
-    return module
+    patch.replace(view)
 
 
 def _cpu_for_cuda(device):
@@ -197,13 +196,29 @@ def _with_cpu_tensor_types_named_as_cuda(function):
 # --------------------------------------------------------------------------------------------
 
 
+_CURRENT_DEVICE = (
+    MegatronPatch(
+        "CPU platform: the CPU is the current device", "torch.cuda", "current_device", ()
+    ),
+    MegatronPatch("CPU platform: the CPU is the current device", "torch.cuda", "synchronize", ()),
+)
+
+
 def _cpu_is_the_current_device():
     # Megatron allocates with `device=torch.cuda.current_device()` in ~200 places (p2p shape and
     # tensor buffers, loss reductions, the batch broadcast, ...); the pipeline p2p code calls
     # `torch.cuda.synchronize()` after every exchange. Without a GPU both raise. torch.cpu has
     # their CPU counterparts for device-agnostic code (returns "cpu"; no-op).
-    torch.cuda.current_device = torch.cpu.current_device
-    torch.cuda.synchronize = torch.cpu.synchronize
+    current_device, synchronize = _CURRENT_DEVICE
+    current_device.replace(torch.cpu.current_device)
+    synchronize.replace(torch.cpu.synchronize)
+
+
+_CUDA_MOVES_TO_CPU = (
+    MegatronPatch("CPU platform: .cuda() stays on the CPU", "torch.nn:Module", "cuda", ("device",)),
+    # A builtin method, without an inspectable signature.
+    MegatronPatch("CPU platform: .cuda() stays on the CPU", "torch:Tensor", "cuda"),
+)
 
 
 def _cpu_is_where_cuda_moves_to():
@@ -216,8 +231,9 @@ def _cpu_is_where_cuda_moves_to():
     def tensor_cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
         return self
 
-    torch.nn.Module.cuda = module_cuda
-    torch.Tensor.cuda = tensor_cuda
+    module_patch, tensor_patch = _CUDA_MOVES_TO_CPU
+    module_patch.replace(module_cuda)
+    tensor_patch.replace(tensor_cuda)
 
 
 # Megatron modules that create tensors on a literal CUDA device (`device="cuda"`) on the code
@@ -241,25 +257,34 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.training.utils.common_utils",
 )
 _TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "rand", "randn", "empty_like")
+_CUDA_LITERALS = (
+    *_torch_views("device='cuda' literals place tensors on the CPU", _MODULES_WITH_CUDA_LITERALS),
+    MegatronPatch(
+        "CPU platform: device='cuda' literals place tensors on the CPU",
+        "megatron.core.dist_checkpointing.mapping:ShardedTensor",
+        "init_data",
+        ("device",),
+    ),
+)
 
 
 def _cuda_literals_on_cpu():
     # Without a GPU, creating a tensor on device "cuda" raises. In the modules above, the tensor
     # factories place it on the CPU instead; so does ShardedTensor.init_data, to which the fully
     # parallel load passes "cuda".
+    *module_views, init_data_patch = _CUDA_LITERALS
     factories = {name: _cpu_if_cuda(getattr(torch, name)) for name in _TENSOR_FACTORIES}
-    for module_name in _MODULES_WITH_CUDA_LITERALS:
-        _override_torch_in(module_name, **factories)
+    for patch in module_views:
+        _override_torch_in(patch, **factories)
 
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    def cpu_init_data(init_data):
+        @functools.wraps(init_data)
+        def init_data_on_cpu(self, device, *args, **kwargs):
+            return init_data(self, _cpu_for_cuda(device), *args, **kwargs)
 
-    init_data = ShardedTensor.init_data
+        return init_data_on_cpu
 
-    @functools.wraps(init_data)
-    def init_data_on_cpu(self, device, *args, **kwargs):
-        return init_data(self, _cpu_for_cuda(device), *args, **kwargs)
-
-    ShardedTensor.init_data = init_data_on_cpu
+    init_data_patch.wrap(cpu_init_data)
 
 
 # Megatron modules that seed, save or restore the CUDA default generator with
@@ -270,6 +295,21 @@ _MODULES_USING_THE_CUDA_GENERATOR = (
     "megatron.core.rerun_state_machine",
     "megatron.training.checkpointing",
 )
+_CPU_GENERATOR_IS_THE_CUDA_GENERATOR = (
+    *_torch_views("the CPU generator is the CUDA generator", _MODULES_USING_THE_CUDA_GENERATOR),
+    MegatronPatch(
+        "CPU platform: the CPU generator is the CUDA generator",
+        _MODULES_USING_THE_CUDA_GENERATOR[0],
+        "_get_cuda_rng_state",
+        ("device", "clone", "graph_safe"),
+    ),
+    MegatronPatch(
+        "CPU platform: the CPU generator is the CUDA generator",
+        _MODULES_USING_THE_CUDA_GENERATOR[0],
+        "_set_cuda_rng_state",
+        ("new_state", "device", "graph_safe"),
+    ),
+)
 
 
 def _cpu_generator_is_the_cuda_generator():
@@ -278,9 +318,10 @@ def _cpu_generator_is_the_cuda_generator():
     # torch.cuda.manual_seed / set_rng_state are queued for a CUDA initialization that never
     # comes. With this, the tracker's `add` and `model_parallel_cuda_manual_seed` seed and record
     # CPU generator states (one per tensor-parallel rank for dropout in TP regions, as on GPU).
-    for module_name in _MODULES_USING_THE_CUDA_GENERATOR:
+    *module_views, get_patch, set_patch = _CPU_GENERATOR_IS_THE_CUDA_GENERATOR
+    for patch in module_views:
         _override_torch_in(
-            module_name,
+            patch,
             cuda=dict(
                 manual_seed=torch.manual_seed,
                 get_rng_state=torch.get_rng_state,
@@ -297,32 +338,31 @@ def _cpu_generator_is_the_cuda_generator():
     def set_rng_state(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 
-    random = importlib.import_module(_MODULES_USING_THE_CUDA_GENERATOR[0])
-    random._get_cuda_rng_state = get_rng_state
-    random._set_cuda_rng_state = set_rng_state
+    get_patch.replace(get_rng_state)
+    set_patch.replace(set_rng_state)
 
     # `fork` warns when the CPU generator moved inside the fork, which on GPU means that CPU
     # random ops ran in a CUDA RNG region. On CPU the forked generator is the CPU one, so every
     # fork that draws a dropout mask would warn.
-    logging.getLogger(random.__name__).addFilter(
+    logging.getLogger(_MODULES_USING_THE_CUDA_GENERATOR[0]).addFilter(
         lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context"
     )
 
 
 # Megatron modules that use CUDA streams on the code paths of a CPU run: training.py builds DDP on
 # a side stream; the DDP gradient buffers wait on the current stream before reducing.
-_MODULES_USING_CUDA_STREAMS = (
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.training.training",
+_ONE_CPU_STREAM = _torch_views(
+    "one CPU stream",
+    ("megatron.core.distributed.param_and_grad_buffer", "megatron.training.training"),
 )
 
 
 def _one_cpu_stream():
     # torch.cuda.Stream / current_stream / stream raise without a GPU. The CPU runs one stream,
     # for which torch.cpu has device-agnostic Stream / current_stream / stream (all no-ops).
-    for module_name in _MODULES_USING_CUDA_STREAMS:
+    for patch in _ONE_CPU_STREAM:
         _override_torch_in(
-            module_name,
+            patch,
             cuda=dict(
                 Stream=torch.cpu.Stream,
                 current_stream=torch.cpu.current_stream,
@@ -373,11 +413,15 @@ def _current_ordered_cpu_stream(device=None) -> _OrderedCPUStream:
 # on its stream between an event wait and record, and set_streams creates the (high-priority)
 # communication stream; the schedule plan records and waits on its chunk's event around the
 # P2P hooks; the MoE callables record the residual on the current stream.
-_MODULES_OVERLAPPING_ON_CUDA_STREAMS = (
-    "megatron.core.transformer.moe.token_dispatcher",
-    "megatron.core.pipeline_parallel.utils",
-    "megatron.core.models.common.model_chunk_schedule_plan",
-    "megatron.core.models.gpt.fine_grained_callables",
+_TOKEN_DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
+_ORDERED_CPU_STREAMS = _torch_views(
+    "ordered CPU streams and events",
+    (
+        _TOKEN_DISPATCHER,
+        "megatron.core.pipeline_parallel.utils",
+        "megatron.core.models.common.model_chunk_schedule_plan",
+        "megatron.core.models.gpt.fine_grained_callables",
+    ),
 )
 
 
@@ -387,10 +431,9 @@ def _ordered_cpu_streams_and_events():
     # Stream.priority_range(), stream.record_event() returning the event the dispatcher
     # synchronizes on); _OrderedCPUStream adds it, and torch.cpu.Event is already an event
     # complete when recorded.
-    for module_name in _MODULES_OVERLAPPING_ON_CUDA_STREAMS:
-        _megatron_module_with(module_name, "torch")
+    for patch in _ORDERED_CPU_STREAMS:
         _override_torch_in(
-            module_name,
+            patch,
             cuda=dict(
                 Stream=_OrderedCPUStream,
                 Event=torch.cpu.Event,
@@ -400,22 +443,35 @@ def _ordered_cpu_streams_and_events():
         )
 
 
+# A builtin method, without an inspectable signature.
+_RECORD_STREAM = MegatronPatch(
+    "CPU platform: record_stream is a no-op for CPU tensors", "torch:Tensor", "record_stream"
+)
+
+
 def _record_stream_is_a_no_op_for_cpu_tensors():
     # ScheduleNode (freeing a node's inputs, its output gradients), the MoE callables (the
     # residual) and the dispatcher's host copies call `tensor.record_stream(stream)` so that
     # CUDA's caching allocator does not reuse a block while another stream may still read it.
     # CPU memory is not allocated per stream, and record_stream raises for a CPU tensor
     # ("unknown parameter type"); CUDA tensors keep torch's record_stream.
-    if not hasattr(torch.Tensor, "record_stream"):
-        raise RuntimeError("megatron_mhc CPU platform: torch.Tensor has no 'record_stream'")
-    record_stream = torch.Tensor.record_stream
+    def unless_on_cpu(record_stream):
+        @functools.wraps(record_stream)
+        def record_stream_unless_on_cpu(self, stream):
+            if self.device.type != "cpu":
+                record_stream(self, stream)
 
-    @functools.wraps(record_stream)
-    def record_stream_unless_on_cpu(self, stream):
-        if self.device.type != "cpu":
-            record_stream(self, stream)
+        return record_stream_unless_on_cpu
 
-    torch.Tensor.record_stream = record_stream_unless_on_cpu
+    _RECORD_STREAM.wrap(unless_on_cpu)
+
+
+_SPLIT_SIZES = MegatronPatch(
+    "CPU platform: the dispatcher's split sizes are host arrays",
+    _TOKEN_DISPATCHER,
+    "maybe_move_tensor_to_cpu",
+    ("tensor", "as_numpy", "record_stream"),
+)
 
 
 def _split_sizes_are_host_arrays():
@@ -424,18 +480,35 @@ def _split_sizes_are_host_arrays():
     # become numpy arrays (as_numpy=True); on CPU they would stay tensors, which
     # torch.distributed.all_to_all_single rejects as split sizes. The same conversion for CPU
     # tensors.
-    dispatcher = _megatron_module_with(
-        _MODULES_OVERLAPPING_ON_CUDA_STREAMS[0], "maybe_move_tensor_to_cpu"
+    def also_for_cpu_tensors(maybe_move_tensor_to_cpu):
+        @functools.wraps(maybe_move_tensor_to_cpu)
+        def move_to_host(tensor, as_numpy=False, record_stream=False):
+            if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+                return tensor.numpy()
+            return maybe_move_tensor_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+        return move_to_host
+
+    _SPLIT_SIZES.wrap(also_for_cpu_tensors)
+
+
+# The parameters whose types these check.
+_CUDA_TYPE_CHECKS = tuple(
+    MegatronPatch("CPU platform: CPU tensors pass CUDA type checks", owner, name, parameters)
+    for owner, name, parameters in (
+        ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", ("parameters",)),
+        (
+            "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params",
+            "__init__",
+            ("optimizer",),
+        ),
+        (
+            "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+            "__init__",
+            ("optimizer", "model_chunks"),
+        ),
     )
-    maybe_move_tensor_to_cpu = dispatcher.maybe_move_tensor_to_cpu
-
-    @functools.wraps(maybe_move_tensor_to_cpu)
-    def move_to_host(tensor, as_numpy=False, record_stream=False):
-        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
-            return tensor.numpy()
-        return maybe_move_tensor_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
-
-    dispatcher.maybe_move_tensor_to_cpu = move_to_host
+)
 
 
 def _cpu_tensors_pass_cuda_type_checks():
@@ -445,16 +518,13 @@ def _cpu_tensors_pass_cuda_type_checks():
     # optimizer (Float16OptimizerWithFloat16Params, bf16 / fp16) and of the DistributedOptimizer
     # sort parameters by 'torch.cuda.{Float,Half,BFloat16}Tensor' and reject any other type. The
     # same tensors on CPU are 'torch.FloatTensor', ...; while these run, they are named as on GPU.
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    for patch in _CUDA_TYPE_CHECKS:
+        patch.wrap(_with_cpu_tensor_types_named_as_cuda)
 
-    optimizer.clip_grad_by_total_norm_fp32 = _with_cpu_tensor_types_named_as_cuda(
-        clip_grads.clip_grad_by_total_norm_fp32
-    )
-    for optimizer_class in (
-        optimizer.Float16OptimizerWithFloat16Params,
-        distrib_optimizer.DistributedOptimizer,
-    ):
-        optimizer_class.__init__ = _with_cpu_tensor_types_named_as_cuda(optimizer_class.__init__)
+
+_ONE_CPU_DEVICE_PER_PROCESS = _torch_views(
+    "one CPU device per process", ("megatron.training.initialize",)
+)
 
 
 def _one_cpu_device_per_process():
@@ -463,29 +533,49 @@ def _one_cpu_device_per_process():
     # and then selects the device with torch.cuda.set_device(local_rank). On CPU each process has
     # one device, its CPU, which needs no selecting (torch.cpu: device_count() == 1, set_device
     # a no-op).
+    (patch,) = _ONE_CPU_DEVICE_PER_PROCESS
     _override_torch_in(
-        "megatron.training.initialize",
-        cuda=dict(device_count=torch.cpu.device_count, set_device=torch.cpu.set_device),
+        patch, cuda=dict(device_count=torch.cpu.device_count, set_device=torch.cpu.set_device)
     )
+
+
+_PRETRAIN_WITHOUT_CUDA = MegatronPatch(
+    "CPU platform: pretrain initializes Megatron without CUDA",
+    "megatron.training.training",
+    "initialize_megatron",
+    ("allow_no_cuda",),
+)
 
 
 def _pretrain_allows_no_cuda():
     # pretrain() calls initialize_megatron(), which asserts torch.cuda.is_available() unless it
     # is called with allow_no_cuda=True.
-    from megatron.training import initialize, training
-
-    training.initialize_megatron = functools.partial(
-        initialize.initialize_megatron, allow_no_cuda=True
+    _PRETRAIN_WITHOUT_CUDA.wrap(
+        lambda initialize_megatron: functools.partial(initialize_megatron, allow_no_cuda=True)
     )
+
+
+_NO_GPU_ARCHITECTURE = MegatronPatch(
+    "CPU platform: no GPU architecture",
+    "megatron.training.arguments",
+    "get_device_arch_version",
+    (),
+)
 
 
 def _no_gpu_architecture():
     # validate_args() asks get_device_arch_version() (CUDA device properties; raises without a
     # GPU) whether the device is Blackwell or newer when TP or CP > 1. There is no GPU
     # architecture: 0.
-    from megatron.training import arguments
+    _NO_GPU_ARCHITECTURE.replace(lambda: 0)
 
-    arguments.get_device_arch_version = lambda: 0
+
+_JIT_WARMUP = MegatronPatch(
+    "CPU platform: the JIT warm-up leaves the weights' generator alone",
+    "megatron.training.initialize",
+    "_warmup_jit_function",
+    (),
+)
 
 
 def _jit_warmup_leaves_the_weights_generator_alone():
@@ -494,15 +584,15 @@ def _jit_warmup_leaves_the_weights_generator_alone():
     # initialised from next (use_cpu_initialization): the starting weights would then depend on
     # the parallel layout. On GPU the warm-up draws from the GPU's generator and leaves them
     # alone; on CPU it runs with the CPU generator's state saved and restored.
-    initialize = _megatron_module_with("megatron.training.initialize", "_warmup_jit_function")
-    warmup = initialize._warmup_jit_function
+    def without_consuming_random_numbers(warmup):
+        @functools.wraps(warmup)
+        def warmup_without_consuming_random_numbers(*args, **kwargs):
+            with torch.random.fork_rng(devices=[]):
+                return warmup(*args, **kwargs)
 
-    @functools.wraps(warmup)
-    def warmup_without_consuming_random_numbers(*args, **kwargs):
-        with torch.random.fork_rng(devices=[]):
-            return warmup(*args, **kwargs)
+        return warmup_without_consuming_random_numbers
 
-    initialize._warmup_jit_function = warmup_without_consuming_random_numbers
+    _JIT_WARMUP.wrap(without_consuming_random_numbers)
 
 
 _PATCHES = (
@@ -519,4 +609,21 @@ _PATCHES = (
     _pretrain_allows_no_cuda,
     _no_gpu_architecture,
     _jit_warmup_leaves_the_weights_generator_alone,
+)
+
+# Every name the CPU platform replaces, checked before the first is replaced.
+CPU_PLATFORM_PATCHES = (
+    *_CURRENT_DEVICE,
+    *_CUDA_MOVES_TO_CPU,
+    *_CUDA_LITERALS,
+    *_CPU_GENERATOR_IS_THE_CUDA_GENERATOR,
+    *_ONE_CPU_STREAM,
+    *_ORDERED_CPU_STREAMS,
+    _RECORD_STREAM,
+    _SPLIT_SIZES,
+    *_CUDA_TYPE_CHECKS,
+    *_ONE_CPU_DEVICE_PER_PROCESS,
+    _PRETRAIN_WITHOUT_CUDA,
+    _NO_GPU_ARCHITECTURE,
+    _JIT_WARMUP,
 )

@@ -17,6 +17,7 @@ from megatron.training import get_args, get_tensorboard_writer
 from megatron.training.utils import print_rank_last
 
 from megatron_mhc.diagnostics import MHCHealthMonitor
+from megatron_mhc.megatron_patches import MegatronPatch
 
 
 class TrainingHealthLog:
@@ -77,17 +78,28 @@ class TrainingHealthLog:
 health_log = TrainingHealthLog()
 
 
-def install(training_module) -> None:
+# megatron.training has no per-iteration hook: `install` wraps `training_log`, which the training
+# loop calls on every rank after every iteration.
+TRAINING_LOG_PATCH = MegatronPatch(
+    "mHC figures in the training log",
+    "megatron.training.training",
+    "training_log",
+    ("loss_dict", "iteration"),
+)
+
+
+def install() -> None:
     """Make megatron.training's `training_log` also call `health_log.log` at log intervals."""
-    original = training_module.training_log
 
-    @functools.wraps(original)
-    def training_log(*args, **kwargs):
-        result = original(*args, **kwargs)
-        iteration = kwargs["iteration"] if "iteration" in kwargs else args[3]
-        loss_dict = kwargs["loss_dict"] if "loss_dict" in kwargs else args[0]
-        if iteration % get_args().log_interval == 0:
-            health_log.log(iteration, loss_dict)
-        return result
+    def also_log_health(training_log):
+        @functools.wraps(training_log)
+        def training_log_with_health(*args, **kwargs):
+            result = training_log(*args, **kwargs)
+            arguments = MegatronPatch.bind(training_log, args, kwargs)
+            if arguments["iteration"] % get_args().log_interval == 0:
+                health_log.log(arguments["iteration"], arguments["loss_dict"])
+            return result
 
-    training_module.training_log = training_log
+        return training_log_with_health
+
+    TRAINING_LOG_PATCH.wrap(also_log_health)
