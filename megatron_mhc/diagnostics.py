@@ -1,25 +1,33 @@
 """mHC health figures: mean H_pre, mean H_post and the Amax gain of the residual mixing.
 
 As docs/math.md defines them: for the composite residual mapping P = H_res(L) @ ... @ H_res(l)
-of each token (H_res = comb transposed), the forward gain is the largest |row sum| of P and the backward
-gain the largest |column sum|; both are averaged over the tokens of a batch. mHC keeps them near
-1; unconstrained hyper-connections can reach thousands.
+of each token (H_res = comb transposed), the forward gain is the largest |row sum| of P and the
+backward gain the largest |column sum|; both are averaged over the tokens of a batch. mHC keeps
+them near 1; unconstrained hyper-connections can reach thousands.
 
 `MHCHealthMonitor` observes the HC modules of the model chunks it watches with forward hooks.
-While recording (`recording()`, or `start()` ... `stop()`) it keeps the mappings of the first forward pass of each module (the first micro-batch; later
-micro-batches and recomputations are ignored), and `summarize()` turns them into figures per
-layer and for the whole stack. With pipeline parallelism (virtual stages included) the per-layer
-products are gathered over the pipeline group and multiplied in layer order, so the stack figure
-spans every stage; with sequence or context parallelism each rank summarises its token shard.
+While recording (`recording()`, or `start()` ... `stop()`) it keeps the mappings of the first
+forward pass of each module (the first micro-batch; later micro-batches and recomputations are
+ignored), and `summarize()` turns them into figures per layer and for the whole stack. With
+pipeline parallelism (virtual stages included) the per-layer products are gathered over the
+pipeline group and multiplied in layer order, so the stack figure spans every stage; with
+sequence or context parallelism each rank summarises its token shard.
 """
 
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
 
 from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
 from megatron_mhc.transformer.transformer_layer import HyperConnectionTransformerLayer
+
+
+def mean_mapping_figures(prefix: str, mappings: torch.Tensor) -> dict[str, float]:
+    """The token-averaged mapping of per-token mappings [..., n, n] as `{prefix}/i_j` figures."""
+    mean = mappings.reshape(-1, *mappings.shape[-2:]).mean(dim=0).tolist()
+    return {f"{prefix}/{i}_{j}": value for i, row in enumerate(mean) for j, value in enumerate(row)}
 
 
 def amax_gains(composite: torch.Tensor):
@@ -36,6 +44,8 @@ class MHCHealthMonitor:
     def __init__(self, model_chunks=()):
         self._records: dict[tuple, tuple] = {}
         self._recording = False
+        # Wall time spent recording and summarizing since `start()`: the cost of the figures.
+        self.seconds = 0.0
         self._layers: list[HyperConnectionTransformerLayer] = []
         chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         for chunk in chunks:
@@ -61,6 +71,7 @@ class MHCHealthMonitor:
         """Forget earlier records and record the first forward pass of each module from now."""
         self._records = {}
         self._recording = True
+        self.seconds = 0.0
 
     def stop(self) -> None:
         self._recording = False
@@ -68,11 +79,13 @@ class MHCHealthMonitor:
     def _hook(self, key):
         def record(_module: HyperConnectionModule, _inputs, outputs):
             if self._recording and key not in self._records:
+                began = time.perf_counter()
                 h_pre, h_post, comb = (
                     t.detach().float() for t in (outputs.h_pre, outputs.h_post, outputs.comb)
                 )
                 h_res = comb.transpose(-1, -2).reshape(-1, *comb.shape[-2:])
                 self._records[key] = (h_pre.mean().item(), h_post.mean().item(), h_res)
+                self.seconds += time.perf_counter() - began
 
         return record
 
@@ -88,9 +101,19 @@ class MHCHealthMonitor:
     def summarize(self, pp_group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Figures per layer (`mhc/layerNN/...`) and for the stack (`mhc/...`).
 
+        Besides the means and gains, the token-averaged H_res of each layer (its sublayers'
+        mixings composed) is `mhc/layerNN/h_res/i_j` (row i, column j) and that of the composite
+        over the stack `mhc/h_res/i_j`.
+
         Collective over `pp_group` when it has more than one rank: call it on every rank of the
         pipeline group at the same point. Empty when nothing was recorded.
         """
+        began = time.perf_counter()
+        figures = self._summarize(pp_group)
+        self.seconds += time.perf_counter() - began
+        return figures
+
+    def _summarize(self, pp_group: dist.ProcessGroup | None) -> dict[str, float]:
         local = {}
         for layer in self._layers:
             records = [
@@ -122,6 +145,7 @@ class MHCHealthMonitor:
             figures[f"{prefix}/amax_gain_fwd"], figures[f"{prefix}/amax_gain_bwd"] = amax_gains(
                 layer_product
             )
+            figures.update(mean_mapping_figures(f"{prefix}/h_res", layer_product))
             product = layer_product if product is None else layer_product @ product
         if product is None:
             return figures
@@ -130,4 +154,5 @@ class MHCHealthMonitor:
         figures["mhc/h_pre_mean"] = sum(h_pre) / len(h_pre)
         figures["mhc/h_post_mean"] = sum(h_post) / len(h_post)
         figures["mhc/amax_gain_fwd"], figures["mhc/amax_gain_bwd"] = amax_gains(product)
+        figures.update(mean_mapping_figures("mhc/h_res", product))
         return figures

@@ -3,10 +3,12 @@
 Megatron's training log prints loss, learning rate and grad norm (and writes them to
 TensorBoard). Every `--log-interval` iterations this adds a `[mhc]` line with the iteration's
 loss printed exactly, and, on stdout and in TensorBoard, the token throughput and the mHC health
-figures (mean H_pre, mean H_post, forward and backward
-Amax gain; per layer and for the whole stack), measured on the first micro-batch of the logged
-iteration. megatron.training has no per-iteration hook, so `install` wraps its `training_log`
-(called on every rank after every iteration).
+figures (mean H_pre, mean H_post, forward and backward Amax gain; per layer and for the whole
+stack; in TensorBoard also the token-averaged H_res matrices), measured on the first micro-batch
+of the logged iteration. TensorBoard also gets the tokens consumed (`train/tokens`) and the cost
+of the figures (`throughput/health_figures_ms`, and its share of the interval's wall time).
+megatron.training has no per-iteration hook, so `install` wraps its `training_log` (called on
+every rank after every iteration).
 """
 
 import functools
@@ -39,10 +41,11 @@ class TrainingHealthLog:
     def log(self, iteration: int, loss_dict) -> None:
         args = get_args()
         now = time.perf_counter()
-        tokens_per_s = None
+        tokens_per_s = interval_seconds = None
         if self._clock is not None and iteration > self._clock[1]:
+            interval_seconds = now - self._clock[0]
             tokens = (iteration - self._clock[1]) * args.global_batch_size * args.seq_length
-            tokens_per_s = tokens / (now - self._clock[0])
+            tokens_per_s = tokens / interval_seconds
         self._clock = (now, iteration)
         figures = self.monitor.summarize(parallel_state.get_pipeline_model_parallel_group())
         self.monitor.stop()
@@ -58,7 +61,7 @@ class TrainingHealthLog:
                 f" Amax gain fwd: {figures['mhc/amax_gain_fwd']:.4f} |"
                 f" bwd: {figures['mhc/amax_gain_bwd']:.4f} |"
             )
-            layers = sorted({key.split("/")[1] for key in figures if key.count("/") == 2})
+            layers = sorted({key.split("/")[1] for key in figures if key.startswith("mhc/layer")})
             for layer in layers:
                 line += (
                     f"\n [mhc]   {layer}: H_pre {figures[f'mhc/{layer}/h_pre_mean']:.4f}"
@@ -69,8 +72,22 @@ class TrainingHealthLog:
         print_rank_last(line)
         writer = get_tensorboard_writer()
         if writer is not None:
+            writer.add_scalar(
+                "train/tokens", args.consumed_train_samples * args.seq_length, iteration
+            )
             if tokens_per_s is not None:
                 writer.add_scalar("throughput/tokens_per_s", tokens_per_s, iteration)
+            if figures:
+                # The figures cost `monitor.seconds` once per log interval (this rank's share).
+                writer.add_scalar(
+                    "throughput/health_figures_ms", 1e3 * self.monitor.seconds, iteration
+                )
+                if interval_seconds is not None:
+                    writer.add_scalar(
+                        "throughput/health_figures_share",
+                        self.monitor.seconds / interval_seconds,
+                        iteration,
+                    )
             for key, value in figures.items():
                 writer.add_scalar(key, value, iteration)
 

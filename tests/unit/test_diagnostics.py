@@ -1,5 +1,6 @@
 """mHC health figures: Amax gains of hand-made mappings, mHC's doubly stochastic mixing keeps
-the gains at 1, and the stack figures of a PP=2 model equal those of the PP=1 model."""
+the gains at 1 and the token-averaged H_res doubly stochastic, and the stack figures of a PP=2
+model equal those of the PP=1 model."""
 
 import pytest
 import torch
@@ -58,6 +59,13 @@ def test_stack_figures_span_pipeline_stages(mhc_type):
         # Doubly stochastic mixing: every product has unit row and column sums.
         assert single["mhc/amax_gain_fwd"] == pytest.approx(1.0, abs=1e-3)
         assert single["mhc/amax_gain_bwd"] == pytest.approx(1.0, abs=1e-3)
+        for prefix in [f"mhc/layer{i:02d}/h_res" for i in range(1, 5)] + ["mhc/h_res"]:
+            matrix = torch.tensor(
+                [[single[f"{prefix}/{i}_{j}"] for j in range(4)] for i in range(4)]
+            )
+            assert torch.allclose(matrix.sum(dim=0), torch.ones(4), atol=1e-3), prefix
+            assert torch.allclose(matrix.sum(dim=1), torch.ones(4), atol=1e-3), prefix
+            assert (matrix >= 0).all(), prefix
         assert 0.0 < single["mhc/h_pre_mean"] < 1.0 + 1e-6
         assert 0.0 < single["mhc/h_post_mean"] < 2.0
     else:
