@@ -19,7 +19,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "cuda-tile>=1.7"],
+        "test": ["pytest", "pytest-timeout", "transformers", "cuda-tile>=1.7", "matplotlib"],
+        "plots": ["matplotlib"],  # tools/plot_runs.py
         "cutile": ["cuda-tile>=1.7"],
         "te": ["transformer-engine[pytorch]"],
     },
