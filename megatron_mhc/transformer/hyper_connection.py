@@ -2,9 +2,10 @@
 
 `HyperConnectionModule` wraps one residual sublayer (attention, MLA, MLP or MoE): it computes
 the mappings from the n-stream state, collapses the streams into the sublayer input and writes
-the sublayer output back into the streams. `HyperConnectionHead` is the learned contract of DeepSeek-V4. Parameter layout,
-math and initialisation follow docs/math.md; the parameters are fp32 whatever the activation
-dtype, and replicated across tensor-parallel ranks like a layer norm's.
+the sublayer output back into the streams. `HyperConnectionHead` is the learned contract of
+DeepSeek-V4. Parameter layout, math and initialisation follow docs/math.md; the parameters are
+fp32 whatever the activation dtype, and replicated across tensor-parallel ranks like a layer
+norm's.
 """
 
 import functools
@@ -19,6 +20,7 @@ from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.fusions import model_backend
 from megatron_mhc.fusions.fused_frontend import SaveInputsOnly
 from megatron_mhc.transformer.high_priority_stream import HighPriorityStream
+from megatron_mhc.transformer.recompute import HCRecomputePlan
 
 
 def _logit(p: float) -> float:
@@ -86,9 +88,8 @@ class HyperConnectionModule(_FP32ParamsModule):
         self.num_streams = n
         self.mhc_type = config.mhc_type
         self.ops = model_backend(config)
-        # Set by MHCRecomputeManager when the block recomputes its stream states.
-        self.recompute_manager = None
-        self.closes_recompute_block = False
+        # Given by the stack at its construction when it recomputes its stream states.
+        self.recompute_plan: HCRecomputePlan | None = None
         num_maps = n * n + 2 * n
         self.base = self._new_param(num_maps)
         if self.mhc_type != "hc_static":
@@ -178,9 +179,17 @@ class HyperConnectionModule(_FP32ParamsModule):
             out = self.update_stream.run(update, streams, y, h_post, comb)
         else:
             out = update(streams, y, h_post, comb)
-        if self.recompute_manager is not None:
-            self.recompute_manager.record_update(self, streams, y, h_post, comb, out)
+        if self.recompute_plan is not None:
+            self.recompute_plan.record_update(self, streams, y, h_post, comb, out)
         return out
+
+    def set_recompute_plan(self, plan: HCRecomputePlan) -> None:
+        """This module's part in its stage's recompute, given once by the stack that holds it
+        when the stack is constructed (the stage's layers, and so its blocks, are known only
+        then)."""
+        if self.recompute_plan is not None:
+            raise RuntimeError(f"{type(self).__name__}: the recompute plan is given only once")
+        self.recompute_plan = plan
 
 
 class HyperConnectionHead(_FP32ParamsModule):

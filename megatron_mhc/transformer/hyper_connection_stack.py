@@ -46,6 +46,8 @@ class HyperConnectionStack:
             self.recompute_manager = MHCRecomputeManager(
                 self.layers, self.recompute_block_size, model_backend(config)
             )
+            for hyper_connection, plan in self.recompute_manager.module_plans():
+                hyper_connection.set_recompute_plan(plan)
         if not self.post_process:
             return
         if final_norm is None:

@@ -12,11 +12,14 @@ or RNG state has to be regenerated, and the recomputed states are bitwise the fo
 
 Only training passes that build a graph are affected: eval and forward-only runs keep
 everything. Blocks never cross a pipeline stage (or virtual stage): the plan is made per
-TransformerBlock from the layers it holds.
+TransformerBlock from the layers it holds, which hands each HC module its HCRecomputePlan when the
+block is constructed.
 """
 
+import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -37,7 +40,8 @@ class MHCRecomputeManager:
     """Frees and recomputes the stream states of `layers` (one stage), `block_size` per block.
 
     A block is `block_size` consecutive layers, whatever each holds: two HC modules in a GPT
-    layer, one in a HybridModel layer (there one layer is one sublayer).
+    layer, one in a HybridModel layer (there one layer is one sublayer). `module_plans` gives each
+    HC module of the stage its HCRecomputePlan.
     """
 
     def __init__(self, layers, block_size: int, ops):
@@ -47,29 +51,36 @@ class MHCRecomputeManager:
         # The streams the open block's updates ran on: under the combined 1F1B schedule the
         # attention's and the MLP's updates run in different schedule nodes, on different streams.
         self._open_block_streams = set()
-        hyper_connections = [layer.hyper_connections for layer in layers]
+        self._hyper_connections = [layer.hyper_connections for layer in layers]
         # Streams other than the caller's that read the stream states (the MLP updates' with
         # mhc_mlp_high_priority_stream).
         self._side_streams = {
             hc.update_stream.stream
-            for layer_hcs in hyper_connections
+            for layer_hcs in self._hyper_connections
             for hc in layer_hcs
             if hc.update_stream is not None
         }
-        for index, layer_hcs in enumerate(hyper_connections):
-            closes_block = (index + 1) % block_size == 0 or index + 1 == len(layers)
-            for hc in layer_hcs:
-                hc.recompute_manager = self
-                hc.closes_recompute_block = closes_block and hc is layer_hcs[-1]
 
-    def record_update(self, module, streams_in, y, h_post, comb, streams_out) -> None:
-        """Called by every HC update of the stage with its inputs and output."""
+    def module_plans(self) -> Iterator[tuple[torch.nn.Module, "HCRecomputePlan"]]:
+        """(HC module, its plan) for every HC module of the stage, in forward order: the last
+        update of each block (the last layer of the block, or of the stage) closes it."""
+        num_layers = len(self._hyper_connections)
+        for index, layer_hcs in enumerate(self._hyper_connections):
+            closes_block = (index + 1) % self.block_size == 0 or index + 1 == num_layers
+            for hc in layer_hcs:
+                yield hc, HCRecomputePlan(self, closes_block and hc is layer_hcs[-1])
+
+    def record_update(
+        self, module, streams_in, y, h_post, comb, streams_out, closes_block: bool
+    ) -> None:
+        """Called by every HC update of the stage with its inputs and output; `closes_block`:
+        this update is the last of its block."""
         if not (module.training and torch.is_grad_enabled() and streams_out.requires_grad):
             return  # eval and forward-only passes keep everything
         self._open_block.append((streams_in, y, h_post, comb))
         if streams_out.is_cuda:
             self._open_block_streams.add(torch.cuda.current_stream(streams_out.device))
-        if module.closes_recompute_block:
+        if closes_block:
             steps, self._open_block = self._open_block, []
             streams, self._open_block_streams = self._open_block_streams, set()
             self._discard_and_register_recompute(steps, streams_out, streams)
@@ -88,7 +99,7 @@ class MHCRecomputeManager:
     @torch.no_grad()
     def _recompute(self, steps, readers, _grad):
         state = steps[0][0]
-        for (_, y, h_post, comb), (inner_state, *_rest) in zip(steps, steps[1:]):
+        for (_, y, h_post, comb), (inner_state, *_rest) in zip(steps, steps[1:], strict=False):
             state = self.ops.mhc_update(state, y, h_post, comb)
             # Storage-level copy: restores the saved tensor's data without bumping its version.
             storage = inner_state.untyped_storage()
@@ -99,3 +110,17 @@ class MHCRecomputeManager:
             for stream in readers:
                 inner_state.record_stream(stream)
             state = inner_state
+
+
+@dataclasses.dataclass(frozen=True)
+class HCRecomputePlan:
+    """One HC module's part in its stage's recompute: the manager of the stage's blocks, and
+    whether the module's update is the last of its block (where the block's forward ends)."""
+
+    manager: MHCRecomputeManager
+    closes_block: bool
+
+    def record_update(self, module, streams_in, y, h_post, comb, streams_out) -> None:
+        self.manager.record_update(
+            module, streams_in, y, h_post, comb, streams_out, closes_block=self.closes_block
+        )

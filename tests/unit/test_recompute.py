@@ -131,6 +131,43 @@ def test_recompute_frees_stream_states_only_in_training():
     assert all(out[(s, "no_grad_finite")] for s in (None, 1, "auto"))
 
 
+def _recompute_plans(rank, world_size, settings):
+    """Per setting: the recompute plan of each HC module of the decoder, in forward order."""
+    initialize_model_parallel()
+    out = {}
+    for setting in settings:
+        config = tiny_config(mhc_recompute_layer_num=setting, **MHC_8_LAYERS_DROPOUT)
+        decoder = build_tiny_gpt(config).decoder
+        hcs = [hc for layer in decoder.layers for hc in layer.hyper_connections]
+        plans = [hc.recompute_plan for hc in hcs]
+        given_twice = None
+        if plans[0] is not None:
+            try:
+                hcs[0].set_recompute_plan(plans[0])
+            except RuntimeError as err:
+                given_twice = str(err)
+        out[setting] = dict(
+            managers=[
+                plan is not None and plan.manager is decoder.recompute_manager for plan in plans
+            ],
+            closes=[plan is not None and plan.closes_block for plan in plans],
+            no_plan=[plan is None for plan in plans],
+            given_twice=given_twice,
+        )
+    return out
+
+
+def test_each_hc_module_gets_its_block_plan_at_construction():
+    planned = run_distributed(_recompute_plans, 1, [3, None])[0]
+    assert all(planned[3]["managers"])
+    # 8 layers of 2 HC modules (attention, MLP) in blocks of 3 layers: the MLP update of layers
+    # 3, 6 and 8 (the stage's last) closes a block.
+    closing = [index for index, closes in enumerate(planned[3]["closes"]) if closes]
+    assert closing == [2 * layer - 1 for layer in (3, 6, 8)]
+    assert "only once" in planned[3]["given_twice"]
+    assert all(planned[None]["no_plan"])
+
+
 def test_block_size_follows_eq20_per_stage():
     assert recompute_block_size("auto", 4, 12) == 2
     assert recompute_block_size("auto", 4, 30) == 4
