@@ -17,6 +17,7 @@ setup(
         "psutil",
         "omegaconf",
         "tensorboard",
+        "tokenizers",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers", "cuda-tile>=1.7", "matplotlib"],

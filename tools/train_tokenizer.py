@@ -1,28 +1,28 @@
 #!/usr/bin/env python3
 """Train the shipped byte-level BPE tokenizer (``data/tokenizer/``) on the default corpus.
 
-Development-time tool, run once; its outputs are committed, and nothing at run time needs the
-packages it uses. Needs the Hugging Face ``tokenizers`` package (``pip install tokenizers``).
+Development-time tool, run once; its outputs are committed. Training uses the Hugging Face
+``tokenizers`` package, which megatron-mhc also reads ``tokenizer.json`` with.
 
 What it writes (all describe one tokenizer, the same ids everywhere):
 
 * ``vocab.json`` + ``merges.txt``: GPT-2 format. Ids 0..255 are the 256 single bytes in byte
   order (byte ``b`` is id ``b``), ids 256.. are the merges in rank order, and the last id is
-  ``<|endoftext|>`` (GPT-2's convention), so ``eod = vocab_size - 1``. These two files are what
-  ``megatron_mhc.data.ByteLevelBPETokenizer`` and ``tools/preprocess_data.py`` read.
-* ``tokenizer.json`` + ``tokenizer_config.json``: the same tokenizer for Hugging Face
-  (``--tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer``).
-* ``golden.json``: a few tricky strings with the ids that ``tokenizers`` gives them, so the tests
-  can check the dependency-free encoder against the reference without the package.
+  ``<|endoftext|>`` (GPT-2's convention), so ``eod = vocab_size - 1``.
+* ``tokenizer.json`` + ``tokenizer_config.json``: the same tokenizer for Hugging Face: what
+  ``megatron_mhc.data.tokenizer`` and ``tools/preprocess_data.py`` read, and what
+  ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer`` reads.
+* ``golden.json``: a few tricky strings with their ids, and the sha256 of the default corpus'
+  dataset (``.bin``/``.idx``) built with this tokenizer, so the tests can check that the ids
+  of the whole corpus stay the same.
 
-It then encodes the whole corpus with both ``tokenizers`` and ``ByteLevelBPETokenizer`` and
-fails unless they agree on every document (and decoding gives the text back).
+It then reads ``tokenizer.json`` back as the preprocessing does and fails unless every document
+decodes back to its text.
 
 Training is deterministic: rerunning it on the same corpus reproduces the same files.
 
 Usage::
 
-    pip install tokenizers
     python tools/train_tokenizer.py [--corpus data/corpus/kjv.jsonl.gz] [--vocab-size 8192]
                                     [--output-dir data/tokenizer]
 """
@@ -30,9 +30,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +56,13 @@ GOLDEN_STRINGS = [
 ]
 
 
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def read_docs(path: str) -> list[str]:
-    from megatron_mhc.data import iter_jsonl
+    from megatron_mhc.data.jsonl import iter_jsonl
 
     return [text for _, text, _ in iter_jsonl(path, "text")]
 
@@ -78,10 +85,26 @@ def train(docs: list[str], vocab_size: int):
     return merges
 
 
+def bytes_to_unicode() -> dict:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters (the
+    characters of byte-level BPE tokens)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
 def canonical_vocab(merges: list[tuple]) -> dict:
     """Bytes 0..255 in byte order, then merges in rank order, then <|endoftext|>."""
-    from megatron_mhc.data import bytes_to_unicode
-
     b2u = bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
     for a, b in merges:
@@ -148,42 +171,46 @@ def main(argv=None) -> int:
     with open(out("tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    golden = [
-        {"text": s, "ids": hf.encode(s, add_special_tokens=False).ids} for s in GOLDEN_STRINGS
-    ]
+    # Read back as the preprocessing reads it: every document decodes to its text.
+    from megatron_mhc.data.preprocess import preprocess_jsonl
+    from megatron_mhc.data.tokenizer import DocumentTokenizer
+
+    tokenizer = DocumentTokenizer(out("tokenizer.json"))
+    assert tokenizer.eod == len(vocab) - 1 and tokenizer.vocab_size == len(vocab)
+    for i, text in enumerate(docs + GOLDEN_STRINGS):
+        if tokenizer.decode(tokenizer.encode(text)) != text:
+            raise SystemExit(f"decode round trip failed on document {i}: {text[:80]!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "corpus")
+        stats = preprocess_jsonl(
+            args.corpus, prefix, out("tokenizer.json"), append_eod=True, log=lambda m: None
+        )
+        dataset = {
+            "documents": stats.documents,
+            "tokens": stats.tokens,
+            **{f"{ext}_sha256": sha256_of(f"{prefix}.{ext}") for ext in ("bin", "idx")},
+        }
+
+    golden = [{"text": s, "ids": tokenizer.encode(s)} for s in GOLDEN_STRINGS]
     with open(out("golden.json"), "w", encoding="utf-8") as f:
         json.dump(
             {
-                "note": "ids from the Hugging Face tokenizers package (tokenizer.json); "
-                "written by tools/train_tokenizer.py",
+                "note": "ids from the Hugging Face tokenizers package (tokenizer.json), and the "
+                "default corpus' dataset built with them (EOD appended); written by "
+                "tools/train_tokenizer.py",
                 "cases": golden,
+                "default_corpus_dataset": dataset,
             },
             f,
             ensure_ascii=False,
             indent=1,
         )
         f.write("\n")
-
-    # Verify: the dependency-free encoder agrees with tokenizers on everything.
-    from megatron_mhc.data import ByteLevelBPETokenizer
-
-    ours = ByteLevelBPETokenizer(out("vocab.json"), out("merges.txt"))
-    assert ours.eod == len(vocab) - 1 and ours.vocab_size == len(vocab)
-    n_tok = 0
-    for i, text in enumerate(docs + GOLDEN_STRINGS):
-        ref = hf.encode(text, add_special_tokens=False).ids
-        got = ours.encode(text)
-        if EOD not in text and ref != got:
-            raise SystemExit(f"mismatch on document {i}: {text[:80]!r}")
-        if ours.decode(got) != text:
-            raise SystemExit(f"decode round trip failed on document {i}")
-        n_tok += len(got)
     n_bytes = sum(len(t.encode("utf-8")) for t in docs)
-    n_doc_tok = sum(len(ours.encode(t)) for t in docs)
+    n_doc_tok = stats.tokens - stats.documents
     print(
-        f"verified: ByteLevelBPETokenizer == tokenizers on all {len(docs)} documents and "
-        f"{len(GOLDEN_STRINGS)} golden strings; corpus = {n_doc_tok} tokens "
-        f"({n_bytes / n_doc_tok:.2f} bytes/token)"
+        f"verified: decoding gives back all {len(docs)} documents and {len(GOLDEN_STRINGS)} "
+        f"golden strings; corpus = {n_doc_tok} tokens ({n_bytes / n_doc_tok:.2f} bytes/token)"
     )
     return 0
 

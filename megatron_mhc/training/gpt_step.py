@@ -21,7 +21,7 @@ from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.utils import print_rank_0
 
 from megatron_mhc.config import MHCMLATransformerConfig, MHCTransformerConfig
-from megatron_mhc.data import prepare_default_corpus
+from megatron_mhc.data.default_corpus import prepare_default_corpus
 from megatron_mhc.fusions.verification import startup_summary
 from megatron_mhc.megatron_names import names_in
 from megatron_mhc.models.gpt import build_mhc_gpt_model

@@ -1,21 +1,27 @@
-"""Pretraining data: shipped tokenizer, jsonl -> indexed dataset, GPTDataset, default corpus."""
+"""Pretraining data: shipped tokenizer, jsonl -> indexed dataset, GPTDataset, default corpus,
+and the launch checks of --data-path and the tokenizer flags."""
 
+import argparse
 import gzip
+import hashlib
+import importlib.util
 import json
 import os
 import types
+from pathlib import Path
 
 import numpy
 import pytest
 
-from megatron_mhc import data as mhc_data
-from megatron_mhc.data import (
-    ByteLevelBPETokenizer,
-    JsonlError,
-    default_tokenizer_files,
-    prepare_default_corpus,
-    preprocess_jsonl,
-)
+from megatron_mhc.data import default_corpus
+from megatron_mhc.data.default_corpus import prepare_default_corpus
+from megatron_mhc.data.flag_checks import check_data_paths, check_tokenizer_files
+from megatron_mhc.data.jsonl import JsonlError
+from megatron_mhc.data.paths import default_tokenizer_dir, default_tokenizer_file
+from megatron_mhc.data.preprocess import preprocess_jsonl
+from megatron_mhc.data.tokenizer import DocumentTokenizer
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 DOCS = [
     "In the beginning God created the heaven and the earth.",
@@ -30,8 +36,33 @@ NON_EMPTY = [d for d in DOCS if d]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    files = default_tokenizer_files()
-    return ByteLevelBPETokenizer(files.vocab_file, files.merge_file)
+    return DocumentTokenizer(default_tokenizer_file())
+
+
+@pytest.fixture(scope="module")
+def golden():
+    """ids and corpus dataset hashes recorded by tools/train_tokenizer.py."""
+    return json.loads((default_tokenizer_dir() / "golden.json").read_text(encoding="utf-8"))
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def default_training_args(cache_dir, tokenizer="null"):
+    """megatron.training flags for the default corpus (data built on demand)."""
+    args = ["--data-path", prepare_default_corpus(cache_dir), "--split", "98,2,0"]
+    if tokenizer == "null":
+        return args + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "8192"]
+    return args + [
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(default_tokenizer_dir()),
+    ]
 
 
 def write_jsonl(path, docs, key="text", gz=False):
@@ -68,18 +99,18 @@ def null_tokenizer(vocab_size):
 def test_shipped_tokenizer_layout(tokenizer):
     assert tokenizer.vocab_size == 8192
     assert tokenizer.eod == tokenizer.vocab_size - 1  # NullTokenizer --vocab-size 8192 agrees
-    b2u = mhc_data.bytes_to_unicode()
-    assert all(tokenizer.encoder[b2u[b]] == b for b in range(256))
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(default_tokenizer_file()))
+    b2u = load_tool("train_tokenizer").bytes_to_unicode()
+    assert all(hf.token_to_id(b2u[b]) == b for b in range(256))
     tok, args = null_tokenizer(tokenizer.vocab_size)
     assert tok.eod == tokenizer.eod and tok.vocab_size == tokenizer.vocab_size
     assert args.padded_vocab_size == 8192
 
 
-def test_tokenizer_matches_reference_golden_ids(tokenizer):
+def test_tokenizer_matches_golden_ids(tokenizer, golden):
     """ids recorded from Hugging Face `tokenizers` (tokenizer.json) at training time."""
-    golden = json.loads(
-        open(os.path.join(default_tokenizer_files().tokenizer_dir, "golden.json")).read()
-    )
     assert len(golden["cases"]) >= 5
     for case in golden["cases"]:
         assert tokenizer.encode(case["text"]) == case["ids"], case["text"]
@@ -99,7 +130,7 @@ def test_huggingface_tokenizer_route_agrees(tokenizer):
 
     args = types.SimpleNamespace(
         tokenizer_type="HuggingFaceTokenizer",
-        tokenizer_model=default_tokenizer_files().tokenizer_dir,
+        tokenizer_model=str(default_tokenizer_dir()),
         vocab_file=None,
         merge_file=None,
         chat_template=None,
@@ -226,12 +257,7 @@ def test_bad_line_names_file_and_line(tmp_path, lines, lineno, match):
 
 
 def test_cli_reports_bad_line(tmp_path, capsys):
-    import importlib.util
-
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "preprocess_data.py")
-    spec = importlib.util.spec_from_file_location("preprocess_data_cli", tool)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("preprocess_data")
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "fine"}\n{"content": "x"}\n', encoding="utf-8")
@@ -315,6 +341,21 @@ def test_prepare_default_corpus_idempotent(default_cache, tokenizer):
     assert rebuilt.sequence_lengths.tolist() == ds.sequence_lengths.tolist()
 
 
+def test_default_corpus_dataset_bytes_match_golden(default_cache, golden):
+    """The whole corpus' ids (and the dataset's bytes) are the ones recorded when the tokenizer
+    was trained: sha256 of the .bin and .idx."""
+    prefix = prepare_default_corpus(default_cache)
+    want = golden["default_corpus_dataset"]
+    for ext in ("bin", "idx"):
+        got = hashlib.sha256(Path(f"{prefix}.{ext}").read_bytes()).hexdigest()
+        assert got == want[f"{ext}_sha256"], ext
+    meta = json.loads((Path(prefix).parent / "meta.json").read_text())
+    assert (meta["stats"]["documents"], meta["stats"]["tokens"]) == (
+        want["documents"],
+        want["tokens"],
+    )
+
+
 def test_prepare_default_corpus_interrupted_leaves_nothing(tmp_path, monkeypatch):
     """An interruption while building leaves no dataset (and no temp dir) behind."""
 
@@ -323,29 +364,19 @@ def test_prepare_default_corpus_interrupted_leaves_nothing(tmp_path, monkeypatch
             f.write(b"\0" * 10)
         raise KeyboardInterrupt  # ...then the user hits ^C
 
-    monkeypatch.setattr(mhc_data, "preprocess_jsonl", interrupted)
+    monkeypatch.setattr(default_corpus, "preprocess_jsonl", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_default_corpus(tmp_path)
     assert [e for e in os.listdir(tmp_path) if not e.endswith(".lock")] == []
 
 
-def test_default_training_args(default_cache):
-    args = mhc_data.default_training_args(default_cache)
-    i = args.index("--data-path")
-    assert os.path.isfile(args[i + 1] + ".bin")
-    assert args[args.index("--tokenizer-type") + 1] == "NullTokenizer"
-    assert args[args.index("--vocab-size") + 1] == "8192"
-    hf = mhc_data.default_training_args(default_cache, tokenizer="hf")
-    assert hf[hf.index("--tokenizer-model") + 1] == default_tokenizer_files().tokenizer_dir
-    assert hf[hf.index("--data-path") + 1] == args[i + 1]
-
-
-def test_training_args_parse_with_megatron(default_cache, monkeypatch):
-    """The flags exist in megatron.training's own parser and mean what we intend."""
+def test_training_args_parse_with_megatron_and_pass_the_launch_checks(default_cache, monkeypatch):
+    """The flags exist in megatron.training's own parser, mean what we intend, and the parsed
+    namespace passes check_data_paths and check_tokenizer_files."""
     from megatron.training.arguments import parse_args
 
     for kind in ("null", "hf"):
-        flags = mhc_data.default_training_args(default_cache, tokenizer=kind)
+        flags = default_training_args(default_cache, tokenizer=kind)
         monkeypatch.setattr("sys.argv", ["pretrain"] + flags)
         args = parse_args()
         assert args.data_path == [flags[flags.index("--data-path") + 1]]
@@ -354,4 +385,116 @@ def test_training_args_parse_with_megatron(default_cache, monkeypatch):
             assert (args.tokenizer_type, args.vocab_size) == ("NullTokenizer", 8192)
         else:
             assert args.tokenizer_type == "HuggingFaceTokenizer"
-            assert args.tokenizer_model == default_tokenizer_files().tokenizer_dir
+            assert args.tokenizer_model == str(default_tokenizer_dir())
+        check_data_paths(args.data_path)
+        check_tokenizer_files(args)
+
+
+# ------------------------------------------------------------------------------ empty input
+
+
+@pytest.mark.parametrize(
+    "content", ["", "\n\n", '{"text": ""}\n\n{"text": ""}\n'], ids=["empty", "blank", "no-text"]
+)
+def test_input_without_text_is_an_error_naming_the_file(tmp_path, content):
+    src = tmp_path / "in.jsonl"
+    src.write_text(content, encoding="utf-8")
+    with pytest.raises(JsonlError, match="no document with text under key 'text'") as err:
+        preprocess_jsonl(src, tmp_path / "out" / "ds", log=lambda m: None)
+    assert str(err.value).startswith(f"{src}: ")
+    assert os.listdir(tmp_path / "out") == []  # no 0-byte .bin for training to trip on
+
+    rc = load_tool("preprocess_data").main(
+        ["--input", str(src), "--output-prefix", str(tmp_path / "out" / "ds"), "--append-eod"]
+    )
+    assert rc == 2 and os.listdir(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------------------------ launch checks
+
+
+@pytest.fixture
+def dataset_prefix(tmp_path):
+    prefix = tmp_path / "ds"
+    preprocess_jsonl(write_jsonl(tmp_path / "in.jsonl", NON_EMPTY), prefix, log=lambda m: None)
+    return str(prefix)
+
+
+def test_check_data_paths_accepts_datasets_and_weighted_blends(dataset_prefix):
+    check_data_paths(None)  # flag not given: --mock-data or --default-corpus
+    check_data_paths([dataset_prefix])
+    check_data_paths(["0.3", dataset_prefix, "0.7", dataset_prefix])
+
+
+@pytest.mark.parametrize("blend", ["plain", "weighted"])
+def test_check_data_paths_names_flag_path_and_expected_files(tmp_path, dataset_prefix, blend):
+    missing = str(tmp_path / "my_corpus_text_document")
+    paths = [missing] if blend == "plain" else ["0.3", dataset_prefix, "0.7", missing]
+    with pytest.raises(ValueError) as err:
+        check_data_paths(paths)
+    message = str(err.value)
+    assert message.startswith(f"--data-path {missing}: ")
+    assert f"{missing}.bin and {missing}.idx" in message and "does not exist" in message
+    assert f"--output-prefix {missing}" in message
+
+
+def test_check_data_paths_refuses_empty_files_and_extensions(dataset_prefix):
+    with pytest.raises(ValueError, match=r"give the prefix without the extension"):
+        check_data_paths([dataset_prefix + ".bin"], flag="--train-data-path")
+    Path(dataset_prefix + ".bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"--data-path {dataset_prefix}: .*\.bin is empty"):
+        check_data_paths([dataset_prefix])
+    with pytest.raises(ValueError, match="--data-path is given without a dataset prefix"):
+        check_data_paths([])
+
+
+def _tokenizer_args(**flags):
+    fields = {"tokenizer_model": None, "vocab_file": None, "merge_file": None, "vocab_size": None}
+    return argparse.Namespace(**{**fields, **flags})
+
+
+def test_check_tokenizer_files_accepts_existing_files_and_hub_ids():
+    shipped = default_tokenizer_dir()
+    for flags in (
+        {"tokenizer_type": "NullTokenizer", "vocab_size": 8192},
+        {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(shipped)},
+        {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "gpt2"},
+        {
+            "tokenizer_type": "GPT2BPETokenizer",
+            "vocab_file": str(shipped / "vocab.json"),
+            "merge_file": str(shipped / "merges.txt"),
+        },
+    ):
+        check_tokenizer_files(_tokenizer_args(**flags))
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (
+            {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "./no/tokenizer"},
+            r"--tokenizer-model \./no/tokenizer: does not exist, expected a directory",
+        ),
+        (
+            {"tokenizer_type": "HuggingFaceTokenizer"},
+            r"HuggingFaceTokenizer needs --tokenizer-model",
+        ),
+        (
+            {
+                "tokenizer_type": "GPT2BPETokenizer",
+                "vocab_file": str(default_tokenizer_dir() / "vocab.json"),
+                "merge_file": "/no/m.txt",
+            },
+            r"--merge-file /no/m\.txt: does not exist, expected the tokenizer's BPE merges file",
+        ),
+        (
+            {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/no/sp.model"},
+            r"--tokenizer-model /no/sp\.model: does not exist",
+        ),
+        ({"tokenizer_type": "NullTokenizer"}, r"NullTokenizer needs --vocab-size"),
+    ],
+    ids=["hf-missing-dir", "hf-no-model", "gpt2bpe-missing-merges", "sp-missing", "null-no-size"],
+)
+def test_check_tokenizer_files_names_flag_and_path(flags, match):
+    with pytest.raises(ValueError, match=match):
+        check_tokenizer_files(_tokenizer_args(**flags))
