@@ -77,6 +77,14 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "no --data-path is given; use it with --tokenizer-type NullTokenizer "
         "--vocab-size 8192.",
     )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Check the launch on --world-size GPUs without starting it (any machine, no data): "
+        "validate every flag, build each pipeline stage on the meta device, print the layout, "
+        "parameters and memory per GPU.",
+    )
+    run.add_argument("--world-size", type=int, default=None, help="GPUs of a --dry-run.")
     config_path = _config_path(sys.argv[1:])
     if config_path is not None:
         parser.set_defaults(**load_yaml_config(config_path, parser))

@@ -1,0 +1,121 @@
+"""`pretrain_gpt_mhc.py --dry-run`: every config in configs/ would start on the GPU count its
+header documents (`# gpus: N`), the sbatch launcher's default config on its default allocation;
+planted errors are refused naming the flag; the activation estimate of the tiny config matches
+the bytes bench/activation_memory.py measures."""
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_mhc.training import dry_run
+from tests.dist_utils import initialize_model_parallel, run_distributed
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+TINY = REPO / "configs" / "gpt_tiny_mhc.yaml"
+SBATCH = REPO / "scripts" / "slurm" / "pretrain_gpt_mhc.sbatch"
+MEMORY_LINE = re.compile(r"^memory per GPU: \d+\.\d\d GiB$", re.M)
+
+
+def documented_gpus(config: Path) -> int:
+    """The `# gpus: N` of the config's header, else of its base file."""
+    text = config.read_text()
+    match = re.search(r"^# gpus: (\d+)", text, re.M)
+    if match:
+        return int(match.group(1))
+    base = yaml.safe_load(text).get("base")
+    assert base, f"{config.name}: no '# gpus: N' line in its header and no base file"
+    return documented_gpus(config.parent / base)
+
+
+def _dry_run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = dry_run.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_would_start_on_the_gpus_its_header_documents(config, capsys):
+    gpus = documented_gpus(config)
+    code, out, err = _dry_run(capsys, "--config", str(config), "--world-size", str(gpus))
+    assert code == 0, err
+    assert f"the launch would start on {gpus} GPUs" in out
+    assert MEMORY_LINE.search(out), out
+
+
+def test_sbatch_default_config_would_start_on_the_default_allocation(capsys):
+    script = SBATCH.read_text()
+    config = re.search(r'^CONFIG="\$\{CONFIG:-(.+?)\}"', script, re.M).group(1)
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", script, re.M).group(1))
+    tasks = int(re.search(r"^#SBATCH --ntasks-per-node=(\d+)", script, re.M).group(1))
+    code, out, err = _dry_run(
+        capsys, "--config", str(REPO / config), "--world-size", str(nodes * tasks)
+    )
+    assert code == 0, err
+    assert f"the launch would start on {nodes * tasks} GPUs" in out
+
+
+@pytest.mark.parametrize(
+    "planted,flag",
+    [
+        (["--num-attention-heads", "5"], "--num-attention-heads"),  # 5 does not divide 128
+        (["--num-layers", "5"], "--num-layers"),  # 5 layers on 2 pipeline stages
+    ],
+    ids=["heads-vs-hidden", "layers-vs-pp"],
+)
+def test_planted_error_is_refused_naming_the_flag(planted, flag, capsys):
+    code, out, err = _dry_run(capsys, "--config", str(TINY), "--world-size", "2", *planted)
+    assert code != 0
+    assert flag in err, err
+    assert not MEMORY_LINE.search(out)
+
+
+def _measured_saved_bytes(rank, world_size, dims: dict) -> int:
+    """bench/activation_memory.py's count for the mHC model of `dims` without recompute: the
+    bytes autograd keeps for backward after one forward of one micro-batch."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from bench.activation_memory import build, measure
+
+    initialize_model_parallel()
+    bench_args = argparse.Namespace(**dims, dropout=0.0, warmup=0, repeats=1)
+    model = build(bench_args, streams=4, recompute=None, device=torch.device("cpu"))
+    saved_bytes, *_ = measure(bench_args, model, torch.device("cpu"))
+    return saved_bytes
+
+
+def test_activation_estimate_of_tiny_config_matches_bench_within_10_percent():
+    # The local spec (unfused attention), as the tiny config runs on CPU where the bench counts.
+    result = dry_run.dry_run(["--config", str(TINY), "--transformer-impl", "local"], 2)
+    args = result.args
+    assert args.mhc_num_residual_streams == 4 and args.mhc_recompute_layer_num is None
+    estimate = sum(stage.activation_bytes_per_microbatch for stage in result.stages)
+    dims = dict(
+        layers=args.num_layers,
+        hidden=args.hidden_size,
+        heads=args.num_attention_heads,
+        seq=args.seq_length,
+        micro_batch=args.micro_batch_size,
+        vocab=args.padded_vocab_size,
+    )
+    (measured,) = run_distributed(_measured_saved_bytes, 1, dims)
+    assert abs(estimate - measured) <= 0.10 * measured, (estimate, measured)
+
+
+def test_command_line_dry_run_exits_0_on_the_smallest_world_size():
+    run = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_gpt_mhc.py"), "--config", str(TINY), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "the launch would start on 2 GPUs" in run.stdout  # TP=1 x PP=2
+    assert MEMORY_LINE.search(run.stdout), run.stdout
