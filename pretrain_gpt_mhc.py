@@ -6,6 +6,10 @@
 With Megatron's `--hybrid-layer-pattern` (e.g. `*-*-*-*-`; `configs/hybrid_tiny_mhc.yaml`) the
 model is a HybridModel, with the same flags and YAML sections.
 
+    python pretrain_gpt_mhc.py --config FILE --dry-run [--world-size N] [flags]
+
+checks the launch on N GPUs without starting it, on any machine (megatron_mhc.training.dry_run).
+
 Everything is megatron.training.pretrain (distributed optimizer, pipeline schedules, torch_dist
 checkpoints, logging, rerun state machine); this script supplies the mHC model provider, the GPT
 datasets and step, the mHC flags and YAML configs (megatron_mhc.training), and the names of
@@ -33,6 +37,7 @@ from megatron.training import pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.utils import print_rank_0  # noqa: E402
 
+from megatron_mhc.training import dry_run  # noqa: E402
 from megatron_mhc.training.gpt_step import (  # noqa: E402
     forward_step,
     model_provider,
@@ -44,6 +49,8 @@ from megatron_mhc.training.yaml_config import ConfigError  # noqa: E402
 
 
 def main():
+    if "--dry-run" in sys.argv[1:]:  # checked as on GPU machines: no CPU platform or flags
+        sys.exit(dry_run.main(sys.argv[1:]))
     if ON_CPU:
         apply_cpu_platform()
         sys.argv[1:1] = CPU_MEGATRON_ARGS  # before the user's flags, which still override them
