@@ -44,7 +44,7 @@ class MHCHealthMonitor:
     def __init__(self, model_chunks=()):
         self._records: dict[tuple, tuple] = {}
         self._recording = False
-        # Wall time spent recording and summarizing since `start()`: the cost of the figures.
+        # Wall time the hooks spent recording since `start()`: part of the cost of the figures.
         self.seconds = 0.0
         self._layers: list[HyperConnectionTransformerLayer] = []
         chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -108,12 +108,6 @@ class MHCHealthMonitor:
         Collective over `pp_group` when it has more than one rank: call it on every rank of the
         pipeline group at the same point. Empty when nothing was recorded.
         """
-        began = time.perf_counter()
-        figures = self._summarize(pp_group)
-        self.seconds += time.perf_counter() - began
-        return figures
-
-    def _summarize(self, pp_group: dist.ProcessGroup | None) -> dict[str, float]:
         local = {}
         for layer in self._layers:
             records = [
