@@ -217,6 +217,25 @@ def _heatmap_iteration(run: Run, iteration: int | None) -> int:
     return steps[-1]
 
 
+def _mixing_scale(matrices) -> tuple[str, float, float]:
+    """(colormap, low, high): mixing weights in [0, 1] (mHC: doubly stochastic) on a fixed
+    sequential scale, so runs compare; others (unconstrained HC) on a diverging one around 0."""
+    values = [v for _, matrix in matrices for row in matrix for v in row]
+    if 0.0 <= min(values) and max(values) <= 1.0:
+        return "viridis", 0.0, 1.0
+    bound = max(abs(v) for v in values)
+    return "RdBu_r", -bound, bound
+
+
+def _draw_mixing(ax, matrix, scale):
+    cmap, low, high = scale
+    return ax.imshow(matrix, cmap=cmap, vmin=low, vmax=high)
+
+
+def _entries(matrix):
+    return [((i, j), value) for i, row in enumerate(matrix) for j, value in enumerate(row)]
+
+
 def plot_h_res_heatmap(runs: list[Run], out: Path, iteration: int | None) -> None:
     columns = max(len(run.layers()) for run in runs) + 1
     figure, axes = plt.subplots(
@@ -228,19 +247,18 @@ def plot_h_res_heatmap(runs: list[Run], out: Path, iteration: int | None) -> Non
             (f"L{layer}", run.matrix(f"mhc/layer{layer:02d}/h_res", step)) for layer in run.layers()
         ]
         composite = run.matrix("mhc/h_res", step)
-        values = [v for _, m in [*layers, ("", composite)] for r in m for v in r]
-        # Mixing weights (mHC: doubly stochastic) on a sequential scale from 0; signed ones
-        # (unconstrained HC) on a diverging scale centred at 0.
-        bound = max(abs(v) for v in values)
-        cmap, low = ("viridis", 0.0) if min(values) >= 0 else ("RdBu_r", -bound)
         for ax in row:
             ax.axis("off")
-        for ax, (title, matrix) in [
-            *zip(row, layers, strict=False),
-            (row[-1], ("stack", composite)),
-        ]:
-            image = ax.imshow(matrix, cmap=cmap, vmin=low, vmax=bound)
+        layer_image = None
+        for ax, (title, matrix) in zip(row, layers, strict=False):
+            layer_image = _draw_mixing(ax, matrix, _mixing_scale(layers))
             ax.set_title(title, fontsize=7)
+        # The composite has its own scale (unconstrained, it can be orders of magnitude larger)
+        # and its values written in.
+        _draw_mixing(row[-1], composite, _mixing_scale([("stack", composite)]))
+        for (i, j), value in _entries(composite):
+            row[-1].text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=5, color="w")
+        row[-1].set_title("stack composite", fontsize=7)
         row[0].text(
             -0.6,
             0.5,
@@ -250,7 +268,9 @@ def plot_h_res_heatmap(runs: list[Run], out: Path, iteration: int | None) -> Non
             va="center",
             fontsize=8,
         )
-        figure.colorbar(image, ax=list(row), fraction=0.012, pad=0.01)
+        if layer_image is not None:
+            bar = figure.colorbar(layer_image, ax=list(row), fraction=0.012, pad=0.01)
+            bar.set_label("layers", fontsize=7)
     figure.suptitle(
         f"per-layer H_res (attention then MLP mixing) and their composite over the stack\n"
         f"{H_RES_CONVENTION}",
