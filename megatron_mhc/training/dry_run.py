@@ -110,8 +110,7 @@ def _launch_environment(argv: list[str], world_size: int) -> Iterator[None]:
         WORLD_SIZE=str(world_size),
         RANK="0",
         LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE=str(min(world_size, 8)),
-        CUDA_DEVICE_MAX_CONNECTIONS="1",
+        LOCAL_WORLD_SIZE=str(min(world_size, 8)),  # nodes of 8 GPUs, as in docs/slurm.md
     )
     saved_env = {key: os.environ.get(key) for key in env}
     saved_argv = sys.argv
@@ -349,7 +348,8 @@ def activation_bytes_per_microbatch(args, chunks, recompute: bool) -> float:
         log-sum-exp (flash / fused attention of Transformer Engine);
       dense MLP: norm input 1, FC1 input 1, FC1 output f'/h (2f with SwiGLU), FC2 input f/h;
       MoE: norm input 1, router input 1, per routed copy (top-k) the expert input 1, FC1 output
-        and FC2 input, the unpermuted output 1; the shared expert like a dense MLP of its size;
+        and FC2 input, the unpermuted output 1; the shared expert's FC1 output and FC2 input;
+        the router's fp32 logits, probabilities and scores (3 E floats per token);
       dropout masks (1 byte per element) only where a dropout probability is non-zero.
     Tensor-parallel regions (q/k/v, context, probabilities, FC outputs) are divided by TP,
     the rest only with sequence parallelism.
@@ -374,11 +374,12 @@ def activation_bytes_per_microbatch(args, chunks, recompute: bool) -> float:
     groups = args.num_query_groups if args.group_query_attention else heads
     q_size, kv_size = heads * kv_channels, groups * kv_channels
     unfused = args.transformer_impl == "local" or args.attention_backend.name == "unfused"
+    etp = args.expert_tensor_parallel_size or tp
     glu = 2 if args.swiglu else 1
-    masks = s * b * h * ((args.hidden_dropout > 0) + 0) / sp
+    masks = s * b * h / sp if args.hidden_dropout > 0 else 0.0
 
-    def mlp_units(ffn):
-        return 1 + glu * ffn / h / tp + ffn / h / tp
+    def ffn_units(ffn, shards):  # FC1 output and FC2 input
+        return (glu + 1) * ffn / h / shards
 
     total = 0.0
     for chunk in chunks:
@@ -395,13 +396,15 @@ def activation_bytes_per_microbatch(args, chunks, recompute: bool) -> float:
                 total += units * unit + masks + (4 * heads * s * b / tp if not unfused else 0)
             mlp = getattr(layer, "mlp", None)
             if isinstance(mlp, MoELayer):
+                # Each routed copy of a token: expert input, FFN, unpermuted output; the
+                # router's fp32 logits, probabilities and scores per expert.
                 k = args.moe_router_topk
-                units = 2 / sp + k * (1 + mlp_units(args.moe_ffn_hidden_size)) / tp
+                units = 2 / sp + k * (2 + ffn_units(args.moe_ffn_hidden_size, etp))
                 if args.moe_shared_expert_intermediate_size:
-                    units += mlp_units(args.moe_shared_expert_intermediate_size)
+                    units += ffn_units(args.moe_shared_expert_intermediate_size, tp)
                 total += units * unit + masks + 3 * 4 * s * b * args.num_experts / sp
             elif mlp is not None and not isinstance(mlp, IdentityOp):
-                total += (1 / sp + mlp_units(args.ffn_hidden_size)) * unit + masks
+                total += (2 / sp + ffn_units(args.ffn_hidden_size, tp)) * unit + masks
         hc_modules = [m for m in model.modules() if _is_mhc_module(m)]
         if hc_modules:
             n = args.mhc_num_residual_streams
@@ -501,7 +504,10 @@ def required_extras(args, config) -> list[tuple[str, str, bool]]:
     """(package, why, installed here) for what the real launch imports beyond the base install."""
 
     def installed(module):
-        return importlib.util.find_spec(module) is not None
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ImportError:  # its parent package is missing
+            return False
 
     needs = []
     te_reasons = [
@@ -531,7 +537,7 @@ def required_extras(args, config) -> list[tuple[str, str, bool]]:
     if config.mhc_active and args.mhc_kernel_backend in ("auto", "triton"):
         needs.append(("triton", f"mHC kernels ({args.mhc_kernel_backend})", installed("triton")))
     if config.mhc_active and args.mhc_kernel_backend == "cutile":
-        needs.append(("cuda-tile", "mHC kernels (cutile)", installed("cuda")))
+        needs.append(("cuda-tile", "mHC kernels (cutile)", installed("cuda.tile")))
     pattern = args.hybrid_layer_pattern or ""
     if "M" in pattern:
         needs.append(("mamba-ssm", "Mamba layers (M)", installed("mamba_ssm")))
@@ -656,10 +662,13 @@ def summary(result: DryRunResult) -> str:
     total = sum(s.params_in_stage for s in result.stages)
     mhc = sum(s.mhc_params_in_stage for s in result.stages)
     per_microbatch = sum(s.activation_bytes_per_microbatch for s in result.stages)
+    per_microbatch_recompute = sum(
+        s.activation_bytes_per_microbatch_recompute for s in result.stages
+    )
     lines += [
         f"parameters in all: {_billions(total)} (mHC {_billions(mhc)})",
-        f"activations of one micro-batch, all stages: {_gib(per_microbatch)} "
-        f"({per_microbatch / 2**20:.2f} MiB)",
+        f"activations of one micro-batch, all stages: {per_microbatch / 2**20:.2f} MiB "
+        f"without, {per_microbatch_recompute / 2**20:.2f} MiB with the mHC recompute",
         f"memory per GPU, stage {memory.stage} (the most loaded):",
         f"  weights {_gib(memory.weights)}, gradients {_gib(memory.gradients)}",
         f"  optimizer state {_gib(memory.optimizer)}, with the distributed optimizer "
