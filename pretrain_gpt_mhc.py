@@ -32,20 +32,25 @@ if ON_CPU:
     for _key, _value in CPU_ENV.items():  # read when Megatron imports torch._dynamo
         os.environ.setdefault(_key, _value)
 
+from megatron.core import rerun_state_machine  # noqa: E402
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.training import pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.utils import print_rank_0  # noqa: E402
 
+from megatron_mhc.megatron_names import names_in  # noqa: E402
 from megatron_mhc.training import dry_run  # noqa: E402
 from megatron_mhc.training.gpt_step import (  # noqa: E402
     forward_step,
     model_provider,
     train_valid_test_datasets_provider,
 )
-from megatron_mhc.training.launch_checks import parse_and_check_arguments  # noqa: E402
+from megatron_mhc.training.launch_checks import (  # noqa: E402
+    launch_errors_reported,
+    parse_and_check_arguments,
+)
+from megatron_mhc.training.rerun_machine import MHCRerunStateMachine  # noqa: E402
 from megatron_mhc.training.training_patches import install_training_patches  # noqa: E402
-from megatron_mhc.training.yaml_config import ConfigError  # noqa: E402
 
 
 def main():
@@ -55,22 +60,22 @@ def main():
         apply_cpu_platform()
         sys.argv[1:1] = CPU_MEGATRON_ARGS  # before the user's flags, which still override them
     install_training_patches()
-    try:
+    with launch_errors_reported():
         args, _ = parse_and_check_arguments()
-    except (ConfigError, ValueError) as err:
-        sys.exit(f"pretrain_gpt_mhc.py: {err}")
     if ON_CPU:
         print_rank_0(
             "megatron-mhc: no CUDA device, running on CPU with gloo: CPU platform applied and "
             f"flags added: {' '.join(CPU_MEGATRON_ARGS)}"
         )
-    pretrain(
-        pretrain_cfg_container_from_args(args),
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=model_provider,
-    )
+    # A NaN on a single machine ends the run once, with the way out (docs/errors.md).
+    with names_in(rerun_state_machine, RerunStateMachine=MHCRerunStateMachine):
+        pretrain(
+            pretrain_cfg_container_from_args(args),
+            train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            model_provider=model_provider,
+        )
 
 
 if __name__ == "__main__":
