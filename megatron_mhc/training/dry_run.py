@@ -557,6 +557,19 @@ class DryRunResult:
     notes: list[str]
     extras: list[tuple[str, str, bool]]
     num_microbatches: int
+    megatron_weight_and_optimizer_bytes: float | None
+
+
+def megatron_weight_and_optimizer_bytes(args) -> float | None:
+    """Megatron's theoretical_memory_usage figure for the weights, gradients and optimizer state
+    of the most loaded shard (bf16 training assumed, even pipeline split, no mHC parameters);
+    None for a HybridModel, which it does not cover."""
+    from megatron.training.theoretical_memory_usage import compute_weight_and_optimizer_memory
+
+    if args.hybrid_layer_pattern is not None:
+        return None
+    # It sets num_query_groups on the namespace it is given.
+    return compute_weight_and_optimizer_memory(copy.copy(args))
 
 
 def dry_run(argv: list[str], world_size: int | None = None) -> DryRunResult:
@@ -587,6 +600,7 @@ def dry_run(argv: list[str], world_size: int | None = None) -> DryRunResult:
         notes,
         required_extras(args, config),
         num_microbatches,
+        megatron_weight_and_optimizer_bytes(args),
     )
 
 
@@ -675,6 +689,15 @@ def summary(result: DryRunResult) -> str:
         f"{_gib(memory.optimizer_distributed)}",
         f"  activations {_gib(memory.activations)} without the mHC recompute, "
         f"{_gib(memory.activations_recompute)} with it",
+        *(
+            [
+                "  cross-check, Megatron's theoretical_memory_usage (bf16, even split, no mHC): "
+                f"weights + gradients + optimizer state "
+                f"{_gib(result.megatron_weight_and_optimizer_bytes)}"
+            ]
+            if result.megatron_weight_and_optimizer_bytes is not None
+            else []
+        ),
         "  assumptions: bf16 weights when --bf16/--fp16 (HC parameters fp32), gradients as "
         "Megatron accumulates them, Adam state in fp32; activations per "
         "activation_bytes_per_microbatch (megatron_mhc/training/dry_run.py) times the "

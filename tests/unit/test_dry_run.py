@@ -75,6 +75,14 @@ def test_planted_error_is_refused_naming_the_flag(planted, flag, capsys):
     assert not MEMORY_LINE.search(out)
 
 
+def test_weights_and_optimizer_of_dense_baseline_equal_megatrons_formula():
+    # bf16, distributed optimizer, no mHC, even pipeline: the case Megatron's formula covers.
+    result = dry_run.dry_run(["--config", str(REPO / "configs" / "gpt_1p3b_baseline.yaml")], 8)
+    memory = result.memory
+    ours = memory.weights + memory.gradients + memory.optimizer_distributed
+    assert ours == pytest.approx(result.megatron_weight_and_optimizer_bytes, rel=1e-6)
+
+
 def _measured_saved_bytes(rank, world_size, dims: dict) -> int:
     """bench/activation_memory.py's count for the mHC model of `dims` without recompute: the
     bytes autograd keeps for backward after one forward of one micro-batch."""
