@@ -39,8 +39,10 @@ def check_megatron_flags(args: Namespace) -> None:
 
 def _check_required_sizes(args) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
-        if name == "num_layers" and args.hybrid_layer_pattern is not None:
-            continue  # derived from the pattern
+        if name == "num_layers" and (
+            args.hybrid_layer_pattern is not None or args.encoder_num_layers is not None
+        ):
+            continue  # derived from the pattern, or given as --encoder-num-layers
         value = getattr(args, name)
         if value is None:
             raise ValueError(f"{_flag(name)} is required (in the model section of a --config)")
@@ -117,7 +119,7 @@ def _check_pipeline_layers(args) -> None:
     )
     if uneven:
         return
-    layers = args.num_layers
+    layers = args.num_layers if args.num_layers is not None else args.encoder_num_layers
     extra = int(args.account_for_embedding_in_pipeline_split) + int(
         args.account_for_loss_in_pipeline_split
     )
