@@ -33,6 +33,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from packaging.version import Version
+
+from megatron_mhc.megatron_patches import MegatronPatch, check_patches
 
 GIB = 2**30
 # The GPU the flags are validated for: the Hopper machines of docs/slurm.md.
@@ -99,6 +102,13 @@ class MemoryEstimate:
     stage: int
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # its parent package is missing
+        return False
+
+
 # ---- the environment of a launch on N GPUs ------------------------------------------------------
 
 
@@ -127,48 +137,66 @@ def _launch_environment(argv: list[str], world_size: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-@contextlib.contextmanager
-def _as_on_gpu_machine(notes: list[str]) -> Iterator[None]:
-    """What Megatron's validation asks of the machine, answered as a Hopper GPU machine with
-    Transformer Engine would answer it: the device capability (grouped GEMM), the architecture
-    (TP/CP > 1), the Transformer Engine version, and TE's fused RoPE. Each name is checked to
-    exist before it is replaced, and restored afterwards."""
-    import megatron.core.models.common.embeddings.rope_utils as rope_utils
-    import megatron.core.utils as core_utils
-    import megatron.training.arguments as training_arguments
-    from packaging.version import Version
-
-    replaced = [
-        (torch.cuda, "get_device_capability", lambda *_: ASSUMED_COMPUTE_CAPABILITY),
-        (training_arguments, "get_device_arch_version", lambda: ASSUMED_COMPUTE_CAPABILITY[0]),
-        (core_utils, "_te_version", Version(ASSUMED_TE_VERSION)),
-    ]
-    if rope_utils.fused_apply_rotary_pos_emb is None:  # Transformer Engine is not installed
-        replaced.append((rope_utils, "fused_apply_rotary_pos_emb", _transformer_engine_rope))
-    saved = []
-    for owner, name, value in replaced:
-        if not hasattr(owner, name):
-            raise RuntimeError(
-                f"megatron-mhc dry run: {owner.__name__}.{name} is gone; the GPU-machine "
-                "assumptions of megatron_mhc/training/dry_run.py need updating for this "
-                "Megatron version"
-            )
-        saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-    notes.append(
-        f"validated as on a GPU machine with compute capability "
-        f"{'.'.join(map(str, ASSUMED_COMPUTE_CAPABILITY))} and Transformer Engine "
-        f"{ASSUMED_TE_VERSION}"
-    )
-    try:
-        yield
-    finally:
-        for owner, name, value in reversed(saved):
-            setattr(owner, name, value)
-
-
 def _transformer_engine_rope(*_args, **_kwargs):
     raise RuntimeError("Transformer Engine's fused RoPE stands in for validation only")
+
+
+# What Megatron's validation asks of the machine, answered as a Hopper GPU machine answers it
+# while the dry run parses: the device capability (grouped GEMM) and the architecture (TP/CP > 1).
+# Listed in docs/megatron_patches.md.
+GPU_ANSWERS = (
+    (
+        MegatronPatch(
+            "dry run: GPU capability", "torch.cuda", "get_device_capability", ("device",)
+        ),
+        lambda device=None: ASSUMED_COMPUTE_CAPABILITY,
+    ),
+    (
+        MegatronPatch(
+            "dry run: GPU architecture",
+            "megatron.training.arguments",
+            "get_device_arch_version",
+            (),
+        ),
+        lambda: ASSUMED_COMPUTE_CAPABILITY[0],
+    ),
+)
+# The same for Transformer Engine when it is not installed here: its version (Megatron's version
+# checks) and its fused RoPE (TransformerConfig refuses apply_rope_fusion without it).
+TRANSFORMER_ENGINE_ANSWERS = (
+    (
+        MegatronPatch("dry run: Transformer Engine version", "megatron.core.utils", "_te_version"),
+        Version(ASSUMED_TE_VERSION),
+    ),
+    (
+        MegatronPatch(
+            "dry run: Transformer Engine's fused RoPE",
+            "megatron.core.models.common.embeddings.rope_utils",
+            "fused_apply_rotary_pos_emb",
+        ),
+        _transformer_engine_rope,
+    ),
+)
+
+
+@contextlib.contextmanager
+def _as_on_gpu_machine(notes: list[str]) -> Iterator[None]:
+    """GPU_ANSWERS, and TRANSFORMER_ENGINE_ANSWERS unless Transformer Engine is installed, in
+    place inside the block (all checked before any is made)."""
+    answers = GPU_ANSWERS
+    transformer_engine = "the installed Transformer Engine"
+    if not _installed("transformer_engine"):
+        answers += TRANSFORMER_ENGINE_ANSWERS
+        transformer_engine = f"Transformer Engine {ASSUMED_TE_VERSION}"
+    check_patches(patch for patch, _ in answers)
+    with contextlib.ExitStack() as stack:
+        for patch, answer in answers:
+            stack.enter_context(patch.replaced(answer))
+        notes.append(
+            f"validated as on a GPU machine with compute capability "
+            f"{'.'.join(map(str, ASSUMED_COMPUTE_CAPABILITY))} and {transformer_engine}"
+        )
+        yield
 
 
 def _padded_vocabulary(args, notes: list[str]) -> None:
@@ -503,12 +531,6 @@ def total_bytes(args, estimate: MemoryEstimate) -> float:
 def required_extras(args, config) -> list[tuple[str, str, bool]]:
     """(package, why, installed here) for what the real launch imports beyond the base install."""
 
-    def installed(module):
-        try:
-            return importlib.util.find_spec(module) is not None
-        except ImportError:  # its parent package is missing
-            return False
-
     needs = []
     te_reasons = [
         reason
@@ -523,7 +545,9 @@ def required_extras(args, config) -> list[tuple[str, str, bool]]:
         if on
     ]
     if te_reasons:
-        needs.append(("transformer-engine", ", ".join(te_reasons), installed("transformer_engine")))
+        needs.append(
+            ("transformer-engine", ", ".join(te_reasons), _installed("transformer_engine"))
+        )
     if args.transformer_impl == "local" and (
         args.gradient_accumulation_fusion or not args.no_persist_layer_norm
     ):
@@ -531,18 +555,18 @@ def required_extras(args, config) -> list[tuple[str, str, bool]]:
             (
                 "apex",
                 "gradient-accumulation fusion / persistent layer norm with the local spec",
-                installed("apex"),
+                _installed("apex"),
             )
         )
     if config.mhc_active and args.mhc_kernel_backend in ("auto", "triton"):
-        needs.append(("triton", f"mHC kernels ({args.mhc_kernel_backend})", installed("triton")))
+        needs.append(("triton", f"mHC kernels ({args.mhc_kernel_backend})", _installed("triton")))
     if config.mhc_active and args.mhc_kernel_backend == "cutile":
-        needs.append(("cuda-tile", "mHC kernels (cutile)", installed("cuda.tile")))
+        needs.append(("cuda-tile", "mHC kernels (cutile)", _installed("cuda.tile")))
     pattern = args.hybrid_layer_pattern or ""
     if "M" in pattern:
-        needs.append(("mamba-ssm", "Mamba layers (M)", installed("mamba_ssm")))
+        needs.append(("mamba-ssm", "Mamba layers (M)", _installed("mamba_ssm")))
     if "G" in pattern:
-        needs.append(("flash-linear-attention", "GDN layers (G)", installed("fla")))
+        needs.append(("flash-linear-attention", "GDN layers (G)", _installed("fla")))
     return needs
 
 
@@ -637,8 +661,8 @@ def _without_world_size(argv: list[str]) -> list[str]:
     return out
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / GIB:.2f} GiB"
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _billions(count: float) -> str:
@@ -669,8 +693,8 @@ def summary(result: DryRunResult) -> str:
             f"  {stage.index} | {stage.layers} | {_billions(stage.params_on_gpu)} "
             f"({_billions(stage.mhc_params_on_gpu)}) | {_billions(stage.params_in_stage)} "
             f"({_billions(stage.mhc_params_in_stage)}) | {stage.recompute_block_size or '-'} | "
-            f"{_gib(stage.activation_bytes_per_microbatch)} without / "
-            f"{_gib(stage.activation_bytes_per_microbatch_recompute)} with mHC recompute | "
+            f"{_size(stage.activation_bytes_per_microbatch)} without / "
+            f"{_size(stage.activation_bytes_per_microbatch_recompute)} with mHC recompute | "
             f"{stage.in_flight_microbatches:g}"
         )
     total = sum(s.params_in_stage for s in result.stages)
@@ -684,16 +708,16 @@ def summary(result: DryRunResult) -> str:
         f"activations of one micro-batch, all stages: {per_microbatch / 2**20:.2f} MiB "
         f"without, {per_microbatch_recompute / 2**20:.2f} MiB with the mHC recompute",
         f"memory per GPU, stage {memory.stage} (the most loaded):",
-        f"  weights {_gib(memory.weights)}, gradients {_gib(memory.gradients)}",
-        f"  optimizer state {_gib(memory.optimizer)}, with the distributed optimizer "
-        f"{_gib(memory.optimizer_distributed)}",
-        f"  activations {_gib(memory.activations)} without the mHC recompute, "
-        f"{_gib(memory.activations_recompute)} with it",
+        f"  weights {_size(memory.weights)}, gradients {_size(memory.gradients)}",
+        f"  optimizer state {_size(memory.optimizer)}, with the distributed optimizer "
+        f"{_size(memory.optimizer_distributed)}",
+        f"  activations {_size(memory.activations)} without the mHC recompute, "
+        f"{_size(memory.activations_recompute)} with it",
         *(
             [
                 "  cross-check, Megatron's theoretical_memory_usage (bf16, even split, no mHC): "
                 f"weights + gradients + optimizer state "
-                f"{_gib(result.megatron_weight_and_optimizer_bytes)}"
+                f"{_size(result.megatron_weight_and_optimizer_bytes)}"
             ]
             if result.megatron_weight_and_optimizer_bytes is not None
             else []
