@@ -63,7 +63,14 @@ def test_paper_hybrid_config_is_the_27b_moe_one_sublayer_per_layer(parser):
         get_hybrid_total_pipeline_segment_count(pattern) == hybrid["pipeline_model_parallel_size"]
     )
     different = {key for key in gpt.keys() | hybrid.keys() if gpt.get(key) != hybrid.get(key)}
-    assert different == {"num_layers", "save", "load", "tensorboard_dir"}
+    # The GPT form cuts its 7/8/8/7 stages with flags, the hybrid one with '|' in its pattern.
+    stage_cut = {"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"}
+    assert different == {"num_layers", "save", "load", "tensorboard_dir"} | stage_cut
+    assert (gpt["decoder_first_pipeline_num_layers"], gpt["decoder_last_pipeline_num_layers"]) == (
+        7,
+        7,
+    )
+    assert [len(stage) // 2 for stage in pattern.split("|")] == [7, 8, 8, 7]
 
 
 def test_paper_moe_configs_follow_table_5(parser):
