@@ -257,6 +257,11 @@ def _build_stage_on_meta(args, stage: int):
 
     from megatron_mhc.training.gpt_step import model_provider
 
+    if dist.is_initialized():
+        raise RuntimeError(
+            "the dry run builds each stage under its own fake process group of "
+            f"{args.world_size} ranks: run it in a process without torch.distributed set up"
+        )
     ranks_per_stage = args.world_size // args.pipeline_model_parallel_size
     dist.init_process_group(
         "fake", store=FakeStore(), rank=stage * ranks_per_stage, world_size=args.world_size
