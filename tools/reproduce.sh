@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The side-by-side experiment of docs/results.md: the plain residual (baseline), dynamic
 # hyper-connections (hc), static hyper-connections (hc_static) and mHC, same data, seed, steps
-# and width, n = 4 streams; a second seed for the main pair (baseline, mhc); hc and mhc again at a
-# high learning rate to stress stability. Then tools/plot_runs.py draws every run.
+# and width, n = 4 streams; hc, mhc and the baseline again at a high learning rate to stress
+# stability; more seeds for the main pair (baseline, mhc). Then tools/plot_runs.py draws every run.
 #
 #   tools/reproduce.sh [OUT]          # default OUT: runs/reproduce
 #
@@ -42,7 +42,8 @@ SEED=${SEED_LIST[0]}
 # name, residual (baseline | mhc type), seed, learning rate
 PLAN=("baseline_s$SEED baseline $SEED $LR" "mhc_s$SEED mhc $SEED $LR" "hc_s$SEED hc $SEED $LR"
     "hc_static_s$SEED hc_static $SEED $LR"
-    "hc_s${SEED}_high_lr hc $SEED $STRESS_LR" "mhc_s${SEED}_high_lr mhc $SEED $STRESS_LR")
+    "hc_s${SEED}_high_lr hc $SEED $STRESS_LR" "mhc_s${SEED}_high_lr mhc $SEED $STRESS_LR"
+    "baseline_s${SEED}_high_lr baseline $SEED $STRESS_LR")
 for extra_seed in "${SEED_LIST[@]:1}"; do
     PLAN+=("baseline_s$extra_seed baseline $extra_seed $LR" "mhc_s$extra_seed mhc $extra_seed $LR")
 done
