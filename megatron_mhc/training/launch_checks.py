@@ -94,6 +94,18 @@ def launch_error_line(err: BaseException) -> str:
     return f"pretrain_gpt_mhc.py: error: {message}"
 
 
+def hand_to_torchrun(line: str) -> None:
+    """Makes `line` this process's error for torchrun, whose failure summary (printed last)
+    then shows it as the cause instead of a hint to enable tracebacks. Nothing outside
+    torchrun."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # torchrun's error-file layout: its summary shows `py_callstack` as the cause.
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": info}}, f)
+
+
 @contextlib.contextmanager
 def launch_errors_reported():
     """Runs the launch checks of the block; a refused launch prints `launch_error_line` once
@@ -112,12 +124,7 @@ def launch_errors_reported():
         if rank == 0:
             line = launch_error_line(err)
             print(line, file=sys.stderr, flush=True)
-            error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-            if error_file:
-                # torchrun's error-file layout: its summary shows `py_callstack` as the cause.
-                info = {"py_callstack": line, "timestamp": str(int(time.time()))}
-                with open(error_file, "w") as f:
-                    json.dump({"message": {"message": line, "extraInfo": info}}, f)
+            hand_to_torchrun(line)
         exit_code = 2
     except SystemExit as stop:
         if stop.code in (0, None):  # --help

@@ -19,6 +19,7 @@ says how to resume from the last checkpoint. docs/errors.md describes both exit 
 import logging
 import os
 
+import torch
 from megatron.core.rerun_state_machine import (
     EXIT_CODE_FAILED_ON_RESULT_VALIDATION,
     RerunMode,
@@ -29,6 +30,7 @@ from megatron.core.utils import log_single_rank
 from megatron.training import get_args
 
 from megatron_mhc.training.checkpoint_checks import TRACKER
+from megatron_mhc.training.launch_checks import hand_to_torchrun
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ class MHCRerunStateMachine(RerunStateMachine):
 
     @staticmethod
     def _explain(exit_code: int, reason: str) -> None:
-        log_single_rank(
-            logger, logging.ERROR, f"pretrain_gpt_mhc.py: exit code {exit_code}: {reason}"
-        )
+        line = f"pretrain_gpt_mhc.py: exit code {exit_code}: {reason}"
+        log_single_rank(logger, logging.ERROR, line)
+        if torch.distributed.get_rank() == 0:
+            hand_to_torchrun(line)

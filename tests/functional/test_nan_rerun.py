@@ -41,13 +41,16 @@ def test_nan_stops_once_with_the_way_out_which_resumes_from_the_untouched_checkp
     with pytest.raises(RuntimeError):
         run_pretrain(tmp_path, *FLAGS, *LONGER, *ABSURD_LR)
     log = (tmp_path / "run0.log").read_text()
-    explanations = re.findall(r"pretrain_gpt_mhc\.py: exit code 17: .*", log)
-    assert len(explanations) == 1, log[-3000:]  # rank 0 only
-    explanation = explanations[0]
+    logged = re.findall(r"rerun_machine:(pretrain_gpt_mhc\.py: exit code 17: .*)", log)
+    assert len(logged) == 1, log[-3000:]  # rank 0 only
+    explanation = logged[0]
+    # torchrun's summary, printed last, names it as the cause.
+    assert re.search(
+        r"exitcode\s*: 17.*\n.*\n\s*traceback : pretrain_gpt_mhc\.py: exit code 17", log
+    )
     assert "again when the iteration was rerun on the same devices" in explanation
     assert f"the last checkpoint (iteration 2 in {checkpoints}) is kept as it was" in explanation
     assert "--override-opt-param-scheduler --no-load-optim" in explanation
-    assert re.search(r"exitcode\s*: 17", log)
     assert "saving checkpoint" not in log and "rescheduled on the same GPU" not in log
     assert _digests(checkpoints) == good
 
