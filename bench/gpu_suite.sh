@@ -69,10 +69,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES
 step backend_check python3 -m megatron_mhc.fusions.check
 step verification_tests python3 -m pytest -q -rs -s -p no:cacheprovider \
     tests/unit/test_backend_verification.py -k gpu
-step triton_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_triton_kernels.py -k gpu
+step triton_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_fused_kernels.py \
+    -k "on_gpu and triton"
 step stream_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_high_priority_stream.py
 step cutile_tests env MHC_CUTILE_TEST_FORCE=1 python3 -m pytest -q -rs -p no:cacheprovider \
-    tests/unit/test_cutile_kernels.py -k gpu
+    tests/unit/test_fused_kernels.py -k "on_gpu and cutile"
 step context_parallel_tests python3 -m pytest -q -rs -p no:cacheprovider \
     tests/functional/test_context_parallel_gpu.py
 step overlap_tests python3 -m pytest -q -rs -p no:cacheprovider tests/functional/test_overlap_gpu.py

@@ -6,8 +6,9 @@ tile sizes on CPU tensors, with a recorder standing in for the kernels module, s
 exact (kernel, arguments, constexprs, num_warps) of each launch a GPU run of those shapes would
 make. `compile_launch(launch, arch)` compiles one with Triton's own compiler (`triton.compile` on
 an `ASTSource`, target `cuda:<arch>`, ptxas bundled with Triton) and `resource_usage(compiled,
-arch)` reads the registers and spills ptxas reports, and Triton's shared memory. Pointer arguments are declared 16-byte
-aligned, as torch's allocations are and as Triton's JIT specialises them.
+arch)` reads the registers and spills ptxas reports, and Triton's shared memory. Pointer
+arguments are declared 16-byte aligned, as torch's allocations are and as Triton's JIT
+specialises them.
 
     python -m tests.triton_aot          # the table of docs/kernels.md ("Compiled for GPUs")
 """
@@ -85,8 +86,7 @@ def launches(n: int, T: int, C: int, dtype: torch.dtype):
         ops.update_fwd(x3, y, gates, comb)
         ops.update_bwd(x3, y, gates, comb, x3, (dtype, dtype, f32, f32))
         # mhc_head
-        ops.proj_rms_fwd(x2, torch.empty(n, K), 1e-6)
-        ops._collapse_fwd(x3, None, dtype, head=(gates, torch.empty(n), torch.empty(1), 1e-6))
+        ops.head_fwd(x3, torch.empty(n, K), torch.empty(n), torch.empty(1), 1e-6, 1e-6)
         ops.head_gate_bwd(x3, y, gates, r, torch.empty(n), torch.empty(1))
         ops.proj_rms_bwd(x2, torch.empty(n, K), gates, r, True, True, dtype, collapse=(gates, y, C))
     finally:
@@ -98,7 +98,7 @@ def _signature(launch: Launch):
     signature, attrs = {}, {}
     params = launch.kernel.params
     values = list(launch.args) + [launch.kwargs[p.name] for p in params[len(launch.args) :]]
-    for index, (param, value) in enumerate(zip(params, values)):
+    for index, (param, value) in enumerate(zip(params, values, strict=True)):
         if param.is_constexpr:
             signature[param.name] = "constexpr"
         elif isinstance(value, torch.Tensor):
@@ -193,7 +193,8 @@ def _describe(launch: Launch) -> str:
 
 if __name__ == "__main__":
     print(
-        "| n | kernel | launch | sm_90: registers / spilled B / shared B | sm_100: registers / spilled B / shared B |"
+        "| n | kernel | launch | sm_90: registers / spilled B / shared B "
+        "| sm_100: registers / spilled B / shared B |"
     )
     print("|---|---|---|---|---|")
     for n in (2, 4, 8):

@@ -1,18 +1,23 @@
 """What every fused backend does around its kernels, written once.
 
-A fused backend (`megatron_mhc.fusions.triton`, `.cutile`) exposes `FusedOps(name, load_ops)`'s
-methods as its public functions: the reference's names and signatures, the reference itself for
-float64 (gradcheck) and empty inputs, shape checks with errors naming the backend, and gates
-broadcast over the tokens as the reference broadcasts them. The mappings (alone, or with the
-collapse), the collapse and the update are the same autograd Functions for every backend
-(`Mappings`, `Collapse`, `Update`), over the backend's launchers
-(`ops.proj_rms_fwd/proj_rms_bwd/mhc_gates_fwd/mhc_gates_bwd/collapse_fwd/collapse_bwd/
-update_fwd/update_bwd`) and its `ops.check_device`; the head is the backend's own `ops.Head`.
+A fused backend package (`megatron_mhc.fusions.triton`, `.cutile`) is
+`FusedOps(name, load_ops, unavailable_reason).export(globals())`: the reference's functions
+under the same names and signatures, the reference itself for float64 (gradcheck) and empty
+inputs, shape checks with errors naming the backend, gates broadcast over the tokens as the
+reference broadcasts them, `sinkhorn` and `hc_static_mappings` as the reference's, `hc_mappings`
+(not fused) as the reference saving only its inputs, `is_available()`, `UNAVAILABLE_REASON` and
+`SAVES_INPUTS_ONLY`. The mappings (alone, or with the collapse), the collapse, the update and the
+head are the same autograd Functions for every backend (`Mappings`, `Collapse`, `Update`,
+`Head`), over the backend's launchers (`ops.proj_rms_fwd/proj_rms_bwd/mhc_gates_fwd/
+mhc_gates_bwd/collapse_fwd/collapse_bwd/update_fwd/update_bwd/head_fwd/head_gate_bwd`, the same
+signatures in every backend) and its `ops.check_device`. The launchers allocate their outputs
+with the helpers here (`*_outputs`) and size their tiles with `pow2`/`clamp_pow2`/`stream_tile`.
 `SaveInputsOnly` runs an autograd-based op keeping only its inputs for backward (the HC modules
-use it for the reference ops, the fused backends for the ops they do not fuse), which lets the
-recompute manager free and restore the stream input.
+use it for the reference ops, the fused backends for `hc_mappings`), which lets the recompute
+manager free and restore the stream input.
 """
 
+import functools
 import math
 
 import torch
@@ -35,7 +40,11 @@ class SaveInputsOnly(torch.autograd.Function):
         with torch.enable_grad():
             outputs = ctx.op(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        pairs = [
+            (o, g)
+            for o, g in zip(outputs, grad_outputs, strict=True)
+            if g is not None and o.requires_grad
+        ]
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(
             torch.autograd.grad(
@@ -55,6 +64,124 @@ def tokens(x: torch.Tensor, trailing: int) -> int:
 def rows(t: torch.Tensor, *shape: int) -> torch.Tensor:
     """t as a contiguous [*shape] tensor (a view when it already is one)."""
     return t.reshape(*shape).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# What the launchers of every backend share: tile arithmetic, the device check, their outputs.
+# ----------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2(value: int) -> int:
+    """The smallest power of two >= value (1 for value <= 1)."""
+    return 1 << max(0, int(value) - 1).bit_length()
+
+
+def clamp_pow2(value: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, pow2(max(int(value), 1))))
+
+
+def stream_tile(n: int) -> int:
+    """The stream axis of a tile (NP): n rounded up to a power of two, at least 2."""
+    return max(2, pow2(n))
+
+
+def num_sms(device: torch.device) -> int:
+    """The multiprocessors of device; off CUDA (kernels run on CPU for tests), an H100's 132, so
+    that the GPU tile sizes and token splits are the ones a GPU run takes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def require_cuda(backend: str, cpu_advice: str, tensors) -> None:
+    for t in tensors:
+        if t.device.type != "cuda":
+            raise RuntimeError(
+                f"mhc_kernel_backend={backend!r} needs CUDA tensors (got a tensor on "
+                f"{t.device}); {cpu_advice}"
+            )
+
+
+def _f32(device, *shape) -> torch.Tensor:
+    return torch.empty(*shape, device=device, dtype=torch.float32)
+
+
+def proj_rms_fwd_outputs(x2: torch.Tensor, M: int):
+    """mn [T, M] and r [T], fp32."""
+    T = x2.shape[0]
+    return _f32(x2.device, T, M), _f32(x2.device, T)
+
+
+def gates_fwd_outputs(mn: torch.Tensor, n: int):
+    """h_pre [T, n], h_post [T, n], comb [T, n, n], fp32."""
+    T = mn.shape[0]
+    return _f32(mn.device, T, n), _f32(mn.device, T, n), _f32(mn.device, T, n, n)
+
+
+def gates_bwd_outputs(mn: torch.Tensor, programs: int):
+    """g [T, M], coef [T], and the per-program partial sums of dbase [programs, M] and dscale
+    [programs, 3], fp32 (added by `summed`: a deterministic reduction)."""
+    T, M = mn.shape
+    dev = mn.device
+    return _f32(dev, T, M), _f32(dev, T), _f32(dev, programs, M), _f32(dev, programs, 3)
+
+
+def head_gate_bwd_outputs(x3: torch.Tensor, programs: int):
+    """g [T, n], coef [T], partial dbase [programs, n] and dscale [programs], fp32."""
+    T, n = x3.shape[:2]
+    dev = x3.device
+    return _f32(dev, T, n), _f32(dev, T), _f32(dev, programs, n), _f32(dev, programs)
+
+
+def summed(g, coef, dbase, dscale):
+    """The gate backward's outputs with its per-program partials added (dscale keeps a dim)."""
+    return g, coef, dbase.sum(dim=0), dscale.sum(dim=0).reshape(-1)
+
+
+def collapse_bwd_outputs(x3: torch.Tensor, need_dx: bool, dx_dtype, dh_dtype):
+    """dx [T, n, C] in dx_dtype (None unless need_dx) and dh [T, n] in dh_dtype."""
+    T, n, C = x3.shape
+    dx = torch.empty(T, n, C, device=x3.device, dtype=dx_dtype) if need_dx else None
+    return dx, torch.empty(T, n, device=x3.device, dtype=dh_dtype)
+
+
+def update_bwd_outputs(x3: torch.Tensor, dtypes):
+    """dx [T, n, C], dy [T, C], dh_post [T, n], dcomb [T, n, n] in the inputs' dtypes."""
+    T, n, C = x3.shape
+    shapes = ((T, n, C), (T, C), (T, n), (T, n, n))
+    return [torch.empty(s, device=x3.device, dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
+
+
+def _projection_backward(ctx, x_index, x3, fn, g, coef, collapse=None, residual=None):
+    """(dx, dfn) of the projection from g and coef (`ops.proj_rms_bwd`, one pass over x), each
+    None unless the Function's inputs x (at x_index) and fn (next) need it."""
+    need_dx, need_dfn = ctx.needs_input_grad[x_index : x_index + 2]
+    if not (need_dx or need_dfn):
+        return None, None
+    T, n, C = x3.shape
+    return ctx.ops.proj_rms_bwd(
+        x3.view(T, n * C),
+        fn.contiguous(),
+        g,
+        coef,
+        need_dx,
+        need_dfn,
+        x3.dtype,
+        collapse=collapse,
+        residual=residual,
+    )
+
+
+def _parameter_grads(x, fn, base, scale, dx, dfn, dbase, dscale):
+    """The gradients of (x, fn, base, scale) in their shapes and dtypes (dx, dfn may be None)."""
+    return (
+        dx.view(x.shape) if dx is not None else None,
+        dfn.view(fn.shape).to(fn.dtype) if dfn is not None else None,
+        dbase.to(base.dtype),
+        dscale.view(scale.shape).to(scale.dtype),
+    )
 
 
 class Mappings(torch.autograd.Function):
@@ -130,27 +257,11 @@ class Mappings(torch.autograd.Function):
             ctx.iters,
             ctx.eps,
         )
-        need_dx, need_dfn = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dx = dfn = None
-        if need_dx or need_dfn:
-            dx, dfn = ops.proj_rms_bwd(
-                x3.view(T, K),
-                fn.contiguous(),
-                g,
-                coef,
-                need_dx,
-                need_dfn,
-                x.dtype,
-                collapse=collapse,
-                residual=residual,
-            )
+        dx, dfn = _projection_backward(ctx, 2, x3, fn, g, coef, collapse, residual)
         return (
             None,
             None,
-            dx.view(x.shape) if dx is not None else None,
-            dfn.to(fn.dtype) if dfn is not None else None,
-            dbase.to(base.dtype),
-            dscale.view(scale.shape).to(scale.dtype),
+            *_parameter_grads(x, fn, base, scale, dx, dfn, dbase, dscale),
             None,
             None,
             None,
@@ -223,6 +334,46 @@ class Update(torch.autograd.Function):
         )
 
 
+class Head(torch.autograd.Function):
+    """The learned head u = sum_i w_i x_i, w = sigmoid(scale * mn + base) + eps, with the
+    launchers of `ops`. Forward: `head_fwd` (the projection and the weights, then u: two passes
+    over x); saves the inputs as given plus the small fp32 mn [T, n], r [T] and w [T, n].
+    Backward: `head_gate_bwd` (dw_i = <x_i, du> and the gate backward, one pass over x), then
+    `proj_rms_bwd` with M = n and the collapse term w_i du (one pass over x)."""
+
+    @staticmethod
+    def forward(ctx, ops, x, fn, base, scale, eps, norm_eps):
+        n, C = x.shape[-2:]
+        T = tokens(x, 2)
+        ops.check_device(x, fn, base, scale)
+        out, mn, r, w = ops.head_fwd(
+            rows(x, T, n, C), fn.contiguous(), base.contiguous(), rows(scale, 1), eps, norm_eps
+        )
+        ctx.ops = ops
+        ctx.save_for_backward(x, fn, base, scale, mn, r, w)
+        return out.view(*x.shape[:-2], C)
+
+    @staticmethod
+    def backward(ctx, du):
+        x, fn, base, scale, mn, r, w = ctx.saved_tensors
+        n, C = x.shape[-2:]
+        T = tokens(x, 2)
+        x3, du2 = rows(x, T, n, C), rows(du, T, C)
+        g, coef, dbase, dscale = ctx.ops.head_gate_bwd(
+            x3, du2, mn, r, base.contiguous(), rows(scale, 1)
+        )
+        dx, dfn = _projection_backward(ctx, 1, x3, fn, g, coef, collapse=(w, du2, C))
+        return (None, *_parameter_grads(x, fn, base, scale, dx, dfn, dbase, dscale), None, None)
+
+
+def hc_mappings(x, fn, base, scale, norm_eps: float = 1e-6):
+    """The reference `hc_mappings` (no backend fuses it), saving only its inputs for backward."""
+    op = functools.partial(reference.hc_mappings, norm_eps=norm_eps)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, fn, base, scale)):
+        return SaveInputsOnly.apply(op, x, fn, base, scale)
+    return op(x, fn, base, scale)
+
+
 def use_reference(*tensors: torch.Tensor) -> bool:
     return any(t.dtype == torch.float64 or t.numel() == 0 for t in tensors)
 
@@ -248,7 +399,7 @@ class FusedOps:
     `unavailable_reason()` is None when the kernels can run here, else why not; it gives the
     package's `is_available()` and its `UNAVAILABLE_REASON` (through `module_getattr`, the
     package's `__getattr__`: computed when read, as a constant would import triton or cuda.tile
-    with the package and could go stale)."""
+    with the package and could go stale). `export(namespace)` makes a package of it."""
 
     # What a backend package exports: the reference's functions plus its availability.
     EXPORTS = [*reference.__all__, "is_available", "UNAVAILABLE_REASON", "SAVES_INPUTS_ONLY"]
@@ -256,6 +407,27 @@ class FusedOps:
     def __init__(self, backend: str, load_ops, unavailable_reason=lambda: None):
         self.backend, self._load_ops = backend, load_ops
         self._unavailable_reason = unavailable_reason
+
+    def export(self, namespace: dict) -> None:
+        """Defines the backend package's public names in its module namespace (`globals()`):
+        the fused ops, the reference's `sinkhorn` and `hc_static_mappings`, the input-saving
+        `hc_mappings`, `is_available`, `__getattr__` (for `UNAVAILABLE_REASON`), `__all__` and
+        `SAVES_INPUTS_ONLY`: every Function saves only its inputs plus small per-token tensors
+        and reads them only when backward runs (the recompute manager frees and restores x)."""
+        namespace.update(
+            __all__=self.EXPORTS,
+            __getattr__=self.module_getattr,
+            SAVES_INPUTS_ONLY=True,
+            is_available=self.is_available,
+            sinkhorn=reference.sinkhorn,
+            hc_static_mappings=reference.hc_static_mappings,
+            hc_mappings=hc_mappings,
+            mhc_mappings=self.mhc_mappings,
+            mhc_mappings_collapse=self.mhc_mappings_collapse,
+            mhc_collapse=self.mhc_collapse,
+            mhc_update=self.mhc_update,
+            mhc_head=self.mhc_head,
+        )
 
     def is_available(self) -> bool:
         """True when this backend's kernels can run here."""
@@ -369,4 +541,4 @@ class FusedOps:
         self._check(
             scale.numel() == 1, f"scale must hold 1 gating factor, got {tuple(scale.shape)}"
         )
-        return self._load_ops().Head.apply(x, fn, base, scale, float(eps), float(norm_eps))
+        return Head.apply(self._load_ops(), x, fn, base, scale, float(eps), float(norm_eps))

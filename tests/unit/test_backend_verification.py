@@ -2,7 +2,7 @@
 passed (megatron_mhc.fusions.verification), the same on every rank; the check as a command.
 
 On CPU the Triton kernels run in Triton's interpreter, in a worker process that has
-TRITON_INTERPRET=1 from its start (tests/unit/test_triton_kernels.py's pool), with the device
+TRITON_INTERPRET=1 from its start (tests/triton_interpreter.py), with the device
 gate injected (`auto` checks nothing on a CPU device) and tiny shapes. Broken kernels are test
 doubles: a backend module whose op returns wrong values or raises. The ranks' agreement runs on
 two gloo processes with doubles of the reference as the fused backend (no interpreter needed).
@@ -18,7 +18,7 @@ import torch
 
 from megatron_mhc.fusions import check, reference, verification
 from tests.dist_utils import environment, run_distributed
-from tests.unit.test_triton_kernels import _interpreter_pool
+from tests.triton_interpreter import interpreter_pool
 
 CUDA = torch.cuda.is_available()
 TINY = dict(n=2, hidden=16, dtype=torch.float32)
@@ -118,7 +118,7 @@ def explicit_backend_skips_the_check_unless_forced():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    with _interpreter_pool() as pool:
+    with interpreter_pool() as pool:
         yield pool.apply
 
 

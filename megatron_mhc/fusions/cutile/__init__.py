@@ -2,13 +2,12 @@
 signatures, outputs, dtypes and broadcasting.
 
 Ported to cuTile (forward and backward kernels): `mhc_mappings` and `mhc_mappings_collapse`
-(the projection, the gates and the Sinkhorn projection, chained by the generic Function of
-`fused_frontend` over this backend's launchers), `mhc_collapse` and `mhc_update` (one pass over
-the n streams each way) and `mhc_head`. Delegated: `hc_mappings` (the `hc` ablation) to the
-Triton backend's (the reference wrapped to save only its inputs, so SAVES_INPUTS_ONLY holds for
-every op; no Triton kernel runs), and `sinkhorn` and `hc_static_mappings` to the reference.
-Float64 inputs (gradcheck) and empty tensors go to the reference. Design: docs/kernels.md
-("cuTile backend").
+(the projection, the gates and the Sinkhorn projection), `mhc_collapse` and `mhc_update` (one
+pass over the n streams each way) and `mhc_head`, all through the autograd Functions of the
+shared front end (`fused_frontend.FusedOps`) over this backend's launchers. Not ported (the front
+end's, as for Triton): `hc_mappings` (the `hc` ablation: the reference wrapped to save only its
+inputs), `sinkhorn` and `hc_static_mappings` (the reference). Float64 inputs (gradcheck) and
+empty tensors go to the reference. Design: docs/kernels.md ("cuTile backend").
 
 cuTile (PyPI `cuda-tile`, import `cuda.tile`) has no CPU mode. Importing this package imports
 neither `cuda.tile` nor Triton: the kernels are defined at the first op call.
@@ -17,15 +16,6 @@ neither `cuda.tile` nor Triton: the kernels are defined at the first op call.
 import torch
 
 from megatron_mhc.fusions import fused_frontend as _frontend
-from megatron_mhc.fusions import reference as _reference
-from megatron_mhc.fusions import triton as _triton
-
-__all__ = _frontend.FusedOps.EXPORTS
-
-# The cuTile Functions save only their inputs (plus, for the head, the small fp32 per-token
-# mn, r and w) and read them only in backward; the delegated ops are the Triton backend's,
-# which make the same promise.
-SAVES_INPUTS_ONLY = True
 
 # Compute capabilities (major) whose GPUs the cuTile compiler (tileiras 13.2) supports:
 # Ampere / Ada (sm_80, sm_86, sm_87, sm_89) and Blackwell (sm_100, sm_103, sm_110, sm_120, ...).
@@ -63,22 +53,4 @@ def _ops():
     return ops
 
 
-# ----------------------------------------------------------------------------------------------
-# Delegated.
-# ----------------------------------------------------------------------------------------------
-sinkhorn = _reference.sinkhorn
-hc_static_mappings = _reference.hc_static_mappings
-hc_mappings = _triton.hc_mappings
-
-
-# ----------------------------------------------------------------------------------------------
-# cuTile kernels: the reference's functions over this backend's launchers (fused_frontend.FusedOps).
-# ----------------------------------------------------------------------------------------------
-_fused = _frontend.FusedOps("cutile", _ops, _unavailable_reason)
-is_available = _fused.is_available
-__getattr__ = _fused.module_getattr
-mhc_mappings = _fused.mhc_mappings
-mhc_mappings_collapse = _fused.mhc_mappings_collapse
-mhc_collapse = _fused.mhc_collapse
-mhc_update = _fused.mhc_update
-mhc_head = _fused.mhc_head
+_frontend.FusedOps("cutile", _ops, _unavailable_reason).export(globals())

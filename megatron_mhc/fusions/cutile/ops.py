@@ -1,32 +1,17 @@
-"""Launchers, tile sizes and the head's autograd Function of the cuTile backend (imported at
-the first op call; importing it imports `cuda.tile` through `kernels`).
+"""Launchers and tile sizes of the cuTile backend (imported at the first op call; a launch
+imports `cuda.tile` and `kernels`).
 
 The launchers have the signatures of the Triton backend's (`megatron_mhc.fusions.triton.ops`),
 so that the autograd Functions of `fused_frontend` run on either backend: the mappings
-(`proj_rms_fwd`, `mhc_gates_fwd`, `mhc_gates_bwd`, `proj_rms_bwd`), collapse and update. Every
-Function saves only its inputs (the n-stream tensor x as given, never a copy), plus for the head
-the fp32 per-token mn [T, n], r [T] and w [T, n], and reads x only when backward runs
-(SAVES_INPUTS_ONLY in the package). The tile-size helpers and `kernel_args` are plain Python so
-that the CPU tests export exactly the configurations the launchers would run.
+(`proj_rms_fwd`, `mhc_gates_fwd`, `mhc_gates_bwd`, `proj_rms_bwd`), collapse, update and head
+(`head_fwd`, `head_gate_bwd`, then `proj_rms_bwd`). The tile-size helpers and `kernel_args` are
+plain Python so that the CPU tests export exactly the configurations the launchers would run.
 """
 
 import torch
 
-from megatron_mhc.fusions.fused_frontend import rows, tokens
-
-
-def _pow2(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
-
-
-def np_(n: int) -> int:
-    """The stream axis of a tile: n rounded up to a power of two, at least 2."""
-    return max(2, _pow2(n))
-
-
-def _clamp_pow2(value: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, _pow2(max(int(value), 1))))
-
+from megatron_mhc.fusions import fused_frontend as frontend
+from megatron_mhc.fusions.fused_frontend import cdiv, clamp_pow2, pow2, stream_tile
 
 # Elements of the largest per-program product tile (registers): a reasoned default, untuned.
 TILE_ELEMS = 4096
@@ -34,17 +19,17 @@ TILE_ELEMS = 4096
 
 def collapse_tiles(T: int, n: int, C: int):
     """(BT, BC) of the collapse kernels: a [BT, NP, BC] tile of about TILE_ELEMS elements."""
-    block_c = _clamp_pow2(C, 32, 256)
-    block_t = _clamp_pow2(TILE_ELEMS // (np_(n) * block_c), 1, 64)
-    return min(block_t, _clamp_pow2(T, 1, 64)), block_c
+    block_c = clamp_pow2(C, 32, 256)
+    block_t = clamp_pow2(TILE_ELEMS // (stream_tile(n) * block_c), 1, 64)
+    return min(block_t, clamp_pow2(T, 1, 64)), block_c
 
 
 def update_tiles(T: int, n: int, C: int):
     """(BT, BC) of the update kernels: a [BT, NP, NP, BC] product tile of about TILE_ELEMS."""
-    p = np_(n)
-    block_c = _clamp_pow2(C, 32, max(32, TILE_ELEMS // (p * p)))
-    block_t = _clamp_pow2(TILE_ELEMS // (p * p * block_c), 1, 64)
-    return min(block_t, _clamp_pow2(T, 1, 64)), block_c
+    p = stream_tile(n)
+    block_c = clamp_pow2(C, 32, max(32, TILE_ELEMS // (p * p)))
+    block_t = clamp_pow2(TILE_ELEMS // (p * p * block_c), 1, 64)
+    return min(block_t, clamp_pow2(T, 1, 64)), block_c
 
 
 # Multiply-adds per step of the projections' fp32 `ct.mma` (BT x MP x BK), which runs on CUDA
@@ -61,14 +46,14 @@ def proj_tiles(T: int, m: int, L: int, backward: bool):
     in registers (up to TILE_ELEMS elements each) and re-reads g [T, M] once per slice, so BK
     is as large as that allows and BT small."""
     # Forward: at least 16 rows; narrower fp32 mma tiles (4 or 8 columns) spill registers.
-    mp = max(2 if backward else 16, _pow2(m))
+    mp = max(2 if backward else 16, pow2(m))
     if backward:
-        block_k = _clamp_pow2(L, 8, max(8, min(128, TILE_ELEMS // mp)))
-        block_t = _clamp_pow2(PROJ_PRODUCT_ELEMS // (mp * block_k), 1, 8)
+        block_k = clamp_pow2(L, 8, max(8, min(128, TILE_ELEMS // mp)))
+        block_t = clamp_pow2(PROJ_PRODUCT_ELEMS // (mp * block_k), 1, 8)
     else:
         block_t = 16 if mp <= 32 else 8
-        block_k = _clamp_pow2(L, 8, max(8, min(128, PROJ_PRODUCT_ELEMS // (block_t * mp))))
-    return min(block_t, _clamp_pow2(T, 1, 16)), block_k, mp
+        block_k = clamp_pow2(L, 8, max(8, min(128, PROJ_PRODUCT_ELEMS // (block_t * mp))))
+    return min(block_t, clamp_pow2(T, 1, 16)), block_k, mp
 
 
 # The Sinkhorn backward keeps about ten [BT, NP, NP] tiles live: 512 elements each keeps them
@@ -78,12 +63,8 @@ SINKHORN_TILE_ELEMS = 512
 
 def gates_tile(T: int, n: int) -> int:
     """BT of the gates kernels: [BT, NP, NP] tiles of about SINKHORN_TILE_ELEMS elements."""
-    p = np_(n)
-    return min(_clamp_pow2(SINKHORN_TILE_ELEMS // (p * p), 1, 32), _clamp_pow2(T, 1, 32))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    p = stream_tile(n)
+    return min(clamp_pow2(SINKHORN_TILE_ELEMS // (p * p), 1, 32), clamp_pow2(T, 1, 32))
 
 
 def kernel_args(
@@ -107,17 +88,17 @@ def kernel_args(
     (write_dx also collapse_bwd's); num_sms, the GPU's multiprocessors, sizes proj_rms_bwd's
     token splits.
     """
-    p = np_(n)
+    p = stream_tile(n)
     if name.startswith("proj_rms"):
         if name == "proj_rms_fwd":
             bt, bk, mp = proj_tiles(T, m, n * C, backward=False)
-            return (_cdiv(T, bt), 1, 1), (bt, bk, mp)
+            return (cdiv(T, bt), 1, 1), (bt, bk, mp)
         bt, bk, mp = proj_tiles(T, m, C, backward=True)
-        t_tiles, l_tiles = _cdiv(T, bt), _cdiv(C, bk)
-        splits = max(1, min(t_tiles, _cdiv(2 * num_sms, l_tiles * n)))
-        per_split = _cdiv(t_tiles, splits)
+        t_tiles, l_tiles = cdiv(T, bt), cdiv(C, bk)
+        splits = max(1, min(t_tiles, cdiv(2 * num_sms, l_tiles * n)))
+        per_split = cdiv(t_tiles, splits)
         return (
-            (l_tiles, n, _cdiv(t_tiles, per_split)),
+            (l_tiles, n, cdiv(t_tiles, per_split)),
             (
                 per_split,
                 bt,
@@ -131,31 +112,24 @@ def kernel_args(
         )
     if name.startswith("mhc_gates"):
         bt = gates_tile(T, n)
-        return (_cdiv(T, bt), 1, 1), (bt, p)
+        return (cdiv(T, bt), 1, 1), (bt, p)
     if name.startswith("collapse"):
         bt, bc = collapse_tiles(T, n, C)
     else:
         bt, bc = update_tiles(T, n, C)
     if name in ("collapse_fwd", "update_fwd"):
-        return (_cdiv(T, bt), _cdiv(C, bc), 1), (bt, p, bc)
+        return (cdiv(T, bt), cdiv(C, bc), 1), (bt, p, bc)
     if name == "collapse_bwd":
-        return (_cdiv(T, bt), 1, 1), (bt, p, bc, bool(write_dx))
+        return (cdiv(T, bt), 1, 1), (bt, p, bc, bool(write_dx))
     if name in ("update_bwd", "head_fwd", "head_gate_bwd"):
-        return (_cdiv(T, bt), 1, 1), (bt, p, bc)
+        return (cdiv(T, bt), 1, 1), (bt, p, bc)
     raise KeyError(name)
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.device.type != "cuda":
-            raise RuntimeError(
-                "mhc_kernel_backend='cutile' needs CUDA tensors (got a tensor on "
-                f"{t.device}); cuTile has no CPU mode: use the 'torch' backend on CPU"
-            )
-
-
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    frontend.require_cuda(
+        "cutile", "cuTile has no CPU mode: use the 'torch' backend on CPU", tensors
+    )
 
 
 def _launch(name: str, args, arrays) -> None:
@@ -181,8 +155,7 @@ def proj_rms_fwd(x2, fn, norm_eps):
     """mn = r * (x2 @ fn^T) [T, M] fp32 and r = rsqrt(mean(x2^2) + norm_eps) [T] fp32."""
     T, K = x2.shape
     M = fn.shape[0]
-    mn = torch.empty(T, M, device=x2.device, dtype=torch.float32)
-    r = torch.empty(T, device=x2.device, dtype=torch.float32)
+    mn, r = frontend.proj_rms_fwd_outputs(x2, M)
     _launch(
         "proj_rms_fwd", kernel_args("proj_rms_fwd", T, 1, K, m=M), (x2, fn, mn, r, float(norm_eps))
     )
@@ -210,7 +183,7 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
         write_dfn=need_dfn,
         collapse=collapse is not None,
         residual=residual is not None,
-        num_sms=_num_sms(dev),
+        num_sms=frontend.num_sms(dev),
     )
     splits = args[0][2]
     x3 = x2.view(T, S, C)
@@ -241,9 +214,7 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
 def mhc_gates_fwd(mn, base, scale, n, iters, eps):
     """h_pre [T, n], h_post [T, n], comb [T, n, n] (fp32) from mn [T, M], base [M], scale [3]."""
     T = mn.shape[0]
-    h_pre = torch.empty(T, n, device=mn.device, dtype=torch.float32)
-    h_post = torch.empty(T, n, device=mn.device, dtype=torch.float32)
-    comb = torch.empty(T, n, n, device=mn.device, dtype=torch.float32)
+    h_pre, h_post, comb = frontend.gates_fwd_outputs(mn, n)
     _launch(
         "mhc_gates_fwd",
         kernel_args("mhc_gates_fwd", T, n),
@@ -254,14 +225,8 @@ def mhc_gates_fwd(mn, base, scale, n, iters, eps):
 
 def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
     """g = r * dmn [T, M], coef [T], dbase [M], dscale [3] (all fp32)."""
-    T, M = mn.shape
-    dev = mn.device
-    args = kernel_args("mhc_gates_bwd", T, n)
-    programs = args[0][0]
-    g = torch.empty(T, M, device=dev, dtype=torch.float32)
-    coef = torch.empty(T, device=dev, dtype=torch.float32)
-    dbase = torch.empty(programs, M, device=dev, dtype=torch.float32)
-    dscale = torch.empty(programs, 3, device=dev, dtype=torch.float32)
+    args = kernel_args("mhc_gates_bwd", mn.shape[0], n)
+    g, coef, dbase, dscale = frontend.gates_bwd_outputs(mn, programs=args[0][0])
     _launch(
         "mhc_gates_bwd",
         args,
@@ -282,7 +247,7 @@ def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
             float(eps),
         ),
     )
-    return g, coef, dbase.sum(dim=0), dscale.sum(dim=0)
+    return frontend.summed(g, coef, dbase, dscale)
 
 
 def collapse_fwd(x3, h, out_dtype):
@@ -294,8 +259,7 @@ def collapse_fwd(x3, h, out_dtype):
 
 def collapse_bwd(x3, h, du, need_dx, dx_dtype, dh_dtype):
     T, n, C = x3.shape
-    dx = torch.empty(T, n, C, device=x3.device, dtype=dx_dtype) if need_dx else None
-    dh = torch.empty(T, n, device=x3.device, dtype=dh_dtype)
+    dx, dh = frontend.collapse_bwd_outputs(x3, need_dx, dx_dtype, dh_dtype)
     # Without dx the kernel never touches its dx argument: x3 stands in (never written).
     _launch(
         "collapse_bwd",
@@ -314,10 +278,7 @@ def update_fwd(x3, y2, h_post, comb):
 
 def update_bwd(x3, y2, h_post, comb, dout, dtypes):
     T, n, C = x3.shape
-    dx = torch.empty(T, n, C, device=x3.device, dtype=dtypes[0])
-    dy = torch.empty(T, C, device=x3.device, dtype=dtypes[1])
-    dh = torch.empty(T, n, device=x3.device, dtype=dtypes[2])
-    dcomb = torch.empty(T, n, n, device=x3.device, dtype=dtypes[3])
+    dx, dy, dh, dcomb = frontend.update_bwd_outputs(x3, dtypes)
     _launch(
         "update_bwd",
         kernel_args("update_bwd", T, n, C),
@@ -326,85 +287,26 @@ def update_bwd(x3, y2, h_post, comb, dout, dtypes):
     return dx, dy, dh, dcomb
 
 
-def head_fwd(x3, fn3, base, scale, eps, norm_eps):
-    """u [T, C] in x.dtype, and the fp32 mn [T, n], r [T], w [T, n] saved for backward."""
+def head_fwd(x3, fn, base, scale, eps, norm_eps):
+    """u [T, C] in x3.dtype, and the fp32 mn [T, n], r [T], w [T, n] saved for backward, from
+    fn [n, n*C] (read by the kernel as [n, n, C])."""
     T, n, C = x3.shape
     out = torch.empty(T, C, device=x3.device, dtype=x3.dtype)
-    mn = torch.empty(T, n, device=x3.device, dtype=torch.float32)
-    r = torch.empty(T, device=x3.device, dtype=torch.float32)
+    mn, r = frontend.proj_rms_fwd_outputs(x3, n)
     w = torch.empty(T, n, device=x3.device, dtype=torch.float32)
     _launch(
         "head_fwd",
         kernel_args("head_fwd", T, n, C),
-        (x3, fn3, base, scale, out, mn, r, w, float(eps), float(norm_eps)),
+        (x3, fn.view(n, n, C), base, scale, out, mn, r, w, float(eps), float(norm_eps)),
     )
     return out, mn, r, w
 
 
-def head_bwd(x3, fn3, base, scale, du, mn, r, w, need_dx, need_dfn):
-    """dx [T, n*C] in x.dtype (or None), dfn [n, n*C] fp32 (or None), dbase [n], dscale [1]:
-    the gate backward, then proj_rms_bwd with M = n and the collapse term w_i du."""
+def head_gate_bwd(x3, du, mn, r, base, scale):
+    """The head's dw = <x_i, du> followed by the gate backward: g [T, n], coef [T], dbase [n],
+    dscale [1] (fp32)."""
     T, n, C = x3.shape
-    dev = x3.device
     args = kernel_args("head_gate_bwd", T, n, C)
-    programs = args[0][0]
-    g = torch.empty(T, n, device=dev, dtype=torch.float32)
-    coef = torch.empty(T, device=dev, dtype=torch.float32)
-    dbase = torch.empty(programs, n, device=dev, dtype=torch.float32)
-    dscale = torch.empty(programs, device=dev, dtype=torch.float32)
+    g, coef, dbase, dscale = frontend.head_gate_bwd_outputs(x3, programs=args[0][0])
     _launch("head_gate_bwd", args, (x3, du, mn, r, base, scale, g, coef, dbase, dscale))
-    dx, dfn = proj_rms_bwd(
-        x3.view(T, n * C),
-        fn3.view(n, n * C),
-        g,
-        coef,
-        need_dx,
-        need_dfn,
-        x3.dtype,
-        collapse=(w, du, C),
-    )
-    return dx, dfn, dbase.sum(dim=0), dscale.sum(dim=0, keepdim=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd Functions. Inputs arrive with matching leading dims (the package broadcasts them).
-# ----------------------------------------------------------------------------------------------
-
-
-class Head(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fn, base, scale, eps, norm_eps):
-        n, C = x.shape[-2:]
-        T = tokens(x, 2)
-        check_device(x, fn, base, scale)
-        out, mn, r, w = head_fwd(
-            rows(x, T, n, C), rows(fn, n, n, C), base.contiguous(), rows(scale, 1), eps, norm_eps
-        )
-        ctx.save_for_backward(x, fn, base, scale, mn, r, w)
-        return out.view(*x.shape[:-2], C)
-
-    @staticmethod
-    def backward(ctx, du):
-        x, fn, base, scale, mn, r, w = ctx.saved_tensors
-        n, C = x.shape[-2:]
-        T = tokens(x, 2)
-        dx, dfn, dbase, dscale = head_bwd(
-            rows(x, T, n, C),
-            rows(fn, n, n, C),
-            base.contiguous(),
-            rows(scale, 1),
-            rows(du, T, C),
-            mn,
-            r,
-            w,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-        )
-        return (
-            dx.view(x.shape) if dx is not None else None,
-            dfn.view(fn.shape).to(fn.dtype) if dfn is not None else None,
-            dbase.to(base.dtype),
-            dscale.view(scale.shape).to(scale.dtype),
-            None,
-            None,
-        )
+    return frontend.summed(g, coef, dbase, dscale)

@@ -5,7 +5,10 @@ Fused (Triton forward and backward): `mhc_mappings`, `mhc_mappings_collapse`, `m
 `mhc_update`, `mhc_head`.
 Not fused (the reference implementations): `sinkhorn` and `hc_static_mappings` as they are,
 `hc_mappings` wrapped so that it too saves only its inputs and recomputes in backward.
-Float64 inputs (gradcheck) and empty tensors go to the reference. Design: docs/kernels.md.
+Float64 inputs (gradcheck) and empty tensors go to the reference. Everything around the kernels
+(the autograd Functions, shape checks, broadcasting, the unfused ops) is the shared front end's
+(`fused_frontend.FusedOps`); this package says only when the kernels can run and where its
+launchers are. Design: docs/kernels.md.
 
 Importing this package does not import Triton: the kernels are defined at the first op call.
 TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests) must be in the environment before
@@ -13,19 +16,11 @@ anything in the process imports triton: Triton's own library functions (tl.sum, 
 interpreted form only then (is_available() is False, with the reason, when it came too late).
 """
 
-import functools
 import os
 
 import torch
 
 from megatron_mhc.fusions import fused_frontend as _frontend
-from megatron_mhc.fusions import reference as _reference
-
-__all__ = _frontend.FusedOps.EXPORTS
-
-# Every autograd Function here saves only its inputs plus small per-token tensors, and reads
-# the inputs only when backward runs (the recompute manager frees and restores them).
-SAVES_INPUTS_ONLY = True
 
 
 def _interpret_requested() -> bool:
@@ -67,29 +62,4 @@ def _ops():
     return ops
 
 
-# ----------------------------------------------------------------------------------------------
-# Not fused: the reference implementations.
-# ----------------------------------------------------------------------------------------------
-sinkhorn = _reference.sinkhorn
-hc_static_mappings = _reference.hc_static_mappings
-
-
-def hc_mappings(x, fn, base, scale, norm_eps: float = 1e-6):
-    """Reference `hc_mappings` (not fused), saving only its inputs for backward."""
-    op = functools.partial(_reference.hc_mappings, norm_eps=norm_eps)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, fn, base, scale)):
-        return _frontend.SaveInputsOnly.apply(op, x, fn, base, scale)
-    return op(x, fn, base, scale)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fused ops: the reference's functions over this backend's launchers (fused_frontend.FusedOps).
-# ----------------------------------------------------------------------------------------------
-_fused = _frontend.FusedOps("triton", _ops, _unavailable_reason)
-is_available = _fused.is_available
-__getattr__ = _fused.module_getattr
-mhc_mappings = _fused.mhc_mappings
-mhc_mappings_collapse = _fused.mhc_mappings_collapse
-mhc_collapse = _fused.mhc_collapse
-mhc_update = _fused.mhc_update
-mhc_head = _fused.mhc_head
+_frontend.FusedOps("triton", _ops, _unavailable_reason).export(globals())

@@ -1,14 +1,14 @@
-"""Autograd Functions and kernel launchers of the Triton backend (imported at the first op call).
+"""Kernel launchers and tile sizes of the Triton backend (imported at the first op call).
 
-Every Function saves its inputs (the n-stream tensor x as given, never a copy) plus small
-per-token tensors (the projection output mn [T, M], the RMS factor r [T], the head weights w
-[T, n]); the backward reads x only when it runs (SAVES_INPUTS_ONLY in the package).
+The launchers have the signatures `fused_frontend`'s autograd Functions call (the cuTile
+backend's launchers have the same): 2-D or 3-D contiguous buffers in, new buffers out.
 """
 
 import torch
 import triton
 
-from megatron_mhc.fusions.fused_frontend import rows, tokens
+from megatron_mhc.fusions import fused_frontend as frontend
+from megatron_mhc.fusions.fused_frontend import clamp_pow2, stream_tile
 from megatron_mhc.fusions.triton import kernels
 
 # Kernels defined under TRITON_INTERPRET=1 run on CPU in Triton's interpreter.
@@ -24,35 +24,19 @@ DOT_PRECISION = "ieee"
 BLOCK_MODE = None
 
 
-def _pow2(value: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(value), 1))))
-
-
 def _gpu_tiles() -> bool:
     mode = BLOCK_MODE or ("interpreter" if INTERPRETED else "gpu")
     return mode == "gpu"
 
 
-def _np(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))
-
-
 def check_device(*tensors: torch.Tensor) -> None:
-    if INTERPRETED:
-        return
-    for t in tensors:
-        if t.device.type != "cuda":
-            raise RuntimeError(
-                "mhc_kernel_backend='triton' needs CUDA tensors (got a tensor on "
-                f"{t.device}); on CPU run the process with TRITON_INTERPRET=1 in its "
-                "environment (Triton's interpreter, for tests) or use the 'torch' backend"
-            )
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # GPU tile sizes under the interpreter: behave as an H100 would
+    if not INTERPRETED:
+        frontend.require_cuda(
+            "triton",
+            "on CPU run the process with TRITON_INTERPRET=1 in its environment (Triton's "
+            "interpreter, for tests) or use the 'torch' backend",
+            tensors,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,16 +46,15 @@ def proj_rms_fwd(x2: torch.Tensor, fn: torch.Tensor, norm_eps: float):
     """mn = r * (x2 @ fn^T) [T, M] fp32 and r = rsqrt(mean(x2^2) + norm_eps) [T] fp32."""
     T, K = x2.shape
     M = fn.shape[0]
-    mn = torch.empty(T, M, device=x2.device, dtype=torch.float32)
-    r = torch.empty(T, device=x2.device, dtype=torch.float32)
-    block_m = _pow2(M, 16, 128)
+    mn, r = frontend.proj_rms_fwd_outputs(x2, M)
+    block_m = clamp_pow2(M, 16, 128)
     if _gpu_tiles():
         # The largest tiles that compile without register spills for sm_90 and sm_100
         # (tests/unit/test_triton_compile.py): the fp32 "ieee" dot accumulates in registers.
         block_t, block_k = 32, (64 if block_m <= 32 else 16)
         warps = 4 if block_m <= 16 else 8
     else:
-        block_t, block_k, warps = _pow2(T, 16, 64), _pow2(K, 16, 256), 4
+        block_t, block_k, warps = clamp_pow2(T, 16, 64), clamp_pow2(K, 16, 256), 4
     kernels.proj_rms_fwd_kernel[(triton.cdiv(T, block_t),)](
         x2,
         fn,
@@ -98,17 +81,17 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
     T, K = x2.shape
     M = fn.shape[0]
     dx = torch.empty(T, K, device=x2.device, dtype=dx_dtype) if need_dx else None
-    block_m = _pow2(M, 16, 128)
+    block_m = clamp_pow2(M, 16, 128)
     if _gpu_tiles():
         # Without register spills for sm_90 and sm_100 (tests/unit/test_triton_compile.py):
         # fn's K slice and dfn's accumulator stay in registers for the whole token walk.
         block_t, block_k, warps = 32, {16: 64, 32: 32}.get(block_m, 16), 8
         k_blocks = triton.cdiv(K, block_k)
         splits = max(
-            1, min(triton.cdiv(T, block_t), triton.cdiv(2 * _num_sms(x2.device), k_blocks))
+            1, min(triton.cdiv(T, block_t), triton.cdiv(2 * frontend.num_sms(x2.device), k_blocks))
         )
     else:
-        block_t, block_k, warps = _pow2(T, 16, 64), _pow2(K, 16, 256), 4
+        block_t, block_k, warps = clamp_pow2(T, 16, 64), clamp_pow2(K, 16, 256), 4
         k_blocks, splits = triton.cdiv(K, block_k), 1
     tokens_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, tokens_per_split)
@@ -149,15 +132,13 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
 def _gates_block_t(T: int, np_: int) -> int:
     if _gpu_tiles():
         return 32 if np_ <= 4 else 16
-    return _pow2(T, 2, 64)
+    return clamp_pow2(T, 2, 64)
 
 
 def mhc_gates_fwd(mn, base, scale, n, iters, eps):
     T = mn.shape[0]
-    h_pre = torch.empty(T, n, device=mn.device, dtype=torch.float32)
-    h_post = torch.empty(T, n, device=mn.device, dtype=torch.float32)
-    comb = torch.empty(T, n, n, device=mn.device, dtype=torch.float32)
-    np_ = _np(n)
+    h_pre, h_post, comb = frontend.gates_fwd_outputs(mn, n)
+    np_ = stream_tile(n)
     block_t = _gates_block_t(T, np_)
     kernels.mhc_gates_fwd_kernel[(triton.cdiv(T, block_t),)](
         mn,
@@ -180,13 +161,10 @@ def mhc_gates_fwd(mn, base, scale, n, iters, eps):
 def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
     """g = r * dmn [T, M], coef [T], dbase [M], dscale [3] (all fp32)."""
     T, M = mn.shape
-    np_ = _np(n)
+    np_ = stream_tile(n)
     block_t = _gates_block_t(T, np_)
     programs = triton.cdiv(T, block_t)
-    g = torch.empty(T, M, device=mn.device, dtype=torch.float32)
-    coef = torch.empty(T, device=mn.device, dtype=torch.float32)
-    dbase = torch.empty(programs, M, device=mn.device, dtype=torch.float32)
-    dscale = torch.empty(programs, 3, device=mn.device, dtype=torch.float32)
+    g, coef, dbase, dscale = frontend.gates_bwd_outputs(mn, programs)
     kernels.mhc_gates_bwd_kernel[(programs,)](
         mn,
         r,
@@ -208,7 +186,7 @@ def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
         NP=np_,
         num_warps=4,
     )
-    return g, coef, dbase.sum(dim=0), dscale.sum(dim=0)
+    return frontend.summed(g, coef, dbase, dscale)
 
 
 def _collapse_blocks(T: int, C: int, backward: bool = False):
@@ -216,12 +194,21 @@ def _collapse_blocks(T: int, C: int, backward: bool = False):
         # The backward keeps n dh accumulators per token as well: a narrower C block keeps it
         # free of register spills for sm_90 and sm_100 (tests/unit/test_triton_compile.py).
         return 8, (128 if backward else 256)
-    return _pow2(T, 2, 32), _pow2(C, 16, 128)
+    return clamp_pow2(T, 2, 32), clamp_pow2(C, 16, 128)
 
 
 def collapse_fwd(x3, h, out_dtype):
     """u = sum_i h_i x_i [T, C]."""
     return _collapse_fwd(x3, h, out_dtype)[0]
+
+
+def head_fwd(x3, fn, base, scale, eps, norm_eps):
+    """u [T, C] in x3.dtype, and the fp32 mn [T, n], r [T], w [T, n] saved for backward: the
+    projection (M = n), then the collapse kernel in head mode (w computed from mn and stored)."""
+    T, n, C = x3.shape
+    mn, r = proj_rms_fwd(x3.view(T, n * C), fn, norm_eps)
+    out, w = _collapse_fwd(x3, None, x3.dtype, head=(mn, base, scale, eps))
+    return out, mn, r, w
 
 
 def _collapse_fwd(x3, h, out_dtype, head=None):
@@ -260,8 +247,7 @@ def collapse_bwd(x3, h, du, need_dx, dx_dtype, dh_dtype):
     """dx_i = h_i du [T, n, C] (or None), dh_i = <x_i, du> [T, n]."""
     T, n, C = x3.shape
     block_t, block_c = _collapse_blocks(T, C, backward=True)
-    dx = torch.empty(T, n, C, device=x3.device, dtype=dx_dtype) if need_dx else None
-    dh = torch.empty(T, n, device=x3.device, dtype=dh_dtype)
+    dx, dh = frontend.collapse_bwd_outputs(x3, need_dx, dx_dtype, dh_dtype)
     kernels.collapse_bwd_kernel[(triton.cdiv(T, block_t),)](
         x3,
         h,
@@ -284,7 +270,7 @@ def collapse_bwd(x3, h, du, need_dx, dx_dtype, dh_dtype):
         WRITE_DX=need_dx,
         BLOCK_T=block_t,
         BLOCK_C=block_c,
-        NP=_np(n),
+        NP=stream_tile(n),
         num_warps=4,
     )
     return dx, dh
@@ -296,10 +282,7 @@ def head_gate_bwd(x3, du, mn, r, base, scale):
     T, n, C = x3.shape
     block_t, block_c = _collapse_blocks(T, C, backward=True)
     programs = triton.cdiv(T, block_t)
-    g = torch.empty(T, n, device=x3.device, dtype=torch.float32)
-    coef = torch.empty(T, device=x3.device, dtype=torch.float32)
-    dbase = torch.empty(programs, n, device=x3.device, dtype=torch.float32)
-    dscale = torch.empty(programs, device=x3.device, dtype=torch.float32)
+    g, coef, dbase, dscale = frontend.head_gate_bwd_outputs(x3, programs)
     kernels.collapse_bwd_kernel[(programs,)](
         x3,
         g,
@@ -322,20 +305,20 @@ def head_gate_bwd(x3, du, mn, r, base, scale):
         WRITE_DX=False,
         BLOCK_T=block_t,
         BLOCK_C=block_c,
-        NP=_np(n),
+        NP=stream_tile(n),
         num_warps=4,
     )
-    return g, coef, dbase.sum(dim=0), dscale.sum(dim=0, keepdim=True)
+    return frontend.summed(g, coef, dbase, dscale)
 
 
 def update_fwd(x3, y2, h_post, comb):
     T, n, C = x3.shape
     out = torch.empty(T, n, C, device=x3.device, dtype=x3.dtype)
-    np_ = _np(n)
+    np_ = stream_tile(n)
     if _gpu_tiles():
         block_t, block_c = max(2, 16 // np_), 256
     else:
-        block_t, block_c = _pow2(T, 2, 32), _pow2(C, 16, 128)
+        block_t, block_c = clamp_pow2(T, 2, 32), clamp_pow2(C, 16, 128)
     kernels.update_fwd_kernel[(triton.cdiv(T, block_t), triton.cdiv(C, block_c))](
         x3,
         y2,
@@ -355,18 +338,15 @@ def update_fwd(x3, y2, h_post, comb):
 
 def update_bwd(x3, y2, h_post, comb, dout, dtypes):
     T, n, C = x3.shape
-    dx = torch.empty(T, n, C, device=x3.device, dtype=dtypes[0])
-    dy = torch.empty(T, C, device=x3.device, dtype=dtypes[1])
-    dh = torch.empty(T, n, device=x3.device, dtype=dtypes[2])
-    dcomb = torch.empty(T, n, n, device=x3.device, dtype=dtypes[3])
-    np_ = _np(n)
+    dx, dy, dh, dcomb = frontend.update_bwd_outputs(x3, dtypes)
+    np_ = stream_tile(n)
     warps = 4
     if _gpu_tiles():
         # Without register spills for sm_90 and sm_100 (tests/unit/test_triton_compile.py).
         block_t, block_c = max(2, 8 // np_), (64 if np_ <= 2 else 128)
         warps = 8 if np_ >= 8 else 4
     else:
-        block_t, block_c = _pow2(T, 2, 32), _pow2(C, 16, 128)
+        block_t, block_c = clamp_pow2(T, 2, 32), clamp_pow2(C, 16, 128)
     kernels.update_bwd_kernel[(triton.cdiv(T, block_t),)](
         x3,
         y2,
@@ -386,51 +366,3 @@ def update_bwd(x3, y2, h_post, comb, dout, dtypes):
         num_warps=warps,
     )
     return dx, dy, dh, dcomb
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd Functions. Inputs arrive with matching leading dims (the package broadcasts them).
-# ----------------------------------------------------------------------------------------------
-class Head(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fn, base, scale, eps, norm_eps):
-        n, C = x.shape[-2:]
-        T = tokens(x, 2)
-        check_device(x, fn, base, scale)
-        x3 = rows(x, T, n, C)
-        mn, r = proj_rms_fwd(x3.view(T, n * C), fn.contiguous(), norm_eps)
-        out, w = _collapse_fwd(
-            x3, None, x.dtype, head=(mn, base.contiguous(), rows(scale, -1), eps)
-        )
-        ctx.save_for_backward(x, fn, base, scale, mn, r, w)
-        return out.view(*x.shape[:-2], C)
-
-    @staticmethod
-    def backward(ctx, du):
-        x, fn, base, scale, mn, r, w = ctx.saved_tensors
-        n, C = x.shape[-2:]
-        T = tokens(x, 2)
-        x3 = rows(x, T, n, C)
-        du2 = rows(du, T, C)
-        g, coef, dbase, dscale = head_gate_bwd(x3, du2, mn, r, base.contiguous(), rows(scale, -1))
-        need_dx, need_dfn = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx = dfn = None
-        if need_dx or need_dfn:
-            dx, dfn = proj_rms_bwd(
-                x3.view(T, n * C),
-                fn.contiguous(),
-                g,
-                coef,
-                need_dx,
-                need_dfn,
-                x.dtype,
-                collapse=(w, du2, C),
-            )
-        return (
-            dx.view(x.shape) if dx is not None else None,
-            dfn.to(fn.dtype) if dfn is not None else None,
-            dbase.to(base.dtype),
-            dscale.view(scale.shape).to(scale.dtype),
-            None,
-            None,
-        )
