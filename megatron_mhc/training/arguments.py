@@ -3,6 +3,7 @@ MHCTransformerConfig, `--config` (a YAML run config), and `--default-corpus`."""
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -88,7 +89,19 @@ def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     config_path = _config_path(sys.argv[1:])
     if config_path is not None:
         parser.set_defaults(**load_yaml_config(config_path, parser))
+    _escape_percent_signs_in_help(parser)
     return parser
+
+
+def _escape_percent_signs_in_help(parser: argparse.ArgumentParser) -> None:
+    """argparse %-formats every help text, and megatron-core 0.19.2's help generated from
+    docstrings has literal ones ("1.10 = 10%)"), which make `--help` fail with "unsupported
+    format character"; `%(default)s`-style references are kept."""
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            action.help = re.sub(
+                r"%%|%\(\w+\)\w|%", lambda m: m[0] if len(m[0]) > 1 else "%%", action.help
+            )
 
 
 def _config_path(argv):

@@ -97,3 +97,11 @@ def test_bad_value_is_an_argparse_error_naming_the_flag(parser, capsys, argv, me
         parser.parse_args(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.rstrip().endswith(message)
+
+
+def test_help_of_every_flag_formats(parser):
+    # megatron-core's help texts generated from docstrings carry literal '%' signs
+    # (--moe-paged-stash-buffer-size-factor-cuda: "10%"), which argparse would reject.
+    text = parser.format_help()
+    assert "--mhc-num-residual-streams" in text
+    assert "10%)" in text
