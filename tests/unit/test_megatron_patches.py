@@ -189,6 +189,7 @@ def test_every_patch_fits_the_installed_megatron_core():
 def _class_swap_sites():
     """Each model-construction call that swaps a Megatron class name (megatron_names.names_in),
     with the Megatron module and name it swaps."""
+    from megatron.core import rerun_state_machine
     from megatron.core.models.common import model_chunk_schedule_plan
     from megatron.core.models.gpt import gpt_model
     from megatron.core.models.hybrid import hybrid_model
@@ -208,12 +209,24 @@ def _class_swap_sites():
             "TransformerModelChunkSchedulePlan",
         ),
         (lambda: MHCHybridModel(config), hybrid_model, "MultiTokenPredictionBlock"),
+        (_rerun_state_machine_swap, rerun_state_machine, "RerunStateMachine"),
         (
             lambda: mhc_config_from_args(None),
             importlib.import_module("megatron.core.transformer"),
             "MLATransformerConfig",
         ),
     ]
+
+
+def _rerun_state_machine_swap():
+    """The swap pretrain_gpt_mhc.py makes around megatron.training.pretrain."""
+    from megatron.core import rerun_state_machine
+
+    from megatron_mhc.megatron_names import names_in
+    from megatron_mhc.training.rerun_machine import MHCRerunStateMachine
+
+    with names_in(rerun_state_machine, RerunStateMachine=MHCRerunStateMachine):
+        pass
 
 
 def test_planted_mismatch_of_each_class_swap_fails_naming_it():
