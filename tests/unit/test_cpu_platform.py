@@ -77,8 +77,8 @@ def _apply_twice(cuda_available):
         untouched_at_import=untouched_at_import,
         first=first,
         second=second,
-        first_patched=[a is not b for a, b in zip(at_import, after_first)],
-        second_patched=[a is not b for a, b in zip(after_first, after_second)],
+        first_patched=[a is not b for a, b in zip(at_import, after_first, strict=True)],
+        second_patched=[a is not b for a, b in zip(after_first, after_second, strict=True)],
     )
 
 
