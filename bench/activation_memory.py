@@ -1,4 +1,4 @@
-"""Activation memory of mHC with and without the recompute manager (issue: recompute manager).
+"""Activation memory of mHC with and without the recompute manager.
 
 For one training step of a 12-layer GPT (one micro-batch), counts exactly the bytes of the
 activations saved for backward (saved-tensor hooks, each storage counted once, read at the end

@@ -1,4 +1,4 @@
-"""Training step time of a GPT with mHC against the same GPT without it, and the issue's floor.
+"""Training step time of a GPT with mHC against the same GPT without it, and the bandwidth floor.
 
 One GPU, one process: Megatron's DistributedDataParallel, its optimizer (Adam, mixed precision
 with fp32 main parameters in bf16), its forward-backward schedule (`get_forward_backward_func`)
@@ -6,8 +6,8 @@ and `optimizer.step()`; a step is all of that, timed with CUDA events, median of
 --warmup. Variants, side by side in one run: the baseline (plain residual, n = 1) and the mHC
 model (n = --streams) with each kernel backend of --backends (`torch` reference, `triton`, ...).
 
-Floor (the issue's): an HC module must move at least (8n + 5) * C elements per token (forward
-+ backward), two modules per layer, so per step
+Floor: an HC module must move at least (8n + 5) * C elements per token (forward + backward:
+docs/kernels.md counts them), two modules per layer, so per step
     floor bytes = (8n + 5) * C * 2 * layers * tokens_per_step * bytes_per_element
 and floor = floor bytes / measured copy bandwidth / baseline step time: the least step-time
 overhead mHC can add if its ops were purely bandwidth-bound. Printed per mHC variant: the
