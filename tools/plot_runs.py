@@ -20,6 +20,7 @@ grad-norm and throughput figures only, and the mHC figures are left out when no 
 """
 
 import argparse
+import io
 import math
 import re
 import statistics
@@ -32,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402  (a dependency of matplotlib)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 TRAIN_LOSS = "lm loss"
@@ -281,7 +283,7 @@ def plot_h_res_heatmap(runs: list[Run], out: Path, iteration: int | None) -> Non
 
 def plot_mappings(runs: list[Run], out: Path) -> None:
     figure, axes = plt.subplots(
-        len(runs), 2, figsize=(12, 2.6 * len(runs) + 0.6), squeeze=False, sharex=True
+        len(runs), 2, figsize=(11, 2.0 * len(runs) + 0.6), squeeze=False, sharex=True
     )
     for (pre_ax, post_ax), run in zip(axes, runs, strict=True):
         layers = run.layers()
@@ -321,8 +323,11 @@ def plot_series(runs: list[Run], tag: str, ylabel: str, path: Path, log: bool) -
 
 
 def _save(figure, path: Path) -> None:
-    figure.savefig(path, dpi=80, bbox_inches="tight")
+    # A 256-colour palette keeps each PNG small enough to commit next to the docs.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 def _format(value: float | None, spec: str) -> str:
@@ -358,9 +363,9 @@ def summary_table(runs: list[Run]) -> str:
         lines.append(
             f"| {run.name} | {steps[-1]} | {loss[-1]:.4f} / {statistics.fmean(tail):.4f} "
             f"| {_format(val[-1] if val else None, '.4f')} "
-            f"| {_format(max(gains['fwd'], default=None), '.4g')} "
-            f"| {_format(max(gains['bwd'], default=None), '.4g')} "
-            f"| {_format(max(layer_gains, default=None), '.4g')} "
+            f"| {_format(max(gains['fwd'], default=None), '.5g')} "
+            f"| {_format(max(gains['bwd'], default=None), '.5g')} "
+            f"| {_format(max(layer_gains, default=None), '.5g')} "
             f"| {_format(statistics.median(throughput) if throughput else None, '.1f')} "
             f"| {cost} |"
         )
