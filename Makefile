@@ -16,7 +16,10 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
+# Lint and format checks first (ruff.toml), then every test.
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest tests
 
 # The tiny mHC GPT on the embedded corpus: 2 processes (TP=1, PP=2), CPU or GPU.

@@ -20,7 +20,14 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "cuda-tile>=1.7", "matplotlib"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "transformers",
+            "cuda-tile>=1.7",
+            "matplotlib",
+            "ruff==0.17.6",
+        ],
         "plots": ["matplotlib"],  # tools/plot_runs.py
         "cutile": ["cuda-tile>=1.7"],
         "te": ["transformer-engine[pytorch]"],

@@ -2,8 +2,8 @@
 
 For each shape (T tokens x C hidden, n streams, activation dtype) and each op -- `mappings`,
 `collapse`, `update`, `head`, and `module` (`mhc_mappings_collapse` + `mhc_update` around an
-identity sublayer, as HyperConnectionModule runs them) -- times forward, and forward + backward (backward =
-the difference), for every variant that can run, side by side in one run:
+identity sublayer, as HyperConnectionModule runs them) -- times forward, and forward + backward
+(backward = the difference), for every variant that can run, side by side in one run:
 
   torch          the reference (`megatron_mhc.fusions.reference`), called as
                  HyperConnectionModule calls it (saving only the inputs, rerun in backward)
@@ -29,20 +29,27 @@ Bandwidth bound. Bytes each op must move at least (per token; e = bytes of the a
 f = 4 for the fp32 mapping tensors, N = n*n + 2n; the fn parameters, read once per call, are
 added but negligible at these T):
 
-| op       | forward                                          | backward                                              |
-|----------|--------------------------------------------------|-------------------------------------------------------|
-| mappings | read x n*C*e; write h_pre, h_post, comb N*f      | read x n*C*e, dh N*f; write dx n*C*e (+ dfn once)     |
-| collapse | read x n*C*e, h_pre n*f; write u C*e              | read du C*e, x n*C*e, h_pre n*f; write dx n*C*e, dh_pre n*f |
-| update   | read x n*C*e, y C*e, h_post+comb (n+n*n)*f; write x' n*C*e | read dx' n*C*e, x n*C*e, y C*e, h (n+n*n)*f; write dx n*C*e, dy C*e, dh (n+n*n)*f |
-| head     | read x n*C*e; write out C*e                       | read dout C*e, x n*C*e; write dx n*C*e                |
-| module   | (3n + 2)*C*e: x read once for mappings+collapse, u written, x and y read, x' written | (5n + 3)*C*e: the rest of the issue's (8n + 5)*C*e floor per HC module |
+Per op, forward then backward:
+  mappings  fwd: read x n*C*e; write h_pre, h_post, comb N*f
+            bwd: read x n*C*e, dh N*f; write dx n*C*e (+ dfn once)
+  collapse  fwd: read x n*C*e, h_pre n*f; write u C*e
+            bwd: read du C*e, x n*C*e, h_pre n*f; write dx n*C*e, dh_pre n*f
+  update    fwd: read x n*C*e, y C*e, h_post+comb (n+n*n)*f; write x' n*C*e
+            bwd: read dx' n*C*e, x n*C*e, y C*e, h (n+n*n)*f; write dx n*C*e, dy C*e,
+                 dh (n+n*n)*f
+  head      fwd: read x n*C*e; write out C*e
+            bwd: read dout C*e, x n*C*e; write dx n*C*e
+  module    fwd: (3n + 2)*C*e: x read once for mappings+collapse, u written, x and y read,
+                 x' written
+            bwd: (5n + 3)*C*e: the rest of the (8n + 5)*C*e floor per HC module
 
 The bound is bytes / (measured device-to-device copy bandwidth: a --copy-mib buffer copied with
 torch, read + write bytes over the CUDA-event time); "% BW" is bound time / measured time.
 
-    python bench/bench_kernels.py                              # H100: T in {8192, 32768}, C in {4096, 7168}
+    python bench/bench_kernels.py     # H100: T in {8192, 32768}, C in {4096, 7168}
     python bench/bench_kernels.py --backends torch,triton --ops module
-    python bench/bench_kernels.py --device cpu --tokens 64 --hidden 64 --repeats 2 --warmup 1  # smoke
+    python bench/bench_kernels.py --device cpu --tokens 64 --hidden 64 --repeats 2 --warmup 1
+                                      # (the smoke run)
 """
 
 import argparse

@@ -2,8 +2,9 @@
 
 Every fused backend (`megatron_mhc.fusions.<backend>`) exposes these functions under the same
 names and signatures, and every kernel test compares against them. They run anywhere torch runs,
-differentiate through autograd, and compute in fp32 whatever the input dtype (in float64 when an input is float64: gradcheck and
-exactness tests): the mappings are returned in that compute dtype; collapse, update and head return the dtype of the stream tensor `x`.
+differentiate through autograd, and compute in fp32 whatever the input dtype (in float64 when an
+input is float64: gradcheck and exactness tests): the mappings are returned in that compute
+dtype; collapse, update and head return the dtype of the stream tensor `x`.
 
 Shapes: `x` is the residual state viewed as [..., n, C] (stream index before C), `y` a sublayer
 output [..., C]; the leading dims are tokens in any layout ([s, b] in Megatron).
@@ -27,7 +28,8 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Sinkhorn-Knopp projection of [..., n, n] logits onto the doubly stochastic matrices.
 
     Softmax over the last axis, then alternate column and row normalisation, ending on columns
-    (docs/math.md, mappings step 6): the columns, which weight the streams every output stream reads, sum to 1.
+    (docs/math.md, mappings step 6): the columns, which weight the streams every output stream
+    reads, sum to 1.
     """
     (logits,) = _upcast(logits)
     k = torch.softmax(logits, dim=-1) + eps

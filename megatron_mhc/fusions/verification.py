@@ -218,10 +218,10 @@ def _compare(result: OpCheck, ops, op, shape, tokens, gen) -> None:
         return exact_grads[i]
 
     names = _INPUT_NAMES[op]
-    compared = [(f"output {i}", g, w, None) for i, (g, w) in enumerate(zip(got, want))]
+    compared = [(f"output {i}", g, w, None) for i, (g, w) in enumerate(zip(got, want, strict=True))]
     compared += [
         (f"grad of {names[i]}", g, w, i if op in _PARAMETER_OPS and i > 0 else None)
-        for i, (g, w) in enumerate(zip(got_grads, want_grads))
+        for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True))
     ]
     for what, g, w, parameter in compared:
         if g is None:
@@ -378,9 +378,11 @@ def choose(
         device,
         tokens,
         checks,
-        {name: t for name, t in zip(names, agreed_times) if name in times},
+        {name: t for name, t in zip(names, agreed_times, strict=True) if name in times},
         tuple(
-            n for n, here, all_ranks in zip(names, passed_here, passed) if here and not all_ranks
+            n
+            for n, here, all_ranks in zip(names, passed_here, passed, strict=True)
+            if here and not all_ranks
         ),
         time.perf_counter() - begin,
     )
