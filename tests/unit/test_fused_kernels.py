@@ -497,7 +497,6 @@ def test_hc_module_ops_chained_match_reference(on_cpu, backend, n, dtype):
     [
         (1, 5, 37, "fp32", 20),
         (3, 70, 300, "bf16", 1),
-        (4, 5, 37, "bf16", 20),
         (8, 70, 300, "fp32", 20),
     ],
 )
