@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the fused kernels in one command, for a machine with a GPU
-# (the `device` tool's H100/H200: bare, no network, its own python3 with torch and triton).
+# Every GPU check and benchmark of the fused kernels in one command, for a machine with a GPU,
+# including one without network access that has its own python3 with torch and triton.
 #
-# Prepare here, once, the wheels the GPU machine lacks (about 4 MB; the .whl/ folder is
-# git-ignored and travels with `carry: [".whl"]`):
+# Prepare, on a machine with network access, the wheels the GPU machine lacks (about 4 MB; the
+# .whl/ folder is git-ignored; copy it along with the repository):
 #     bash bench/gpu_suite.sh --fetch-wheels
 # then, on the GPU machine, in the repository root:
 #     bash bench/gpu_suite.sh [RESULTS_DIR]        # default: $OUT, else bench/results

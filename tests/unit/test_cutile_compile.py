@@ -284,7 +284,7 @@ def test_kernel_compiles_to_cubin(tile, gpu, n):
             assert len(code) > 0, (name, gpu, n, config)
 
 
-def test_tile_sizes():
+def test_tiles_are_powers_of_two_within_budget_and_grids_cover_every_element():
     """The grids cover every token and channel, the tiles are powers of two within their
     element budgets."""
     for n in (1, 2, 3, 4, 8):

@@ -441,7 +441,7 @@ def test_op_matches_reference(on_cpu, backend, op, n, dtype):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_single_stream(on_cpu, backend, op):
+def test_single_stream_matches_the_reference(on_cpu, backend, op):
     on_cpu(check_op, backend, op, 1, (5,), 37, "fp32", seed=11)
 
 
@@ -605,7 +605,7 @@ def test_cutile_unavailable_on_hopper():
     assert "does not support Hopper" in cutile.UNAVAILABLE_REASON
 
 
-def test_cutile_architectures():
+def test_cutile_runs_on_every_architecture_its_compiler_supports_but_hopper():
     for cap in [(8, 0), (8, 6), (8, 9), (10, 0), (10, 3), (12, 0)]:
         assert cutile._arch_reason(cap) is None, cap
     assert cutile._arch_reason((9, 0)) == "cuTile's compiler does not support Hopper (sm_90)"
