@@ -31,8 +31,8 @@ pretrain: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) --master-port $${MASTER_PORT:-29500} \
 		pretrain_gpt_mhc.py --config $(PRETRAIN_CONFIG) $(ARGS)
 
-# The baseline / HC / mHC comparison of docs/results.md: 8 runs, one process each, then the
-# figures (about an hour on a 2-core CPU machine; settings as environment variables).
+# The baseline / HC / mHC comparison of docs/results.md: 9 runs (13 with SEEDS="1 2 3 4"), one
+# process each, then the figures (settings as environment variables: tools/reproduce.sh).
 .PHONY: reproduce
 reproduce: install
 	tools/reproduce.sh $(or $(REPRODUCE_OUT),runs/reproduce)

@@ -31,14 +31,17 @@ BASE_FLAGS = [
     "--save-interval",
     "1000",
 ]
-# Losses over 50 training steps amplify last-bit differences between CPUs: MKL and ATen pick
-# kernels by processor (vendor, AVX2 / AVX-512), each summing in its own order. Golden values
-# are compared on whatever machine CI gets, so the runs use the code paths every x86 CPU has:
-# MKL's conditional-numerical-reproducibility mode and ATen's non-vectorized kernels, one thread.
+# Losses over 50 training steps amplify last-bit differences between CPUs: MKL, ATen and oneDNN
+# pick kernels by processor (vendor, AVX2 / AVX-512 / AMX), each rounding in its own way (oneDNN's
+# JIT GELU, which torch uses for fp32 on CPU, differs from iteration 7 on between its AVX2 and
+# AVX-512 code). Golden values are compared on whatever machine CI gets, so the runs use code
+# paths every x86-64 CPU with AVX2 has: MKL's conditional-numerical-reproducibility mode, ATen's
+# non-vectorized kernels, oneDNN's AVX2 kernels, one thread.
 PORTABLE_CPU_NUMERICS = {
     "OMP_NUM_THREADS": "1",
     "MKL_CBWR": "COMPATIBLE",
     "ATEN_CPU_CAPABILITY": "default",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
 _LOSS = re.compile(r"\[mhc\] iteration +(\d+) \| lm loss: ([^ |]+) \|")
 

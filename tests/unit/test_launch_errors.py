@@ -318,6 +318,12 @@ CASES = [
         "previous checkpoint, iteration 2: add --ckpt-step 2 (this run only), or write 2 into",
         _real_checkpoint(_remove("__0_0.distcp")),
     ),
+    Case(
+        "checkpoint with the HC names before 0.2",
+        (),
+        "the checkpoint uses the HC module names of megatron-mhc before 0.2 (",
+        lambda run: shutil.copytree(REAL_CHECKPOINT, run / "checkpoints"),
+    ),
     # Config files and mHC settings.
     Case(
         "YAML key mistyped",
@@ -329,6 +335,17 @@ CASES = [
         "mHC streams zero",
         ("--mhc-num-residual-streams", "0"),
         "MHCTransformerConfig.mhc_num_residual_streams=0 is invalid: must be an integer >= 1",
+    ),
+    Case(
+        "hybrid pattern the local spec cannot build",
+        (
+            "--config",
+            "{repo}/configs/hybrid_tiny_mhc.yaml",
+            "--hybrid-layer-pattern",
+            "*M*E|*-*E",
+        ),
+        "hybrid_layer_pattern='*M*E|*-*E' is invalid: layer types ['M'] need "
+        "transformer_impl='transformer_engine'",
     ),
     Case(
         "fused kernels without a GPU",
@@ -363,7 +380,7 @@ def _argv(run: Path, flags) -> list[str]:
         f"{run}/checkpoints",
         "--tensorboard-dir",
         f"{run}/tensorboard",
-        *(flag.replace("{run}", str(run)) for flag in flags),
+        *(flag.replace("{run}", str(run)).replace("{repo}", str(REPO)) for flag in flags),
     ]
 
 
@@ -504,7 +521,8 @@ def _doc_rows() -> str:
                 line = _refusal(case, run, patch)
             finally:
                 patch.undo()
-            flags = " ".join(case.flags).replace("{run}", "RUN") or "(the --load directory)"
+            flags = " ".join(case.flags).replace("{run}", "RUN").replace("{repo}/", "")
+            flags = flags.replace("|", "\\|") or "(the --load directory)"
             message = line.removeprefix("pretrain_gpt_mhc.py: error: ")
             rows.append(
                 f"| {case.name} | `{flags}` | {_doc_message(message.replace(str(run), 'RUN'))} |"
