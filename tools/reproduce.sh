@@ -6,7 +6,7 @@
 #
 #   tools/reproduce.sh [OUT]          # default OUT: runs/reproduce
 #
-# Every setting is an environment variable (defaults: the 2-core CPU machine, about an hour):
+# Every setting is an environment variable (defaults: a 2-core CPU machine, about 20 minutes):
 #   NPROC=1 PP=1 TP=1           processes per run and their layout (world = PP * TP * data-parallel)
 #   LAYERS=16 HIDDEN=64 FFN=256 HEADS=4 SEQ=64 MBS=4 GBS=8 ITERS=200 WARMUP=20
 #   LR=3e-3 STRESS_LR=3e-2      learning rate of the main runs and of the stress pair
