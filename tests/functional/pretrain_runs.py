@@ -43,6 +43,9 @@ PORTABLE_CPU_NUMERICS = {
     "ATEN_CPU_CAPABILITY": "default",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
+# The golden run also evaluates (2 batches at iterations 25 and 50): evaluation must not change
+# the training losses, and tools/plot_runs.py's test reads the validation loss from it.
+GOLDEN_FLAGS = ["--eval-interval", "25", "--eval-iters", "2"]
 _LOSS = re.compile(r"\[mhc\] iteration +(\d+) \| lm loss: ([^ |]+) \|")
 
 
@@ -102,7 +105,7 @@ def write_golden(losses: dict) -> None:
                 "(CPU, gloo, 2 processes, TP=1 PP=2)",
                 "command": "MHC_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest "
                 "tests/functional/test_pretrain.py -k golden",
-                "flags": BASE_FLAGS,
+                "flags": BASE_FLAGS + GOLDEN_FLAGS,
                 "lm_loss": {str(i): losses[i] for i in sorted(losses)},
             },
             indent=1,

@@ -1,5 +1,6 @@
-"""tools/plot_runs.py on the TensorBoard logs of two real 10-iteration runs of the tiny configs
-(mHC and baseline, 2 processes, PP=2): every figure and the summary are written as valid images,
+"""tools/plot_runs.py on the TensorBoard logs of two real runs of the tiny configs (2 processes,
+PP=2): the 50-iteration mHC golden run (tests/functional/conftest.py) and a 10-iteration baseline.
+Every figure and the summary are written as valid images,
 a baseline alone is plotted without the mHC figures, a folder without event files is a clear
 error, and mHC's token-averaged H_res read back from the logs is doubly stochastic in every layer
 of both pipeline stages."""
@@ -29,17 +30,11 @@ plot_runs = _plot_runs_module()
 
 
 @pytest.fixture(scope="module")
-def run_logs(tmp_path_factory):
-    """{name: tensorboard dir} of a 10-iteration mHC run and its baseline twin."""
-    logs = {}
-    for name, config in (
-        ("mhc", "configs/gpt_tiny_mhc.yaml"),
-        ("baseline", "configs/gpt_tiny_baseline.yaml"),
-    ):
-        workdir = tmp_path_factory.mktemp(name)
-        run_pretrain(workdir, *SHORT_RUN, config=config)
-        logs[name] = workdir / "tensorboard"
-    return logs
+def run_logs(golden_run, tmp_path_factory):
+    """{name: tensorboard dir} of the mHC golden run and a 10-iteration baseline run."""
+    workdir = tmp_path_factory.mktemp("baseline")
+    run_pretrain(workdir, *SHORT_RUN, config="configs/gpt_tiny_baseline.yaml")
+    return {"mhc": golden_run[0] / "tensorboard", "baseline": workdir / "tensorboard"}
 
 
 def _assert_valid_png(path):
@@ -49,16 +44,16 @@ def _assert_valid_png(path):
 
 
 def test_every_figure_and_the_summary_are_written_for_mhc_and_baseline(run_logs, tmp_path):
-    plot_runs.main(["--out", str(tmp_path), str(run_logs["mhc"]), str(run_logs["baseline"])])
+    runs = [str(run_logs["mhc"]), str(run_logs["baseline"])]
+    plot_runs.main(["--out", str(tmp_path), "--label", "mhc", "--label", "baseline", *runs])
     for name in ALL_FIGURES:
         _assert_valid_png(tmp_path / f"{name}.png")
     rows = (tmp_path / "summary.md").read_text().splitlines()
-    # Runs are named after the folder holding their `tensorboard` dir: mhc0, baseline0.
     mhc_row = next(row for row in rows if row.startswith("| mhc"))
     baseline_row = next(row for row in rows if row.startswith("| baseline"))
     mhc_cells = [cell.strip() for cell in mhc_row.strip("|").split("|")]
     baseline_cells = [cell.strip() for cell in baseline_row.strip("|").split("|")]
-    assert mhc_cells[1] == baseline_cells[1] == "10"  # iterations
+    assert (mhc_cells[1], baseline_cells[1]) == ("50", "10")  # iterations
     assert float(mhc_cells[3]) < 9.0 and float(baseline_cells[3]) < 9.0  # val loss below ln V
     assert float(mhc_cells[4]) == pytest.approx(1.0, abs=1e-3)  # mHC: forward gain 1
     assert baseline_cells[4] == "-"  # no hyper-connections, no gain
@@ -97,7 +92,7 @@ def test_mhc_h_res_read_back_from_the_logs_is_doubly_stochastic(run_logs):
     run = plot_runs.load_run(run_logs["mhc"], "mhc")
     assert run.layers() == [1, 2, 3, 4]  # both pipeline stages' layers, by global number
     iterations = sorted(run.scalars["mhc/h_res/0_0"])
-    assert iterations == list(range(1, 11))
+    assert iterations == list(range(1, 51))
     prefixes = [f"mhc/layer{layer:02d}/h_res" for layer in run.layers()] + ["mhc/h_res"]
     for prefix, iteration in itertools.product(prefixes, iterations):
         matrix = run.matrix(prefix, iteration)

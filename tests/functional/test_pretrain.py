@@ -11,16 +11,8 @@ import pytest
 from tests.functional.pretrain_runs import load_golden, run_pretrain, write_golden
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """50 iterations in one go (TP=1, PP=2), shared by the tests below."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    log, losses = run_pretrain(workdir)
-    return workdir, log, losses
-
-
-def test_losses_match_golden_values(uninterrupted):
-    workdir, log, losses = uninterrupted
+def test_losses_match_golden_values(golden_run):
+    workdir, log, losses = golden_run
     assert "megatron-mhc: no CUDA device" in log
     assert sorted(losses) == list(range(1, 51))
     assert all(math.isfinite(v) for v in losses.values())
@@ -34,10 +26,10 @@ def test_losses_match_golden_values(uninterrupted):
     assert "[mhc]   layer04: H_pre" in log and "tokens/s:" in log
 
 
-def test_tensorboard_has_loss_throughput_and_mhc_figures(uninterrupted):
+def test_tensorboard_has_loss_throughput_and_mhc_figures(golden_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    workdir, _, _ = uninterrupted
+    workdir, _, _ = golden_run
     events = EventAccumulator(str(workdir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -59,7 +51,8 @@ def test_tensorboard_has_loss_throughput_and_mhc_figures(uninterrupted):
 
 @pytest.fixture(scope="module")
 def saved_at_25(tmp_path_factory):
-    """The same run stopped by --exit-interval at iteration 25, its checkpoint saved there."""
+    """The golden run's training stopped by --exit-interval at iteration 25, its checkpoint saved
+    there (without the golden run's evaluation, which leaves the training losses as they are)."""
     workdir = tmp_path_factory.mktemp("saved_at_25")
     run_pretrain(workdir, "--exit-interval", "25", "--save-interval", "25")
     return workdir / "checkpoints"
@@ -72,9 +65,9 @@ def _resume_dir(saved_at_25, tmp_path):
 
 
 def test_resume_from_iteration_25_is_bitwise_the_uninterrupted_run(
-    uninterrupted, saved_at_25, tmp_path
+    golden_run, saved_at_25, tmp_path
 ):
-    _, _, full = uninterrupted
+    _, _, full = golden_run
     log, resumed = run_pretrain(_resume_dir(saved_at_25, tmp_path))
     assert "loading distributed checkpoint" in log or "successfully loaded checkpoint" in log
     assert sorted(resumed) == list(range(26, 51))
@@ -82,9 +75,9 @@ def test_resume_from_iteration_25_is_bitwise_the_uninterrupted_run(
         assert resumed[iteration] == full[iteration], iteration
 
 
-def test_resume_with_another_parallel_layout(uninterrupted, saved_at_25, tmp_path):
+def test_resume_with_another_parallel_layout(golden_run, saved_at_25, tmp_path):
     """Saved with TP=1 PP=2, resumed with TP=2 PP=1 (torch_dist resharding)."""
-    _, _, full = uninterrupted
+    _, _, full = golden_run
     _, resumed = run_pretrain(
         _resume_dir(saved_at_25, tmp_path),
         "--tensor-model-parallel-size",
