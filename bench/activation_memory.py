@@ -18,6 +18,11 @@ import time
 import torch
 import torch.distributed as dist
 
+if __package__:  # imported as bench.activation_memory
+    from bench import common
+else:  # run as a script (python bench/activation_memory.py puts bench/ on sys.path)
+    import common
+
 VARIANTS = [  # (name, mHC streams, recompute_layer_num)
     ("baseline (n=1)", 1, None),
     ("mHC n=4, no recompute", 4, None),
@@ -83,12 +88,10 @@ def _time_recompute(manager, device, spent):
     recompute = manager._recompute
 
     def timed(*hook_args):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        common.synchronize(device)
         begin = time.perf_counter()
         result = recompute(*hook_args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        common.synchronize(device)
         spent[0] += time.perf_counter() - begin
         return result
 
@@ -108,9 +111,18 @@ def measure(args, model, device):
         None, None
     ]
 
+    recompute_times = []  # per step, warm-up steps included
+
     def step():
         loss = model(tokens, positions, mask, labels=tokens).float().mean()
         loss.backward()
+        recompute_times.append(recompute_seconds[0])
+
+    def reset():
+        recompute_seconds[0] = 0.0
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # the peak of the last step is reported
 
     with SavedActivations(model.parameters()) as saved:
         loss = model(tokens, positions, mask, labels=tokens).float().mean()
@@ -118,79 +130,54 @@ def measure(args, model, device):
     loss.backward()
     del saved, loss
 
-    times, recompute_times = [], []
-    for i in range(args.warmup + args.repeats):
-        recompute_seconds[0] = 0.0
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            begin = time.perf_counter()
-            step()
-            elapsed = time.perf_counter() - begin
-        if i >= args.warmup:
-            times.append(elapsed)
-            recompute_times.append(recompute_seconds[0])
+    step_seconds = common.time_call(step, device, args.warmup, args.repeats, setup=reset)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return saved_bytes, statistics.median(times), statistics.median(recompute_times), peak
+    recompute = statistics.median(recompute_times[args.warmup :])
+    return saved_bytes, step_seconds, recompute, peak
 
 
 def main():
     args = parse_args()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    if not torch.cuda.is_available():
-        from megatron_mhc.platform.cpu import apply_cpu_platform
-
-        apply_cpu_platform()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    store = dist.HashStore()  # one process: no rendezvous port to collide on
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1
-    )
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
-    rows = []
+    device = common.setup_device("cuda" if torch.cuda.is_available() else "cpu")
+    common.init_one_process_model_parallel(device)
+    table = []
     for name, streams, recompute in VARIANTS:
         model = build(args, streams, recompute, device)
-        saved, seconds, recompute, peak = measure(args, model, device)
+        saved, seconds, recompute_seconds, peak = measure(args, model, device)
         block = getattr(model.decoder, "recompute_block_size", None)
-        rows.append((name, block, saved, seconds, recompute, peak))
         del model
-    base_saved = rows[0][2]
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        if not table:
+            base_saved = saved  # VARIANTS[0] is the baseline
+        recompute_cells = ["-", "-"]
+        if block:
+            recompute_cells = [
+                f"{recompute_seconds * 1e3:.1f}",
+                f"{recompute_seconds / seconds * 100:.1f}%",
+            ]
+        table.append(
+            [name, block or "-", f"{saved / 2**20:.2f}", f"{saved / base_saved:.3f}x"]
+            + [f"{seconds * 1e3:.1f}", *recompute_cells]
+            + ([] if peak is None else [f"{peak / 2**20:.1f}"])
+        )
     print(
-        f"device: {device_name}; torch {torch.__version__}; layers={args.layers} "
+        f"device: {common.device_name(device)}; torch {torch.__version__}; layers={args.layers} "
         f"hidden={args.hidden} heads={args.heads} seq={args.seq} "
         f"micro_batch={args.micro_batch} dropout={args.dropout}; "
         f"median of {args.repeats} steps after {args.warmup} warm-up"
     )
-    header = (
-        "| variant | L_r | saved activations (MiB) | vs baseline | step time (ms) "
-        "| recompute time (ms) | recompute / step |"
-    )
+    header = [
+        "variant",
+        "L_r",
+        "saved activations (MiB)",
+        "vs baseline",
+        "step time (ms)",
+        "recompute time (ms)",
+        "recompute / step",
+    ]
     if device.type == "cuda":
-        header += " peak allocated (MiB) |"
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
-    for name, block, saved, seconds, recompute, peak in rows:
-        cost = f"{recompute * 1e3:.1f} | {recompute / seconds * 100:.1f}%" if block else "- | -"
-        line = (
-            f"| {name} | {block or '-'} | {saved / 2**20:.2f} | {saved / base_saved:.3f}x | "
-            f"{seconds * 1e3:.1f} | {cost} |"
-        )
-        if peak is not None:
-            line += f" {peak / 2**20:.1f} |"
-        print(line)
+        header.append("peak allocated (MiB)")
+    common.print_table(header, table)
     dist.destroy_process_group()
 
 

@@ -58,38 +58,18 @@ import os
 
 import torch
 
-try:  # run as a script (python bench/bench_kernels.py) or imported as bench.bench_kernels
-    from common import (
-        DTYPES,
-        add_device_arguments,
-        copy_bandwidth,
-        device_name,
-        print_table,
-        resolve_copy_mib,
-        setup_device,
-        synchronize,
-        time_call,
-        versions,
-    )
-except ImportError:  # pragma: no cover
-    from bench.common import (
-        DTYPES,
-        add_device_arguments,
-        copy_bandwidth,
-        device_name,
-        print_table,
-        resolve_copy_mib,
-        setup_device,
-        synchronize,
-        time_call,
-        versions,
-    )
+if __package__:  # imported as bench.bench_kernels
+    from bench import common
+else:  # run as a script (python bench/bench_kernels.py puts bench/ on sys.path)
+    import common
 
 OPS = ("mappings", "collapse", "update", "head", "module")
 OUR_BACKENDS = ("torch", "triton", "cutile")
 PEERS = ("tile_kernels", "te", "liger")
 ALL_VARIANTS = ("torch", "torch.compile", "triton", "cutile") + PEERS
 CPU_VARIANTS = ("torch", "torch.compile")
+# What the table reports per op and variant, a time column and a "% BW" column each, in this order.
+PHASES = ("fwd", "bwd", "fwd+bwd")
 
 
 def parse_args(argv=None):
@@ -102,7 +82,7 @@ def parse_args(argv=None):
         "--hidden", type=ints, default=[4096, 7168], help="comma-separated hidden sizes C"
     )
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16")
     parser.add_argument("--sinkhorn-iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -114,7 +94,7 @@ def parse_args(argv=None):
         f"(default: all on cuda, 'torch' on cpu; on cpu only "
         f"{', '.join(CPU_VARIANTS)} run, the others are only detected)",
     )
-    add_device_arguments(parser)
+    common.add_device_arguments(parser)
     args = parser.parse_args(argv)
     args.ops = [op for op in args.ops.split(",") if op]
     for op in args.ops:
@@ -127,7 +107,7 @@ def parse_args(argv=None):
     for name in args.backends:
         if name not in ALL_VARIANTS:
             parser.error(f"unknown backend {name!r}; choose from {ALL_VARIANTS}")
-    resolve_copy_mib(args)
+    common.resolve_copy_mib(args)
     return args
 
 
@@ -559,16 +539,16 @@ def measure(variant, op, inputs, cfg, device, warmup, repeats):
         outs = [o for o in as_tuple(fn()) if isinstance(o, torch.Tensor) and o.requires_grad]
         torch.autograd.backward(outs, grads)
 
-    t_fwd = time_call(fwd, device, warmup, repeats, setup=release)
-    t_all = time_call(fwd_bwd, device, warmup, repeats, setup=release)
+    t_fwd = common.time_call(fwd, device, warmup, repeats, setup=release)
+    t_all = common.time_call(fwd_bwd, device, warmup, repeats, setup=release)
     release()
     return t_fwd, t_all
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = setup_device(args.device, cpu_platform=False)  # the ops need no Megatron state
-    dtype = DTYPES[args.dtype]
+    device = common.setup_device(args.device, cpu_platform=False)  # the ops need no Megatron state
+    dtype = common.DTYPES[args.dtype]
     elem = torch.empty((), dtype=dtype).element_size()
     cfg = {"iters": args.sinkhorn_iters}
 
@@ -590,30 +570,28 @@ def main(argv=None):
     if not variants:
         raise SystemExit("no variant can run here")
 
-    bandwidth = copy_bandwidth(
+    bandwidth = common.copy_bandwidth(
         device, args.copy_mib << 20, warmup=max(1, args.warmup), repeats=max(3, args.repeats)
     )
     print(
-        f"device: {device_name(device)}; {versions()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
-        f"(read+write, {args.copy_mib} MiB copy); n={args.streams} dtype={args.dtype} "
+        f"{common.bandwidth_header(device, bandwidth, args.copy_mib)}; "
+        f"n={args.streams} dtype={args.dtype} "
         f"sinkhorn_iters={args.sinkhorn_iters}; tokens={args.tokens} hidden={args.hidden}; "
         f"median of {args.repeats} after {args.warmup} warm-up; "
         f"variants: {', '.join(v.name for v in variants)}"
     )
 
-    header = [
-        "T",
-        "C",
-        "op",
-        "variant",
-        "fwd (ms)",
-        "bwd (ms)",
-        "fwd+bwd (ms)",
-        "fwd % BW",
-        "bwd % BW",
-        "fwd+bwd % BW",
-        "vs torch (fwd+bwd)",
-    ]
+    header = (
+        ["T", "C", "op", "variant"]
+        + [f"{phase} (ms)" for phase in PHASES]
+        + [f"{phase} % BW" for phase in PHASES]
+        + ["vs torch (fwd+bwd)"]
+    )
+
+    def share_of_bound(nbytes, seconds):
+        """The "% BW" cell: bandwidth-bound time of `nbytes` over the measured `seconds`."""
+        return f"{nbytes / bandwidth / seconds * 100:.1f}%" if seconds > 0 else "-"
+
     rows = []
     for tokens in args.tokens:
         for hidden in args.hidden:
@@ -632,42 +610,31 @@ def main(argv=None):
                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
                         )
                         results[variant.name] = "error"
-                    synchronize(device)
+                    common.synchronize(device)
                 ref = results.get("torch")
                 for variant in variants:
+                    key = [tokens, hidden, op, variant.name]
                     res = results[variant.name]
                     if res is None or res == "error":
                         cell = "n/a" if res is None else "error"
-                        rows.append([tokens, hidden, op, variant.name] + [cell] * 7)
+                        rows.append(key + [cell] * (len(header) - len(key)))
                         continue
                     t_fwd, t_all = res
-                    t_bwd = max(t_all - t_fwd, 0.0)
-
-                    def frac(nbytes, seconds):
-                        return f"{nbytes / bandwidth / seconds * 100:.1f}%" if seconds > 0 else "-"
-
+                    phase_seconds = (t_fwd, max(t_all - t_fwd, 0.0), t_all)
+                    phase_bytes = (b_fwd, b_bwd, b_fwd + b_bwd)
                     speedup = (
                         f"{ref[1] / t_all:.2f}x" if isinstance(ref, tuple) and t_all > 0 else "-"
                     )
                     rows.append(
-                        [
-                            tokens,
-                            hidden,
-                            op,
-                            variant.name,
-                            f"{t_fwd * 1e3:.3f}",
-                            f"{t_bwd * 1e3:.3f}",
-                            f"{t_all * 1e3:.3f}",
-                            frac(b_fwd, t_fwd),
-                            frac(b_bwd, t_bwd),
-                            frac(b_fwd + b_bwd, t_all),
-                            speedup,
-                        ]
+                        key
+                        + [f"{seconds * 1e3:.3f}" for seconds in phase_seconds]
+                        + list(map(share_of_bound, phase_bytes, phase_seconds))
+                        + [speedup]
                     )
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print_table(header, rows)
+    common.print_table(header, rows)
 
 
 if __name__ == "__main__":

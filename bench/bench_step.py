@@ -31,30 +31,10 @@ import os
 import torch
 import torch.distributed as dist
 
-try:  # run as a script (python bench/bench_step.py) or imported as bench.bench_step
-    from common import (
-        add_device_arguments,
-        copy_bandwidth,
-        device_name,
-        print_table,
-        resolve_copy_mib,
-        setup_device,
-        synchronize,
-        time_call,
-        versions,
-    )
-except ImportError:  # pragma: no cover
-    from bench.common import (
-        add_device_arguments,
-        copy_bandwidth,
-        device_name,
-        print_table,
-        resolve_copy_mib,
-        setup_device,
-        synchronize,
-        time_call,
-        versions,
-    )
+if __package__:  # imported as bench.bench_step
+    from bench import common
+else:  # run as a script (python bench/bench_step.py puts bench/ on sys.path)
+    import common
 
 
 def parse_args(argv=None):
@@ -84,12 +64,12 @@ def parse_args(argv=None):
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    add_device_arguments(parser)
+    common.add_device_arguments(parser)
     args = parser.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     if args.mhc_recompute not in (None, "auto"):
         args.mhc_recompute = int(args.mhc_recompute)
-    resolve_copy_mib(args)
+    common.resolve_copy_mib(args)
     return args
 
 
@@ -209,7 +189,7 @@ def measure(args, model, optimizer, device):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = time_call(step, device, args.warmup, args.repeats)
+    seconds = common.time_call(step, device, args.warmup, args.repeats)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return seconds, peak
 
@@ -218,7 +198,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # as activation_memory.py; no compile here
     logging.getLogger("megatron").setLevel(logging.WARNING)  # DDP/optimizer set-up INFO lines
-    device = setup_device(args.device)
+    device = common.setup_device(args.device)
     if args.transformer_impl is None:
         args.transformer_impl = (
             "transformer_engine" if device.type == "cuda" and _te_installed() else "local"
@@ -227,15 +207,7 @@ def main(argv=None):
         raise SystemExit(
             "--transformer-impl transformer_engine: Transformer Engine is not installed"
         )
-    store = dist.HashStore()  # one process: no rendezvous port to collide on
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1
-    )
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
+    common.init_one_process_model_parallel(device)
 
     from megatron_mhc.fusions import get_backend
 
@@ -249,7 +221,7 @@ def main(argv=None):
         variants.append((f"mHC n={args.streams}, {backend}", args.streams, backend))
 
     elem = 2 if device.type == "cuda" else 4
-    bandwidth = copy_bandwidth(device, args.copy_mib << 20)
+    bandwidth = common.copy_bandwidth(device, args.copy_mib << 20)
     tokens_per_step = args.micro_batch * args.seq
     n = args.streams
     floor_bytes = (8 * n + 5) * args.hidden * 2 * args.layers * tokens_per_step * elem
@@ -272,7 +244,7 @@ def main(argv=None):
         else:
             rows.append((name, streams, seconds, peak))
         del model, optimizer
-        synchronize(device)
+        common.synchronize(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -280,8 +252,8 @@ def main(argv=None):
     floor = floor_seconds / base
     dtype = "bf16" if device.type == "cuda" else "fp32"
     print(
-        f"device: {device_name(device)}; {versions()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
-        f"(read+write, {args.copy_mib} MiB copy); layers={args.layers} hidden={args.hidden} "
+        f"{common.bandwidth_header(device, bandwidth, args.copy_mib)}; "
+        f"layers={args.layers} hidden={args.hidden} "
         f"heads={args.heads} ffn={args.ffn_hidden or 4 * args.hidden} seq={args.seq} "
         f"micro_batch={args.micro_batch} vocab={args.vocab} dtype={dtype} "
         f"transformer_impl={args.transformer_impl} distributed_optimizer="
@@ -312,7 +284,7 @@ def main(argv=None):
         if peak is not None:
             row.append(f"{peak / 2**20:.0f}")
         table.append(row)
-    print_table(header, table)
+    common.print_table(header, table)
     dist.destroy_process_group()
 
 

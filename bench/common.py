@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks under bench/: device set-up, timing, copy bandwidth, tables.
+"""Shared helpers of the benchmarks under bench/: device and process set-up, timing, copy
+bandwidth, header lines, tables.
 
 Timing on CUDA uses CUDA events around each call after warm-up (one synchronisation per
 measurement, so no host overhead is hidden or added); on CPU, `time.perf_counter`. Both return
@@ -10,6 +11,7 @@ import statistics
 import time
 
 import torch
+import torch.distributed as dist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,6 +35,21 @@ def setup_device(name: str, cpu_platform: bool = True) -> torch.device:
 
     apply_cpu_platform()
     return torch.device("cpu")
+
+
+def init_one_process_model_parallel(device: torch.device) -> None:
+    """torch.distributed and Megatron's parallel state for this process alone (world size 1, every
+    parallel size 1), as the Megatron-based benchmarks run; undo with
+    `dist.destroy_process_group()`."""
+    store = dist.HashStore()  # one process: no rendezvous port to collide on
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1
+    )
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
 
 
 def synchronize(device: torch.device) -> None:
@@ -117,6 +134,15 @@ def versions() -> str:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def bandwidth_header(device: torch.device, bandwidth: float, copy_mib: int) -> str:
+    """The start of the header line of the benchmarks held against the bandwidth bound: device,
+    versions and the measured copy bandwidth (bytes/s) of a `copy_mib` MiB buffer."""
+    return (
+        f"device: {device_name(device)}; {versions()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"(read+write, {copy_mib} MiB copy)"
+    )
 
 
 def print_table(header, rows) -> None:

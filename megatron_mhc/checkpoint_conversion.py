@@ -19,6 +19,8 @@ renamed into place once it is complete.
 """
 
 import contextlib
+import dataclasses
+import functools
 import os
 import pickle
 import shutil
@@ -133,15 +135,18 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _rewrite_iteration(
-    source: Path,
-    target: Path,
-    rename: Callable[[str], str],
-    convert: Callable[[dict], dict] | None = None,
-    select: Callable[[str], bool] = lambda key: False,
-) -> None:
-    """One torch_dist iteration with every key renamed and the tensors of the selected (renamed)
-    keys replaced by `convert` of them. Everything else keeps its bytes: the data files are
+@dataclasses.dataclass(frozen=True)
+class _IndexRewrite:
+    """What a conversion does to a torch_dist index: every key renamed, and the tensors of the
+    selected (renamed) keys replaced by `convert` of them."""
+
+    rename: Callable[[str], str]
+    convert: Callable[[dict], dict] | None = None
+    select: Callable[[str], bool] = lambda key: False
+
+
+def _rewrite_iteration(source: Path, target: Path, rewrite: _IndexRewrite) -> None:
+    """One torch_dist iteration rewritten. Everything else keeps its bytes: the data files are
     linked and only the index is rewritten; the converted tensors go to one new data file."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -153,7 +158,10 @@ def _rewrite_iteration(
     )
 
     index = _read_index(source)
-    selected = {key: rename(key) for key in index.state_dict_metadata if select(rename(key))}
+    rename = rewrite.rename
+    selected = {
+        key: rename(key) for key in index.state_dict_metadata if rewrite.select(rename(key))
+    }
     tensors = {}
     if selected:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process
@@ -165,7 +173,7 @@ def _rewrite_iteration(
             for key in selected
         }
         load(tensors, storage_reader=FileSystemReader(str(source)), no_dist=True)
-        tensors = convert({selected[key]: value for key, value in tensors.items()})
+        tensors = rewrite.convert({selected[key]: value for key, value in tensors.items()})
     index.state_dict_metadata = {
         rename(k): v for k, v in index.state_dict_metadata.items() if k not in selected
     }
@@ -205,18 +213,20 @@ def _rewrite_iteration(
         pickle.dump(index, f)
 
 
-def _convert_checkpoint(source: Path, destination: Path, convert_iteration) -> None:
+def _convert_checkpoint(source: Path, destination: Path, rewrite: _IndexRewrite) -> None:
+    """Every iteration of `source` (a checkpoint directory, or one iteration of it) rewritten
+    into the new directory `destination`, with the tracker file."""
     source = Path(source)
     iterations = iteration_dirs(source)
     with _new_directory(destination) as scratch:
         if iterations == [source]:
-            convert_iteration(source, scratch / "converted")
+            _rewrite_iteration(source, scratch / "converted", rewrite)
             for entry in (scratch / "converted").iterdir():
                 entry.rename(scratch / entry.name)
             (scratch / "converted").rmdir()
             return
         for iteration in iterations:
-            convert_iteration(iteration, scratch / iteration.name)
+            _rewrite_iteration(iteration, scratch / iteration.name, rewrite)
         if (source / _TRACKER).is_file():
             shutil.copy2(source / _TRACKER, scratch / _TRACKER)
 
@@ -224,9 +234,7 @@ def _convert_checkpoint(source: Path, destination: Path, convert_iteration) -> N
 def upgrade_checkpoint(source: Path, destination: Path) -> None:
     """Write `source` (an earlier version's torch_dist checkpoint) with today's names to
     `destination` (a new directory)."""
-    _convert_checkpoint(
-        source, destination, lambda src, dst: _rewrite_iteration(src, dst, upgrade_key)
-    )
+    _convert_checkpoint(source, destination, _IndexRewrite(upgrade_key))
 
 
 def _residual_rows_transposed(tensor: torch.Tensor, num_streams: int, dim: int) -> torch.Tensor:
@@ -322,35 +330,28 @@ def _refuse_flat_optimizer_state(source: Path) -> None:
         )
 
 
+def _converted_to_main(key: str) -> bool:
+    """The entries Megatron-LM main's mHC stores in another layout: HC parameters, the head."""
+    return _hc_parameter(key) is not None or ".mhc_head." in key
+
+
+def _converted_from_main(key: str) -> bool:
+    return _main_hc_parameter(key) is not None
+
+
 def convert_to_megatron_main(source: Path, destination: Path, num_streams: int) -> None:
     """Write `source` (this project's torch_dist checkpoint, any version) for Megatron-LM
     main's mHC to `destination` (a new directory)."""
     _refuse_flat_optimizer_state(source)
-    _convert_checkpoint(
-        source,
-        destination,
-        lambda src, dst: _rewrite_iteration(
-            src,
-            dst,
-            upgrade_key,
-            lambda state: to_megatron_main(state, num_streams),
-            select=lambda key: _hc_parameter(key) is not None or ".mhc_head." in key,
-        ),
-    )
+    convert = functools.partial(to_megatron_main, num_streams=num_streams)
+    rewrite = _IndexRewrite(upgrade_key, convert, _converted_to_main)
+    _convert_checkpoint(source, destination, rewrite)
 
 
 def convert_from_megatron_main(source: Path, destination: Path, num_streams: int) -> None:
     """Write `source` (Megatron-LM main's torch_dist checkpoint with mHC) for this project to
     `destination` (a new directory)."""
     _refuse_flat_optimizer_state(source)
-    _convert_checkpoint(
-        source,
-        destination,
-        lambda src, dst: _rewrite_iteration(
-            src,
-            dst,
-            lambda key: key,
-            lambda state: from_megatron_main(state, num_streams),
-            select=lambda key: _main_hc_parameter(key) is not None,
-        ),
-    )
+    convert = functools.partial(from_megatron_main, num_streams=num_streams)
+    rewrite = _IndexRewrite(lambda key: key, convert, _converted_from_main)
+    _convert_checkpoint(source, destination, rewrite)

@@ -33,6 +33,8 @@ Same weights in every layout:
     and `partition_dim` on them) gets its chunk along `partition_dim`, layer `decoder.layers.<i>`
     of a pipeline stage the weights of global layer `layer_number - 1` (full_name() maps the
     names), and the output layer of a last stage with tied embeddings the word embeddings.
+    full = same_weights(model, full) does both for a series of layouts: the first model (TP=1 /
+    PP=1) gives the weights (`full` None), every model gets them.
 
 Gradients back in full:
     export_grads(model) returns this rank's gradients (`main_grad` under DDP, else `grad`) by full
@@ -209,6 +211,15 @@ def load_full_state_dict(model: torch.nn.Module, full: dict) -> None:
             weight = full[_reference_name(model, name)]
             dim = _partition_dim(param)
             param.copy_(weight if dim is None else weight.chunk(tp_size, dim=dim)[tp_rank])
+
+
+def same_weights(model: torch.nn.Module, full: dict | None) -> dict:
+    """`full` (the TP=1 / PP=1 weights; taken from `model` when None) loaded into `model`;
+    returns `full`, for the next layout."""
+    if full is None:
+        full = full_state_dict(model)
+    load_full_state_dict(model, full)
+    return full
 
 
 def export_grads(model: torch.nn.Module) -> dict:

@@ -5,7 +5,9 @@
 with `enable_mhc_connections=False` (the default here) it describes the plain Megatron model.
 `build_tiny_gpt(config)` builds this pipeline stage's part through `build_mhc_gpt_model`;
 `forward_backward` runs Megatron's real schedule (through megatron_mhc's
-`get_forward_backward_func`) on `batches()`.
+`get_forward_backward_func`) on `batches()`; `train_on_a_fixed_batch` trains as
+megatron.training does. `MHC_4_STREAMS` and `CPU_MOE` are the mHC and MoE settings the tests
+share.
 """
 
 import torch
@@ -15,6 +17,25 @@ from megatron_mhc.models.gpt import build_mhc_gpt_model
 from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
 
 SEQ, MICRO_BATCH, NUM_MICROBATCHES, VOCAB = 16, 2, 2, 128
+# mHC with n = 4 residual streams (default random init, mean output contract).
+MHC_4_STREAMS = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
+# Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and the
+# allgather dispatcher (alltoall creates a CUDA stream).
+CPU_MOE = dict(
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=64,
+    add_bias_linear=False,
+    moe_token_dispatcher_type="allgather",
+)
+# CPU_MOE as Megatron's combined 1F1B schedule (`overlap_moe_expert_parallel_comm`) requires it,
+# besides expert parallelism: the alltoall (or flex) dispatcher, bf16 or fp16.
+COMBINED_1F1B_MOE = dict(
+    CPU_MOE, moe_token_dispatcher_type="alltoall", bf16=True, pipeline_dtype=torch.bfloat16
+)
+# Weights and stage-to-stage tensors in float64 (with torch.set_default_dtype(torch.float64) for
+# Megatron's local norms): layouts compared in it differ by the partitioning of the math only.
+FLOAT64 = dict(params_dtype=torch.float64, pipeline_dtype=torch.float64)
 
 
 def tiny_config(config_class: type = MHCTransformerConfig, **overrides) -> MHCTransformerConfig:
@@ -81,19 +102,28 @@ def forward_step(data_iterator, model):
     return losses, loss_func
 
 
-def forward_backward(model, data, forward_only: bool = False):
-    """Megatron's schedule over `data`; the mean loss on the last stage, None elsewhere."""
-    from megatron.core import parallel_state
-
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(data),
-        model=[model],
+def run_schedule(model, data, forward_step_func=forward_step, forward_only: bool = False):
+    """Megatron's schedule over the micro-batches `data` for `model`, or for a list of this
+    rank's model chunks (one per virtual pipeline stage): the loss function's outputs, one per
+    micro-batch, on the last stage."""
+    chunks = model if isinstance(model, list) else [model]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=[iter(data) for _ in chunks],
+        model=chunks,
         num_microbatches=len(data),
         seq_length=SEQ,
         micro_batch_size=MICRO_BATCH,
         forward_only=forward_only,
     )
+
+
+def forward_backward(model, data, forward_only: bool = False):
+    """Megatron's schedule over `data` (`model`: a model or a list of model chunks, as for
+    run_schedule); the mean loss on the last stage, None elsewhere."""
+    from megatron.core import parallel_state
+
+    losses = run_schedule(model, data, forward_only=forward_only)
     if not parallel_state.is_pipeline_last_stage():
         return None
     return torch.stack([x["loss"] for x in losses]).mean().item()
@@ -128,3 +158,35 @@ def train_step(model, optimizer, forward_backward_step):
     update_successful, _, _ = optimizer.step()
     assert update_successful
     return result
+
+
+def train_on_a_fixed_batch(model, steps: int, forward_backward_step=forward_backward) -> list:
+    """`steps` optimizer steps of `model` set up by megatron_training, each on the same
+    micro-batches (batches(seed=3)): what `forward_backward_step(model, data)` returned at each
+    step (by default the mean loss)."""
+    model, optimizer = megatron_training(model, model.config)
+    data = batches(seed=3)
+    return [
+        train_step(model, optimizer, lambda m: forward_backward_step(m, data)) for _ in range(steps)
+    ]
+
+
+def bf16_training_losses_and_grads(gpt, data, steps: int, forward_step_func=forward_step):
+    """`steps` optimizer steps of `gpt` set up as megatron.training's get_model does for bf16
+    (Float16Module weights, DDP with fp32 gradients), each over the micro-batches `data`: per
+    step, the loss of each micro-batch and this rank's gradients (dist_utils.export_grads)."""
+    from tests.dist_utils import export_grads
+
+    model, optimizer = megatron_training(gpt, gpt.config, bf16=True)
+    losses, grads = [], []
+    for _ in range(steps):
+        outputs = train_step(model, optimizer, lambda m: run_schedule(m, data, forward_step_func))
+        losses.append([output["loss"].item() for output in outputs])
+        grads.append(export_grads(model))
+    return losses, grads
+
+
+def count_moe_layers(model) -> int:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)

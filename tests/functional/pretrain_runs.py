@@ -3,9 +3,11 @@ with the tiny mHC config, and what they logged.
 
 `run_pretrain(workdir, *flags)` trains configs/gpt_tiny_mhc.yaml with --log-interval 1,
 checkpoints in `workdir/checkpoints`, and returns the run's log text and its per-iteration
-losses (from the `[mhc]` lines, which print the loss exactly).
+losses (from the `[mhc]` lines, which print the loss exactly). `file_digests(directory)`
+fingerprints a checkpoint directory, to show that a run left it untouched.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -90,6 +92,15 @@ def run_pretrain(
             f"pretrain run failed ({proc.returncode}): {' '.join(cmd)}\n{log[-4000:]}"
         )
     return log, {int(i): float(v) for i, v in _LOSS.findall(log)}
+
+
+def file_digests(directory: Path) -> dict:
+    """{path relative to `directory`: sha256} of every file below `directory`."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def load_golden() -> dict:

@@ -3,7 +3,6 @@ Megatron's slot names converts and resumes with the losses the old code had (loa
 unconverted is refused at launch with the conversion command: tests/unit/test_launch_errors.py);
 a round trip through Megatron-LM main's names resumes the same."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.pretrain_runs import REPO, run_pretrain
+from tests.functional.pretrain_runs import REPO, file_digests, run_pretrain
 
 LEGACY = Path(__file__).resolve().parent / "legacy" / "gpt_tiny_mhc_before_hc_rename"
 LEGACY_LOSSES = {
@@ -51,14 +50,6 @@ def _convert(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _digests(directory: Path) -> dict:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-
-
 def test_upgraded_legacy_checkpoint_resumes_with_the_old_codes_losses(tmp_path):
     converted = _convert("upgrade", str(LEGACY), str(tmp_path / "checkpoints"))
     assert converted.returncode == 0, converted.stderr
@@ -71,7 +62,7 @@ def test_upgraded_legacy_checkpoint_resumes_with_the_old_codes_losses(tmp_path):
 def test_round_trip_through_megatron_main_resumes_the_same(tmp_path):
     """Written for Megatron-LM main and back (torch_dist both ways, weights and Adam moments);
     the sources stay byte-identical."""
-    source = _digests(LEGACY)
+    source = file_digests(LEGACY)
     main = tmp_path / "megatron_main"
     for args in (
         ("to-megatron-main", str(LEGACY), str(main)),
@@ -79,11 +70,11 @@ def test_round_trip_through_megatron_main_resumes_the_same(tmp_path):
     ):
         converted = _convert(*args, "--num-residual-streams", "4")
         assert converted.returncode == 0, converted.stderr
-    main_digests = _digests(main)
+    main_digests = file_digests(main)
     _, losses = run_pretrain(tmp_path, *FLAGS)
     for iteration, value in LEGACY_LOSSES.items():
         assert losses[iteration] == pytest.approx(value, rel=1e-5), iteration
-    assert _digests(LEGACY) == source and _digests(main) == main_digests
+    assert file_digests(LEGACY) == source and file_digests(main) == main_digests
 
 
 def test_conversion_refuses_an_existing_destination_and_a_missing_stream_count(tmp_path):

@@ -8,14 +8,12 @@ the good checkpoint when the NaN follows it directly), exit 16, and exit 16 agai
 resume on the same machine.
 """
 
-import hashlib
 import re
-from pathlib import Path
 
 import pytest
 
 from megatron_mhc.checkpoint_conversion import upgrade_checkpoint
-from tests.functional.pretrain_runs import run_pretrain
+from tests.functional.pretrain_runs import file_digests, run_pretrain
 from tests.functional.test_checkpoint_conversion import FLAGS, LEGACY, LEGACY_LOSSES
 
 # From the good checkpoint at iteration 2, the learning rate raised from 3e-3 to 1e6 (a new
@@ -25,18 +23,10 @@ ABSURD_LR = ["--lr", "1e6", "--override-opt-param-scheduler", "--no-load-optim"]
 LONGER = ["--train-iters", "8"]
 
 
-def _digests(directory: Path) -> dict:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-
-
 def test_nan_stops_once_with_the_way_out_which_resumes_from_the_untouched_checkpoint(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     upgrade_checkpoint(LEGACY, checkpoints)  # a good checkpoint at iteration 2
-    good = _digests(checkpoints)
+    good = file_digests(checkpoints)
 
     with pytest.raises(RuntimeError):
         run_pretrain(tmp_path, *FLAGS, *LONGER, *ABSURD_LR)
@@ -52,7 +42,7 @@ def test_nan_stops_once_with_the_way_out_which_resumes_from_the_untouched_checkp
     assert f"the last checkpoint (iteration 2 in {checkpoints}) is kept as it was" in explanation
     assert "--override-opt-param-scheduler --no-load-optim" in explanation
     assert "saving checkpoint" not in log and "rescheduled on the same GPU" not in log
-    assert _digests(checkpoints) == good
+    assert file_digests(checkpoints) == good
 
     # The way out: resume from the last checkpoint with the learning rate it was saved with;
     # the losses are those of the legacy run that never went wrong.
@@ -60,7 +50,7 @@ def test_nan_stops_once_with_the_way_out_which_resumes_from_the_untouched_checkp
     assert sorted(losses) == [3, 4]
     for iteration, value in LEGACY_LOSSES.items():
         assert losses[iteration] == pytest.approx(value, rel=1e-5), iteration
-    after = _digests(checkpoints)
+    after = file_digests(checkpoints)
     assert {k: v for k, v in after.items() if k.startswith("iter_0000002/")} == {
         k: v for k, v in good.items() if k.startswith("iter_0000002/")
     }

@@ -13,6 +13,15 @@ ITERATIONS = 20
 _MTP_LOSS = re.compile(r"iteration +(\d+)/ *\d+ \|.* mtp_1 loss: ([^ |]+) \|")
 
 
+def _assert_mtp_and_lm_losses_logged_finite_and_falling(log, losses, iterations):
+    """The MTP loss logged at every iteration, finite, and with the lm loss down by more than 1."""
+    mtp = {int(i): float(v) for i, v in _MTP_LOSS.findall(log)}
+    assert sorted(mtp) == sorted(losses) == list(range(1, iterations + 1))
+    assert all(math.isfinite(v) for v in mtp.values())
+    assert mtp[iterations] < mtp[1] - 1.0, mtp
+    assert losses[iterations] < losses[1] - 1.0, losses
+
+
 def test_mtp_loss_is_logged_finite_and_falling(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,11 +33,7 @@ def test_mtp_loss_is_logged_finite_and_falling(tmp_path):
         "--train-iters",
         str(ITERATIONS),
     )
-    mtp = {int(i): float(v) for i, v in _MTP_LOSS.findall(log)}
-    assert sorted(mtp) == sorted(losses) == list(range(1, ITERATIONS + 1))
-    assert all(math.isfinite(v) for v in mtp.values())
-    assert mtp[ITERATIONS] < mtp[1] - 1.0, mtp
-    assert losses[ITERATIONS] < losses[1] - 1.0, losses
+    _assert_mtp_and_lm_losses_logged_finite_and_falling(log, losses, ITERATIONS)
     # The health figures cover the decoder's four layers, not the MTP layer.
     assert "[mhc]   layer04: H_pre" in log and "layer05" not in log
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
@@ -52,11 +57,7 @@ def test_hybrid_mtp_part_trains_with_the_mtp_loss_logged(tmp_path):
         config="configs/hybrid_tiny_mhc.yaml",
     )
     assert "building HybridModel *-*E|*-*E/*-" in log
-    mtp = {int(i): float(v) for i, v in _MTP_LOSS.findall(log)}
-    assert sorted(mtp) == sorted(losses) == list(range(1, HYBRID_ITERATIONS + 1))
-    assert all(math.isfinite(v) for v in mtp.values())
-    assert mtp[HYBRID_ITERATIONS] < mtp[1] - 1.0, mtp
-    assert losses[HYBRID_ITERATIONS] < losses[1] - 1.0, losses
+    _assert_mtp_and_lm_losses_logged_finite_and_falling(log, losses, HYBRID_ITERATIONS)
     # The health figures cover the decoder's eight hybrid layers, not the MTP depth's.
     assert "[mhc]   layer08: H_pre" in log and "layer09" not in log
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").exists()

@@ -8,11 +8,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "TORCHDYNAMO_DISABLE": "1"}
+# The smoke mode of both benchmarks: on CPU, one warm-up, one timed repeat, an 8 MiB bandwidth
+# probe.
+SMOKE = ["--device", "cpu", "--repeats", "1", "--warmup", "1", "--copy-mib", "8"]
 
 
 def _run(script, *args):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), *args],
+        [sys.executable, str(REPO / "bench" / script), *args, *SMOKE],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -34,18 +37,10 @@ def _table(stdout):
 def test_bench_kernels_cpu_smoke():
     out = _run(
         "bench_kernels.py",
-        "--device",
-        "cpu",
         "--tokens",
         "16",
         "--hidden",
         "32",
-        "--repeats",
-        "1",
-        "--warmup",
-        "1",
-        "--copy-mib",
-        "8",
         "--backends",
         "torch,triton,cutile,tile_kernels,te,liger",
     )
@@ -80,8 +75,6 @@ def test_bench_kernels_cpu_smoke():
 def test_bench_step_cpu_smoke():
     out = _run(
         "bench_step.py",
-        "--device",
-        "cpu",
         "--layers",
         "1",
         "--hidden",
@@ -94,12 +87,6 @@ def test_bench_step_cpu_smoke():
         "2",
         "--vocab",
         "128",
-        "--repeats",
-        "1",
-        "--warmup",
-        "1",
-        "--copy-mib",
-        "8",
         "--backends",
         "torch",
     )

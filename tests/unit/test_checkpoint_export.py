@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from megatron_mhc.checkpoint_conversion import upgrade_checkpoint
 from tests.dist_utils import initialize_model_parallel, run_distributed
 from tests.functional.pretrain_runs import REPO
-from tests.tiny_gpt import tiny_config
+from tests.tiny_gpt import MHC_4_STREAMS, tiny_config
 
 # A torch_dist checkpoint at iteration 2 written by a real run (2 layers, hidden 32, 2 heads,
 # FFN 64, n = 4, RMSNorm, vocabulary 8192, sequence 32; earlier HC names, upgraded below).
@@ -32,8 +32,7 @@ def _load_exported(rank, world_size, workdir):
         num_layers=2,
         ffn_hidden_size=64,
         num_attention_heads=2,
-        enable_mhc_connections=True,
-        mhc_num_residual_streams=4,
+        **MHC_4_STREAMS,
         normalization="RMSNorm",
     )
     model = build_mhc_gpt_model(

@@ -9,43 +9,26 @@ import math
 
 import torch
 
-from tests.dist_utils import (
-    export_grads,
-    full_state_dict,
-    initialize_model_parallel,
-    load_full_state_dict,
-    run_distributed,
-)
+from tests.dist_utils import initialize_model_parallel, run_distributed, same_weights
 from tests.tiny_gpt import (
-    MICRO_BATCH,
-    SEQ,
+    COMBINED_1F1B_MOE,
     batches,
+    bf16_training_losses_and_grads,
     build_tiny_gpt,
     forward_step,
-    megatron_training,
     tiny_config,
-    train_step,
 )
 
 EXPERT_PARALLEL = 2
 STEPS = 3
 MICROBATCHES = 4  # the combined schedule pairs micro-batch i's forward with i-1's backward
-# What Megatron requires of the overlap: expert parallelism, the alltoall (or flex) dispatcher,
-# bf16 or fp16. The local spec's expert MLP needs add_bias_linear=False on CPU (it would add the
-# bias in place on a view). Layers 0 and 2 are dense: the schedule builds a dense layer's nodes
-# without dispatch and combine. The last layer is MoE: megatron-core 0.19.2 applies the decoder's
-# final norm in the MoE combine node only, so under the overlap a model whose last layer is dense
-# runs without it (its losses differ from the plain schedule's).
+# What Megatron requires of the overlap (COMBINED_1F1B_MOE), with expert parallelism. Layers 0
+# and 2 are dense: the schedule builds a dense layer's nodes without dispatch and combine. The
+# last layer is MoE: megatron-core 0.19.2 applies the decoder's final norm in the MoE combine node
+# only, so under the overlap a model whose last layer is dense runs without it (its losses differ
+# from the plain schedule's).
 PLAIN_MOE_GPT = dict(
-    num_moe_experts=4,
-    moe_router_topk=2,
-    moe_ffn_hidden_size=64,
-    moe_layer_freq=[0, 1, 0, 1],
-    expert_model_parallel_size=EXPERT_PARALLEL,
-    moe_token_dispatcher_type="alltoall",
-    add_bias_linear=False,
-    bf16=True,
-    pipeline_dtype=torch.bfloat16,
+    COMBINED_1F1B_MOE, moe_layer_freq=[0, 1, 0, 1], expert_model_parallel_size=EXPERT_PARALLEL
 )
 
 # Schedule settings tried in a row, in one set of processes; the first is the plain schedule.
@@ -71,8 +54,6 @@ def _forward_step(data_iterator, model, return_schedule_plan=False):
 def _train_under_each_schedule(rank, world_size):
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-    from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
-
     initialize_model_parallel(expert_model_parallel_size=world_size)
     data = batches(seed=rank, num=MICROBATCHES)
     weights = None
@@ -80,32 +61,13 @@ def _train_under_each_schedule(rank, world_size):
     for schedule, settings in SCHEDULES.items():
         config = tiny_config(**PLAIN_MOE_GPT, **settings)
         gpt = build_tiny_gpt(config)
-        if weights is None:
-            weights = full_state_dict(gpt)
-        load_full_state_dict(gpt, weights)
+        weights = same_weights(gpt, weights)
         alltoall_layers = sum(
             isinstance(getattr(layer.mlp, "token_dispatcher", None), MoEAlltoAllTokenDispatcher)
             for layer in gpt.decoder.layers
         )
-        # As megatron.training's get_model: bf16 weights (Float16Module), DDP with fp32 grads.
-        model, optimizer = megatron_training(gpt, config, bf16=True)
         plans_before = _schedule_plans_built
-        losses, grads = [], []
-        for _ in range(STEPS):
-            outputs = train_step(
-                model,
-                optimizer,
-                lambda m: get_forward_backward_func()(
-                    forward_step_func=_forward_step,
-                    data_iterator=iter(data),
-                    model=[m],
-                    num_microbatches=MICROBATCHES,
-                    seq_length=SEQ,
-                    micro_batch_size=MICRO_BATCH,
-                ),
-            )
-            losses.append([output["loss"].item() for output in outputs])
-            grads.append(export_grads(model))
+        losses, grads = bf16_training_losses_and_grads(gpt, data, STEPS, _forward_step)
         runs[schedule] = dict(
             losses=losses,
             grads=grads,

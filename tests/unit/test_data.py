@@ -256,22 +256,25 @@ def test_bad_line_names_file_and_line(tmp_path, lines, lineno, match):
     assert os.listdir(tmp_path / "out") == []  # nothing half-written left behind
 
 
+def _cli_args(src, json_key, output_prefix) -> list:
+    """preprocess_data's arguments for `src`, read at `json_key`, with end-of-document tokens."""
+    return [
+        "--input",
+        str(src),
+        "--json-key",
+        json_key,
+        "--output-prefix",
+        str(output_prefix),
+        "--append-eod",
+    ]
+
+
 def test_cli_reports_bad_line(tmp_path, capsys):
     cli = load_tool("preprocess_data")
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "fine"}\n{"content": "x"}\n', encoding="utf-8")
-    rc = cli.main(
-        [
-            "--input",
-            str(src),
-            "--json-key",
-            "text",
-            "--output-prefix",
-            str(tmp_path / "o"),
-            "--append-eod",
-        ]
-    )
+    rc = cli.main(_cli_args(src, "text", tmp_path / "o"))
     assert rc == 2
     assert f"{src}:2: key 'text' not found" in capsys.readouterr().err
 
@@ -281,19 +284,7 @@ def test_cli_reports_bad_line(tmp_path, capsys):
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
 
     src.write_text('{"content": "fine"}\n', encoding="utf-8")
-    rc = cli.main(
-        [
-            "--input",
-            str(src),
-            "--json-key",
-            "content",
-            "--output-prefix",
-            str(tmp_path / "o"),
-            "--append-eod",
-            "--log-interval",
-            "0",
-        ]
-    )
+    rc = cli.main([*_cli_args(src, "content", tmp_path / "o"), "--log-interval", "0"])
     out = capsys.readouterr()
     assert rc == 0 and f"--data-path {tmp_path / 'o'}" in out.out
     assert "docs/s" in out.err and "MB/s" in out.err

@@ -25,7 +25,13 @@ import pytest
 import torch
 
 from megatron_mhc.fusions import cutile, fused_frontend, get_backend, reference
-from tests.numerics import DTYPES, TOLERANCES, assert_close, assert_close_to_exact
+from tests.numerics import (
+    DTYPES,
+    TOLERANCES,
+    assert_close,
+    assert_close_to_exact,
+    assert_close_to_scale,
+)
 from tests.triton_interpreter import interpreter_pool
 
 BACKENDS = ("triton", "cutile")
@@ -378,7 +384,13 @@ def check_recompute_with_triton_backend():
 
     from megatron_mhc.platform.cpu import apply_cpu_platform
     from tests.dist_utils import destroy_model_parallel, export_grads, initialize_model_parallel
-    from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, tiny_config
+    from tests.tiny_gpt import (
+        MHC_4_STREAMS,
+        batches,
+        build_tiny_gpt,
+        forward_backward,
+        tiny_config,
+    )
 
     apply_cpu_platform()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -388,8 +400,7 @@ def check_recompute_with_triton_backend():
         for backend, block in [("torch", None), ("triton", None), ("triton", 2)]:
             model = build_tiny_gpt(
                 tiny_config(
-                    enable_mhc_connections=True,
-                    mhc_num_residual_streams=4,
+                    **MHC_4_STREAMS,
                     num_layers=4,
                     mhc_output_contract="learned",
                     mhc_kernel_backend=backend,
@@ -412,10 +423,7 @@ def check_recompute_with_triton_backend():
     for name, grad in grads.items():
         # Some mapping gradients are ~1e-7 at init (scale 0.01), the sum of terms of ~1e-3:
         # fp32 cancellation, not the ops' precision (checked op by op above).
-        want = grads_ref[name]
-        torch.testing.assert_close(
-            grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=lambda m: f"{name}: {m}"
-        )
+        assert_close_to_scale(grad, grads_ref[name], 1e-4, name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.transformer.high_priority_stream import high_priority_stream
 from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
 from tests.dist_utils import initialize_model_parallel, run_distributed
-from tests.tiny_gpt import build_tiny_gpt, tiny_config
+from tests.tiny_gpt import MHC_4_STREAMS, build_tiny_gpt, tiny_config
 
 CUDA = torch.cuda.is_available()
 NO_GPU = "needs a CUDA GPU (CUDA streams)"
@@ -55,8 +55,7 @@ def test_update_on_the_stream_is_bitwise_the_same_under_load(backend):
         num_layers=1,
         hidden_size=1024,
         num_attention_heads=8,
-        enable_mhc_connections=True,
-        mhc_num_residual_streams=4,
+        **MHC_4_STREAMS,
         mhc_kernel_backend=backend,
     )
     torch.manual_seed(0)
@@ -89,14 +88,11 @@ def test_update_on_the_stream_is_bitwise_the_same_under_load(backend):
 
 
 def _cuda_gpt_step(high_priority, recompute, weights=None):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from tests.tiny_gpt import MICRO_BATCH, SEQ, batches, causal_mask
+    from tests.tiny_gpt import SEQ, batches, causal_mask, run_schedule
 
     model = build_tiny_gpt(
         tiny_config(
-            enable_mhc_connections=True,
-            mhc_num_residual_streams=4,
+            **MHC_4_STREAMS,
             num_layers=4,
             hidden_dropout=0.1,
             use_cpu_initialization=False,
@@ -117,15 +113,7 @@ def _cuda_gpt_step(high_priority, recompute, weights=None):
 
     torch.manual_seed(5)
     torch.cuda.manual_seed(5)
-    data = batches()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(data),
-        model=[model],
-        num_microbatches=len(data),
-        seq_length=SEQ,
-        micro_batch_size=MICRO_BATCH,
-    )
+    losses = run_schedule(model, batches(), forward_step)
     torch.cuda.synchronize()
     loss = torch.stack([x["loss"] for x in losses]).mean()
     return weights, loss, {name: p.grad.clone() for name, p in model.named_parameters()}

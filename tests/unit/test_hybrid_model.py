@@ -13,42 +13,24 @@ import torch
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_mhc.models.upcycling import check_upcycled_names, upcycle_state_dict
-from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
-from tests.dist_utils import (
-    destroy_model_parallel,
-    export_grads,
-    full_state_dict,
-    initialize_model_parallel,
-    load_full_state_dict,
-    merge_full_grads,
-    run_distributed,
-)
+from tests import dist_utils
+from tests.numerics import assert_close_to_scale
 from tests.tiny_gpt import (
-    MICRO_BATCH,
-    SEQ,
+    CPU_MOE,
+    FLOAT64,
+    MHC_4_STREAMS,
     VOCAB,
     batches,
     build_tiny_gpt,
+    count_moe_layers,
     forward_backward,
-    forward_step,
     logits,
-    megatron_training,
     tiny_config,
-    train_step,
+    train_on_a_fixed_batch,
 )
 from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 
 SEED = 1234
-MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
-# Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and the
-# allgather dispatcher (alltoall creates a CUDA stream).
-MOE = dict(
-    num_moe_experts=4,
-    moe_router_topk=2,
-    moe_ffn_hidden_size=64,
-    add_bias_linear=False,
-    moe_token_dispatcher_type="allgather",
-)
 _HYBRID_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -79,9 +61,10 @@ def _hybrid_against_gpt(overrides):
     The GPT recomputes its stream states per block of 1 GPT layer, the hybrid per block of 2
     hybrid layers: the same blocks of sublayers."""
     tokens = batches(seed=7)[0][0]
-    gpt = build_tiny_gpt(tiny_config(**MHC, **overrides, mhc_recompute_layer_num=1))
+    gpt = build_tiny_gpt(tiny_config(**MHC_4_STREAMS, **overrides, mhc_recompute_layer_num=1))
     hybrid = build_tiny_hybrid(
-        tiny_hybrid_config("*-*-*-*-", **MHC, **overrides, mhc_recompute_layer_num=2), "*-*-*-*-"
+        tiny_hybrid_config("*-*-*-*-", **MHC_4_STREAMS, **overrides, mhc_recompute_layer_num=2),
+        "*-*-*-*-",
     )
     gpt_state = gpt.state_dict()
     hybrid.load_state_dict(
@@ -122,17 +105,9 @@ def _baseline_and_candidate(pattern, baseline_overrides, candidate_overrides, up
 
 
 def _train(overrides, pattern, steps):
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    config = tiny_hybrid_config(pattern, **overrides)
-    model = build_tiny_hybrid(config, pattern)
-    moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
-    model, optimizer = megatron_training(model, config)
-    data = batches(seed=3)
-    losses = [
-        train_step(model, optimizer, lambda m: forward_backward(m, data)) for _ in range(steps)
-    ]
-    return losses, moe_layers
+    model = build_tiny_hybrid(tiny_hybrid_config(pattern, **overrides), pattern)
+    moe_layers = count_moe_layers(model)
+    return train_on_a_fixed_batch(model, steps), moe_layers
 
 
 IDENTITY_CASES = {
@@ -144,24 +119,27 @@ IDENTITY_CASES = {
 
 def _single_process_checks(rank, world_size):
     """Every single-process check in one process (model-parallel state set up once)."""
-    initialize_model_parallel(seed=SEED)
+    dist_utils.initialize_model_parallel(seed=SEED)
     results = {"gpt": _hybrid_against_gpt(dict(mhc_output_contract="learned"))}
     for name, overrides in {
         "n1": dict(enable_mhc_connections=True, mhc_num_residual_streams=1),
         "disabled": dict(enable_mhc_connections=False),
     }.items():
-        results[name] = _baseline_and_candidate("*-*E", MOE, overrides, upcycle=False)
+        results[name] = _baseline_and_candidate("*-*E", CPU_MOE, overrides, upcycle=False)
     for name, (contract, upcycle) in IDENTITY_CASES.items():
         results[name] = _baseline_and_candidate(
-            "*-*E", MOE, dict(MHC, mhc_init="identity", mhc_output_contract=contract), upcycle
+            "*-*E",
+            CPU_MOE,
+            dict(MHC_4_STREAMS, mhc_init="identity", mhc_output_contract=contract),
+            upcycle,
         )
-    results["moe_training"] = _train(dict(MHC, **MOE), "*E*E", steps=20)
+    results["moe_training"] = _train(dict(MHC_4_STREAMS, **CPU_MOE), "*E*E", steps=20)
     return results
 
 
 @pytest.fixture(scope="module")
 def single_process():
-    return run_distributed(_single_process_checks, 1, timeout_s=600)[0]
+    return dist_utils.run_distributed(_single_process_checks, 1, timeout_s=600)[0]
 
 
 def test_hybrid_attention_mlp_pattern_is_the_gpt_mhc_model_forward_and_backward(single_process):
@@ -218,22 +196,22 @@ def _per_layout(rank, world_size, overrides):
     """Same weights in every layout; one forward+backward of four micro-batches each through
     Megatron's DDP, schedule and finalize_model_grads, in float64 (see
     test_parallel_equivalence.py)."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     torch.set_default_dtype(torch.float64)
     results, full = {}, None
     for tp, pp, vpp, sequence_parallel, pattern in LAYOUTS:
-        initialize_model_parallel(tp, pp, seed=SEED, virtual_pipeline_model_parallel_size=vpp)
+        dist_utils.initialize_model_parallel(
+            tp, pp, seed=SEED, virtual_pipeline_model_parallel_size=vpp
+        )
         config = tiny_hybrid_config(
             pattern,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp,
             sequence_parallel=sequence_parallel,
-            params_dtype=torch.float64,
-            pipeline_dtype=torch.float64,
+            **FLOAT64,
             # Megatron-Core's default batched P2P lets the two sends of PP=2 to the same peer
             # swap under the interleaved schedule; megatron.training sets these for it.
             overlap_p2p_comm=vpp is not None,
@@ -245,33 +223,20 @@ def _per_layout(rank, world_size, overrides):
             build_tiny_hybrid(config, pattern, vp_stage=vp_stage)
             for vp_stage in ([None] if vpp is None else range(vpp))
         ]
-        if full is None:
-            full = full_state_dict(chunks[0])
         blocks = []
         for chunk in chunks:
-            load_full_state_dict(chunk, full)
+            full = dist_utils.same_weights(chunk, full)
             blocks.append(chunk.decoder.recompute_block_size)
         chunks = [
             DistributedDataParallel(config, DistributedDataParallelConfig(), chunk)
             for chunk in chunks
         ]
-        data = batches(num=NUM_MICROBATCHES)
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(data) for _ in chunks],
-            model=chunks,
-            num_microbatches=NUM_MICROBATCHES,
-            seq_length=SEQ,
-            micro_batch_size=MICRO_BATCH,
-        )
-        loss = None
-        if parallel_state.is_pipeline_last_stage():
-            loss = torch.stack([x["loss"] for x in losses]).mean().item()
+        loss = forward_backward(chunks, batches(num=NUM_MICROBATCHES))
         grads = {}
         for chunk in chunks:
-            grads.update(export_grads(chunk.module))
+            grads.update(dist_utils.export_grads(chunk.module))
         results[(tp, pp, vpp)] = (loss, grads, blocks)
-        destroy_model_parallel()
+        dist_utils.destroy_model_parallel()
     return results
 
 
@@ -279,9 +244,13 @@ def _per_layout(rank, world_size, overrides):
 def per_layout():
     # qk_layernorm: the attention's own norms run under sequence parallelism too.
     overrides = dict(
-        MHC, **MOE, mhc_output_contract="learned", mhc_recompute_layer_num="auto", qk_layernorm=True
+        MHC_4_STREAMS,
+        **CPU_MOE,
+        mhc_output_contract="learned",
+        mhc_recompute_layer_num="auto",
+        qk_layernorm=True,
     )
-    return run_distributed(_per_layout, 2, overrides, timeout_s=600)
+    return dist_utils.run_distributed(_per_layout, 2, overrides, timeout_s=600)
 
 
 @pytest.mark.parametrize("vpp", [None, 2], ids=["pp2", "pp2_vpp2"])
@@ -292,37 +261,29 @@ def test_hybrid_pipeline_split_by_the_pattern_equals_pp1(per_layout, vpp):
     reference_loss = per_layout[0][(1, 1, None)][0]
     assert per_layout[0][(1, 2, vpp)][0] is None
     assert per_layout[1][(1, 2, vpp)][0] == reference_loss
-    reference = merge_full_grads([r[(1, 1, None)][1] for r in per_layout])
+    reference = dist_utils.merge_full_grads([r[(1, 1, None)][1] for r in per_layout])
     assert sum("_hyper_connection." in name for name in reference) == 8 * 3
-    grads = merge_full_grads([r[(1, 2, vpp)][1] for r in per_layout])
+    grads = dist_utils.merge_full_grads([r[(1, 2, vpp)][1] for r in per_layout])
     assert grads.keys() == reference.keys()
     for name, grad in grads.items():
         want = reference[name]
         # PP = 1 runs 2 data-parallel replicas: DDP halves each replica's gradient before the
         # sum, which drops the last bit of fp32 subnormals (the HC projections' gradients reach
         # 1e-39); the rest agrees to float64 rounding.
-        torch.testing.assert_close(
-            grad,
-            want,
-            rtol=1e-10,
-            atol=1e-12 * want.abs().max().item(),
-            msg=lambda m: f"{name}: {m}",
-        )
+        assert_close_to_scale(grad, want, 1e-10, name, atol_scale=1e-12)
 
 
 def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
     reference_loss = per_layout[0][(1, 1, None)][0]
     for loss in (r[(2, 1, None)][0] for r in per_layout):
         assert abs(loss - reference_loss) <= 1e-5 * abs(reference_loss), loss
-    reference = merge_full_grads([r[(1, 1, None)][1] for r in per_layout])
-    grads = merge_full_grads([r[(2, 1, None)][1] for r in per_layout])
+    reference = dist_utils.merge_full_grads([r[(1, 1, None)][1] for r in per_layout])
+    grads = dist_utils.merge_full_grads([r[(2, 1, None)][1] for r in per_layout])
     assert grads.keys() == reference.keys()
     for name, grad in grads.items():
         want = reference[name]
         # Relative to the tensor's scale: TP sums partial products in another order.
-        torch.testing.assert_close(
-            grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f"{name}: {m}"
-        )
+        assert_close_to_scale(grad, want, 1e-5, name)
 
 
 @pytest.mark.parametrize(
@@ -330,47 +291,47 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
     [
         (
             "*-M-",
-            dict(MHC, transformer_impl="transformer_engine"),
+            dict(MHC_4_STREAMS, transformer_impl="transformer_engine"),
             r"hybrid_layer_pattern='\*-M-' is invalid: "
             r"Mamba layers \('M'\) are not supported with mHC",
         ),
         (
             "*-G-",
-            MHC,
+            MHC_4_STREAMS,
             r"hybrid_layer_pattern='\*-G-' is invalid: layer types \['G'\] need "
             r"transformer_impl='transformer_engine'",
         ),
         (
             "+-+-",
-            MHC,
+            MHC_4_STREAMS,
             r"hybrid_layer_pattern='\+-\+-' is invalid: layer types \['\+'\] "
             r"\(multi-latent attention\) need an MLATransformerConfig",
         ),
         (
             "*-*x",
-            MHC,
+            MHC_4_STREAMS,
             r"hybrid_layer_pattern='\*-\*x' is invalid: .*'x' is not a valid layer symbol",
         ),
         (
             "*-*E",
-            MHC,
+            MHC_4_STREAMS,
             r"MHCTransformerConfig.num_moe_experts=None is invalid: .*MoE layers \('E'\)",
         ),
         (
             "*-*-/*-",
-            MHC,
+            MHC_4_STREAMS,
             r"MHCTransformerConfig.mtp_num_layers=None is invalid with "
             r"hybrid_layer_pattern='\*-\*-/\*-': .* \(1 here\)",
         ),
         (
             "*-*-",
-            dict(MHC, mtp_num_layers=1),
+            dict(MHC_4_STREAMS, mtp_num_layers=1),
             r"MHCTransformerConfig.mtp_num_layers=1 is invalid "
             r"with hybrid_layer_pattern='\*-\*-': .* \(0 here\)",
         ),
         (
             "*-*-/G-",
-            dict(MHC, mtp_num_layers=1),
+            dict(MHC_4_STREAMS, mtp_num_layers=1),
             r"hybrid_layer_pattern='\*-\*-/G-' is invalid: layer types \['G'\] need "
             r"transformer_impl='transformer_engine'",
         ),

@@ -7,17 +7,16 @@ import pytest
 import torch
 
 from megatron_mhc.models.gpt import build_mhc_gpt_model
-from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
-from tests.dist_utils import (
-    destroy_model_parallel,
-    export_grads,
-    full_state_dict,
-    initialize_model_parallel,
-    load_full_state_dict,
-    merge_full_grads,
-    run_distributed,
+from tests import dist_utils
+from tests.tiny_gpt import (
+    FLOAT64,
+    MHC_4_STREAMS,
+    SEQ,
+    VOCAB,
+    batches,
+    forward_backward,
+    tiny_config,
 )
-from tests.tiny_gpt import MICRO_BATCH, SEQ, VOCAB, batches, forward_step, tiny_config
 
 # (PP, VPP, variable_seq_lengths)
 LAYOUTS = [(1, None, False), (2, None, False), (2, 2, False), (2, 2, True)]
@@ -54,20 +53,16 @@ def _chunks(config):
 def _step_per_layout(rank, world_size):
     """Same weights in every layout (float64, see test_parallel_equivalence.py); one forward and
     backward of four micro-batches through Megatron's schedule for the layout."""
-    from megatron.core import parallel_state
-
     torch.set_default_dtype(torch.float64)
     results, full = {}, None
     for pp, vpp, variable_seq_lengths in LAYOUTS:
-        initialize_model_parallel(1, pp, virtual_pipeline_model_parallel_size=vpp)
+        dist_utils.initialize_model_parallel(1, pp, virtual_pipeline_model_parallel_size=vpp)
         config = tiny_config(
-            enable_mhc_connections=True,
-            mhc_num_residual_streams=4,
+            **MHC_4_STREAMS,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp,
             variable_seq_lengths=variable_seq_lengths,
-            params_dtype=torch.float64,
-            pipeline_dtype=torch.float64,
+            **FLOAT64,
             # Megatron-Core's default batched P2P lets the two sends of PP=2 to the same peer
             # swap under the interleaved schedule; megatron.training sets these for it.
             overlap_p2p_comm=vpp is not None,
@@ -77,42 +72,28 @@ def _step_per_layout(rank, world_size):
             moe_token_dispatcher_type="alltoall",
         )
         chunks = _chunks(config)
-        if full is None:
-            full = full_state_dict(chunks[0])
         for chunk in chunks:
-            load_full_state_dict(chunk, full)
-        data = batches(num=NUM_MICROBATCHES)
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(data) for _ in chunks] if vpp else iter(data),
-            model=chunks,
-            num_microbatches=NUM_MICROBATCHES,
-            seq_length=SEQ,
-            micro_batch_size=MICRO_BATCH,
-            forward_only=False,
-        )
-        loss = None
-        if parallel_state.is_pipeline_last_stage():
-            loss = torch.stack([x["loss"] for x in losses]).mean().item()
+            full = dist_utils.same_weights(chunk, full)
+        loss = forward_backward(chunks, batches(num=NUM_MICROBATCHES))
         grads = {}
         for chunk in chunks:
-            grads.update(export_grads(chunk))
+            grads.update(dist_utils.export_grads(chunk))
         results[(pp, vpp, variable_seq_lengths)] = (loss, grads)
-        destroy_model_parallel()
+        dist_utils.destroy_model_parallel()
     return results
 
 
 def test_interleaved_pipeline_matches_pp1_and_1f1b():
-    per_rank = run_distributed(_step_per_layout, 2)
+    per_rank = dist_utils.run_distributed(_step_per_layout, 2)
     reference_loss = per_rank[0][LAYOUTS[0]][0]
-    reference_grads = merge_full_grads([r[LAYOUTS[0]][1] for r in per_rank])
+    reference_grads = dist_utils.merge_full_grads([r[LAYOUTS[0]][1] for r in per_rank])
     assert any("hyper_connection" in name for name in reference_grads)
     for layout in LAYOUTS[1:]:
         losses = [r[layout][0] for r in per_rank if r[layout][0] is not None]
         assert losses, layout
         for loss in losses:
             assert loss == pytest.approx(reference_loss, rel=1e-12), layout
-        grads = merge_full_grads([r[layout][1] for r in per_rank])
+        grads = dist_utils.merge_full_grads([r[layout][1] for r in per_rank])
         assert grads.keys() == reference_grads.keys(), layout
         for name, grad in grads.items():
             torch.testing.assert_close(

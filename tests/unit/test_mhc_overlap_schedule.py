@@ -14,44 +14,32 @@ plan in megatron-core 0.19.2) with the overlap is refused before it is built.
 import pytest
 import torch
 
-from tests.dist_utils import (
-    export_grads,
-    full_state_dict,
-    initialize_model_parallel,
-    load_full_state_dict,
-    run_distributed,
-)
+from tests.dist_utils import initialize_model_parallel, run_distributed, same_weights
 from tests.tiny_gpt import (
-    MICRO_BATCH,
+    COMBINED_1F1B_MOE,
     SEQ,
     batches,
+    bf16_training_losses_and_grads,
     build_tiny_gpt,
     forward_step,
-    megatron_training,
+    run_schedule,
     tiny_config,
-    train_step,
 )
 
 EXPERT_PARALLEL = 2
 STEPS = 2
 MICROBATCHES = 4  # the combined schedule pairs micro-batch i's forward with i-1's backward
 MOE_LAYER_FREQ = [0, 1, 1, 0]
-# Megatron's requirements of the overlap as in test_cpu_overlap_schedule.py; a shared expert
-# (computed in the pre-dispatch node, added in the combine node); dropout on, so that the random
-# numbers drawn by forward must come in the same order in both schedules.
+# Megatron's requirements of the overlap (COMBINED_1F1B_MOE) as in test_cpu_overlap_schedule.py;
+# a shared expert (computed in the pre-dispatch node, added in the combine node); dropout on, so
+# that the random numbers drawn by forward must come in the same order in both schedules.
 MHC_MOE_GPT = dict(
+    COMBINED_1F1B_MOE,
     enable_mhc_connections=True,
     hidden_dropout=0.1,
-    num_moe_experts=4,
-    moe_router_topk=2,
-    moe_ffn_hidden_size=64,
     moe_layer_freq=MOE_LAYER_FREQ,
     moe_shared_expert_intermediate_size=32,
     expert_model_parallel_size=EXPERT_PARALLEL,
-    moe_token_dispatcher_type="alltoall",
-    add_bias_linear=False,
-    bf16=True,
-    pipeline_dtype=torch.bfloat16,
 )
 OVERLAP = dict(overlap_moe_expert_parallel_comm=True)
 # Schedule settings tried in a row, in one set of processes; the first is the plain schedule.
@@ -97,8 +85,6 @@ def _record_node_calls():
 def _train_under_each_schedule(rank, world_size):
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
-
     initialize_model_parallel(expert_model_parallel_size=world_size)
     _record_node_calls()
     data = batches(seed=rank, num=MICROBATCHES)
@@ -108,9 +94,8 @@ def _train_under_each_schedule(rank, world_size):
         config = tiny_config(**MHC_MOE_GPT, **settings)
         gpt = build_tiny_gpt(config)
         if weights is None:
-            weights = full_state_dict(gpt)
             rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
-        load_full_state_dict(gpt, weights)
+        weights = same_weights(gpt, weights)
         # The same dropout masks in every run.
         torch.set_rng_state(rng_state[0])
         get_cuda_rng_tracker().set_states(rng_state[1])
@@ -118,26 +103,9 @@ def _train_under_each_schedule(rank, world_size):
         gpt.decoder.final_layernorm.register_forward_pre_hook(
             lambda _norm, args: contracts.append(args[0].shape[-1])
         )
-        # As megatron.training's get_model: bf16 weights (Float16Module), DDP with fp32 grads.
-        model, optimizer = megatron_training(gpt, config, bf16=True)
         _layer_of_node_state.clear()
         _node_calls.clear()
-        losses, grads = [], []
-        for _ in range(STEPS):
-            outputs = train_step(
-                model,
-                optimizer,
-                lambda m: get_forward_backward_func()(
-                    forward_step_func=_forward_step,
-                    data_iterator=iter(data),
-                    model=[m],
-                    num_microbatches=MICROBATCHES,
-                    seq_length=SEQ,
-                    micro_batch_size=MICRO_BATCH,
-                ),
-            )
-            losses.append([output["loss"].item() for output in outputs])
-            grads.append(export_grads(model))
+        losses, grads = bf16_training_losses_and_grads(gpt, data, STEPS, _forward_step)
         runs[schedule] = dict(
             losses=losses,
             grads=grads,
@@ -227,7 +195,6 @@ def _interleaved_step_under_each_schedule(rank, world_size):
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
     from tests.unit.test_interleaved_pipeline import _chunks
 
     initialize_model_parallel(
@@ -253,13 +220,8 @@ def _interleaved_step_under_each_schedule(rank, world_size):
         torch.set_rng_state(rng_state[0])
         get_cuda_rng_tracker().set_states(rng_state[1])
         _layer_of_node_state.clear()
-        outputs = get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=[iter(data) for _ in chunks],
-            model=[Float16Module(config, chunk) for chunk in chunks],
-            num_microbatches=MICROBATCHES,
-            seq_length=SEQ,
-            micro_batch_size=MICRO_BATCH,
+        outputs = run_schedule(
+            [Float16Module(config, chunk) for chunk in chunks], data, _forward_step
         )
         runs[schedule] = dict(
             losses=[output["loss"].item() for output in outputs],

@@ -12,15 +12,15 @@ from megatron_mhc.config import MHCMLATransformerConfig
 from megatron_mhc.transformer.latent_attention import LatentDotProductAttention
 from tests.dist_utils import initialize_model_parallel, run_distributed
 from tests.tiny_gpt import (
+    CPU_MOE,
+    MHC_4_STREAMS,
     SEQ,
     batches,
     build_tiny_gpt,
     causal_mask,
-    forward_backward,
     logits,
-    megatron_training,
     tiny_config,
-    train_step,
+    train_on_a_fixed_batch,
 )
 from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 
@@ -36,16 +36,6 @@ MLA = dict(
     v_head_dim=6,
     rope_type="rope",
 )
-MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
-# Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and the
-# allgather dispatcher (alltoall creates a CUDA stream).
-MOE = dict(
-    num_moe_experts=4,
-    moe_router_topk=2,
-    moe_ffn_hidden_size=64,
-    add_bias_linear=False,
-    moe_token_dispatcher_type="allgather",
-)
 HYBRID_PATTERN = "+-+E"
 
 
@@ -55,7 +45,7 @@ def _gpt(**overrides):
 
 def _hybrid(**overrides):
     return build_tiny_hybrid(
-        tiny_hybrid_config(HYBRID_PATTERN, **MLA, **MOE, **overrides), HYBRID_PATTERN
+        tiny_hybrid_config(HYBRID_PATTERN, **MLA, **CPU_MOE, **overrides), HYBRID_PATTERN
     )
 
 
@@ -75,18 +65,13 @@ def _logits_against_baseline(build, overrides):
 
 
 def _train(build, steps):
-    model = build(**MHC)
+    model = build(**MHC_4_STREAMS)
     attention = [
         type(layer.self_attention.core_attention)
         for layer in model.decoder.layers
         if hasattr(layer.self_attention, "core_attention")
     ]
-    model, optimizer = megatron_training(model, model.config)
-    data = batches(seed=3)
-    losses = [
-        train_step(model, optimizer, lambda m: forward_backward(m, data)) for _ in range(steps)
-    ]
-    return losses, attention
+    return train_on_a_fixed_batch(model, steps), attention
 
 
 def _core_attention_against_sdpa():
@@ -126,8 +111,10 @@ def _checks(rank, world_size):
         "gpt_n1": _logits_against_baseline(
             _gpt, dict(enable_mhc_connections=True, mhc_num_residual_streams=1)
         ),
-        "gpt_identity": _logits_against_baseline(_gpt, dict(MHC, mhc_init="identity")),
-        "hybrid_identity": _logits_against_baseline(_hybrid, dict(MHC, mhc_init="identity")),
+        "gpt_identity": _logits_against_baseline(_gpt, dict(MHC_4_STREAMS, mhc_init="identity")),
+        "hybrid_identity": _logits_against_baseline(
+            _hybrid, dict(MHC_4_STREAMS, mhc_init="identity")
+        ),
         "gpt_training": _train(_gpt, steps=8),
         "hybrid_training": _train(_hybrid, steps=8),
     }
@@ -167,7 +154,7 @@ def test_mhc_model_with_mla_trains(results, model):
 
 
 def test_mla_config_keeps_mla_defaults_and_validates_the_mhc_fields():
-    config = tiny_config(**MLA, **MHC)
+    config = tiny_config(**MLA, **MHC_4_STREAMS)
     assert config.multi_latent_attention and config.normalization == "RMSNorm"
     assert config.mhc_active
     with pytest.raises(ValueError, match=r"MHCTransformerConfig.mhc_type='x' is invalid"):
@@ -182,4 +169,4 @@ def test_deepseek_attention_layers_are_refused_on_the_local_spec_naming_the_patt
         match=r"hybrid_layer_pattern='D-D-' is invalid: layer types "
         r"\['D'\] need transformer_impl='transformer_engine'",
     ):
-        check_hybrid_layer_pattern(tiny_hybrid_config("D-D-", **MLA, **MHC), "D-D-")
+        check_hybrid_layer_pattern(tiny_hybrid_config("D-D-", **MLA, **MHC_4_STREAMS), "D-D-")

@@ -14,29 +14,22 @@ import pytest
 import torch
 
 from megatron_mhc.training.gpt_step import check_mtp_arguments
-from tests.dist_utils import (
-    destroy_model_parallel,
-    export_grads,
-    full_state_dict,
-    initialize_model_parallel,
-    load_full_state_dict,
-    merge_full_grads,
-    run_distributed,
-)
+from tests import dist_utils
+from tests.numerics import assert_close_to_scale
 from tests.tiny_gpt import (
+    FLOAT64,
+    MHC_4_STREAMS,
     SEQ,
     VOCAB,
     batches,
     build_tiny_gpt,
     forward_backward,
-    megatron_training,
     tiny_config,
-    train_step,
+    train_on_a_fixed_batch,
 )
 from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 from tests.unit.test_hybrid_model import gpt_name
 
-MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
 STEPS = 6
 # The tiny GPT's 4 layers as hybrid layers, and one MTP depth of an attention and an MLP layer.
 HYBRID_MAIN, HYBRID_MTP = "*-*-*-*-", "/*-"
@@ -63,8 +56,12 @@ def per_layout():
     """Every rank's results of `_step_per_layout` for an mHC GPT with one MTP layer, and for
     the mHC hybrid `*-*-*-*-/*-` (with PP = 2, `*-*-|*-*-/*-`)."""
     return {
-        "gpt": run_distributed(_step_per_layout, 2, dict(MHC, mtp_num_layers=1), False),
-        "hybrid": run_distributed(_step_per_layout, 2, dict(MHC, mtp_num_layers=1), True),
+        "gpt": dist_utils.run_distributed(
+            _step_per_layout, 2, dict(MHC_4_STREAMS, mtp_num_layers=1), False
+        ),
+        "hybrid": dist_utils.run_distributed(
+            _step_per_layout, 2, dict(MHC_4_STREAMS, mtp_num_layers=1), True
+        ),
     }
 
 
@@ -83,21 +80,19 @@ def _train(rank, world_size, variants, hybrid=False):
     results = {}
     for name, overrides in variants.items():
         MTPLossLoggingHelper.tracker.clear()  # sized by the first run's number of depths
-        initialize_model_parallel()
-        model = _build(hybrid, **overrides)
-        model, optimizer = megatron_training(model, model.config)
-        data = batches(seed=3)
-        results[name] = [
-            train_step(model, optimizer, lambda m: (forward_backward(m, data), _mtp_losses()))
-            for _ in range(STEPS)
-        ]
-        destroy_model_parallel()
+        dist_utils.initialize_model_parallel()
+        results[name] = train_on_a_fixed_batch(
+            _build(hybrid, **overrides),
+            STEPS,
+            lambda model, data: (forward_backward(model, data), _mtp_losses()),
+        )
+        dist_utils.destroy_model_parallel()
     return results
 
 
 TRAINED = {
-    "mtp1": dict(MHC, mtp_num_layers=1),
-    "mtp2_learned_contract": dict(MHC, mtp_num_layers=2, mhc_output_contract="learned"),
+    "mtp1": dict(MHC_4_STREAMS, mtp_num_layers=1),
+    "mtp2_learned_contract": dict(MHC_4_STREAMS, mtp_num_layers=2, mhc_output_contract="learned"),
 }
 
 
@@ -107,7 +102,7 @@ def test_model_with_mtp_trains_with_finite_falling_main_and_mtp_losses(hybrid):
     if hybrid:
         # The pattern sets the MTP depths.
         variants = {"mtp1": TRAINED["mtp1"]}
-    results = run_distributed(_train, 1, variants, hybrid)[0]
+    results = dist_utils.run_distributed(_train, 1, variants, hybrid)[0]
     for name, steps in results.items():
         depths = TRAINED[name]["mtp_num_layers"]
         main = [loss for loss, _ in steps]
@@ -132,20 +127,17 @@ def _step_per_layout(rank, world_size, overrides, hybrid):
     torch.set_default_dtype(torch.float64)
     results, full = {}, None
     for tp, pp, sequence_parallel in LAYOUTS:
-        initialize_model_parallel(tp, pp)
+        dist_utils.initialize_model_parallel(tp, pp)
         model = _build(
             hybrid,
             pipeline_stages=pp,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             sequence_parallel=sequence_parallel,
-            params_dtype=torch.float64,
-            pipeline_dtype=torch.float64,
+            **FLOAT64,
             **overrides,
         )
-        if full is None:
-            full = full_state_dict(model)
-        load_full_state_dict(model, full)
+        full = dist_utils.same_weights(model, full)
         loss = forward_backward(model, batches())
         if sequence_parallel:
             # What finalize_model_grads does: each rank saw its share of the tokens.
@@ -155,8 +147,8 @@ def _step_per_layout(rank, world_size, overrides, hybrid):
                         param.grad, group=parallel_state.get_tensor_model_parallel_group()
                     )
         mtp = _mtp_losses() if loss is not None else None
-        results[(tp, pp, sequence_parallel)] = (loss, mtp, export_grads(model))
-        destroy_model_parallel()
+        results[(tp, pp, sequence_parallel)] = (loss, mtp, dist_utils.export_grads(model))
+        dist_utils.destroy_model_parallel()
     return results
 
 
@@ -175,7 +167,7 @@ def _step_per_layout(rank, world_size, overrides, hybrid):
 def test_parallel_layouts_with_mtp_match_one_rank(per_layout, model, layout, rtol):
     per_layout = per_layout[model]
     loss, mtp, _ = per_layout[0][(1, 1, False)]
-    reference = merge_full_grads([r[(1, 1, False)][2] for r in per_layout])
+    reference = dist_utils.merge_full_grads([r[(1, 1, False)][2] for r in per_layout])
     assert any(name.startswith("mtp.") and "hyper_connection" in name for name in reference)
     assert any(name.startswith("mtp.") and "mhc_head" in name for name in reference)
     # The losses exist on the last stage only (the MTP block's stage).
@@ -184,18 +176,12 @@ def test_parallel_layouts_with_mtp_match_one_rank(per_layout, model, layout, rto
     for got_loss, got_mtp, _ in last_stage:
         assert got_loss == pytest.approx(loss, rel=rtol)
         assert got_mtp == pytest.approx(mtp, rel=rtol)
-    grads = merge_full_grads([r[layout][2] for r in per_layout])
+    grads = dist_utils.merge_full_grads([r[layout][2] for r in per_layout])
     assert grads.keys() == reference.keys()
     for name, grad in grads.items():
         want = reference[name]
         assert torch.isfinite(grad).all() and want.abs().max() > 0, name
-        torch.testing.assert_close(
-            grad,
-            want,
-            rtol=rtol,
-            atol=rtol * want.abs().max().item(),
-            msg=lambda m: f"{layout} {name}: {m}",
-        )
+        assert_close_to_scale(grad, want, rtol, f"{layout} {name}")
 
 
 def _megatron_mtp_gpt(config):
@@ -242,7 +228,7 @@ def _loss_mtp_loss_and_grads(model):
 def _plain_and_candidate(rank, world_size, overrides, hybrid):
     results = []
     for megatron_model in (True, False):
-        initialize_model_parallel(seed=1234)
+        dist_utils.initialize_model_parallel(seed=1234)
         if not megatron_model:
             model = _build(hybrid, mtp_num_layers=1, **overrides)
         elif hybrid:
@@ -252,7 +238,7 @@ def _plain_and_candidate(rank, world_size, overrides, hybrid):
         else:
             model = _megatron_mtp_gpt(tiny_config(mtp_num_layers=1, **overrides))
         results.append((type(model).__name__, _loss_mtp_loss_and_grads(model)))
-        destroy_model_parallel()
+        dist_utils.destroy_model_parallel()
     return results
 
 
@@ -266,7 +252,7 @@ def _plain_and_candidate(rank, world_size, overrides, hybrid):
     ids=["n1", "disabled"],
 )
 def test_one_stream_or_disabled_mtp_model_is_megatrons_bit_for_bit(overrides, hybrid):
-    (_, (loss, mtp, grads)), (kind, (got_loss, got_mtp, got_grads)) = run_distributed(
+    (_, (loss, mtp, grads)), (kind, (got_loss, got_mtp, got_grads)) = dist_utils.run_distributed(
         _plain_and_candidate, 1, overrides, hybrid
     )[0]
     assert kind == ("HybridModel" if hybrid else "GPTModel")
@@ -284,9 +270,9 @@ def _gpt_name(hybrid_name: str) -> str:
 
 
 def _gpt_and_hybrid(rank, world_size):
-    initialize_model_parallel(seed=1234)
-    gpt = _build(False, **MHC, mtp_num_layers=1)
-    hybrid = _build(True, **MHC, mtp_num_layers=1)
+    dist_utils.initialize_model_parallel(seed=1234)
+    gpt = _build(False, **MHC_4_STREAMS, mtp_num_layers=1)
+    hybrid = _build(True, **MHC_4_STREAMS, mtp_num_layers=1)
     gpt_state = gpt.state_dict()
     hybrid.load_state_dict(
         {name: gpt_state[_gpt_name(name)] for name in hybrid.state_dict()}, strict=True
@@ -304,9 +290,9 @@ def _gpt_and_hybrid(rank, world_size):
 def test_hybrid_mtp_is_the_gpt_mtp_model_with_the_same_weights_bit_for_bit():
     """`*-*-*-*-/*-` holds the GPT MTP model's modules (decoder and MTP layer) and runs them on
     the same values in the same order: main loss, MTP loss and every gradient bitwise."""
-    kind, (loss, mtp, grads), (got_loss, got_mtp, got_grads) = run_distributed(_gpt_and_hybrid, 1)[
-        0
-    ]
+    kind, (loss, mtp, grads), (got_loss, got_mtp, got_grads) = dist_utils.run_distributed(
+        _gpt_and_hybrid, 1
+    )[0]
     assert kind == "MHCHybridModel"
     assert got_loss == loss and got_mtp == mtp
     assert got_grads.keys() == grads.keys()
@@ -333,13 +319,8 @@ def _upcycled_mtp_state_dict(plain_state_dict: dict, candidate_state_dict: dict)
 
 def _identity_against_plain(rank, world_size, overrides):
     torch.set_default_dtype(torch.float64)
-    config_fields = dict(
-        mtp_num_layers=1,
-        params_dtype=torch.float64,
-        pipeline_dtype=torch.float64,
-        layernorm_epsilon=0.0,
-    )
-    initialize_model_parallel(seed=1234)
+    config_fields = dict(mtp_num_layers=1, **FLOAT64, layernorm_epsilon=0.0)
+    dist_utils.initialize_model_parallel(seed=1234)
     plain = build_tiny_gpt(tiny_config(**config_fields))
     candidate = build_tiny_gpt(tiny_config(**config_fields, **overrides))
     candidate.load_state_dict(
@@ -360,8 +341,8 @@ def test_identity_init_n4_mtp_computes_the_single_stream_mtp_function():
     output), equal hnorm(x), what DeepSeek-V4's reads (the streams before the final norm), while
     the final norm's gain is still 1.
     """
-    identity = dict(MHC, mhc_init="identity", mhc_output_contract="learned", mhc_eps=0.0)
-    (_, loss, mtp), (kind, got_loss, got_mtp) = run_distributed(
+    identity = dict(MHC_4_STREAMS, mhc_init="identity", mhc_output_contract="learned", mhc_eps=0.0)
+    (_, loss, mtp), (kind, got_loss, got_mtp) = dist_utils.run_distributed(
         _identity_against_plain, 1, identity
     )[0]
     assert kind == "MHCGPTModel"
@@ -396,10 +377,10 @@ def test_mtp_with_tied_embeddings_over_pipeline_stages_is_refused(untie, pipelin
 
 
 RECOMPUTED = {
-    "none": dict(MHC, mtp_num_layers=1),
+    "none": dict(MHC_4_STREAMS, mtp_num_layers=1),
     # Megatron's full recompute reruns the MTP layer on the stream state in backward.
     "full": dict(
-        MHC,
+        MHC_4_STREAMS,
         mtp_num_layers=1,
         recompute_granularity="full",
         recompute_method="uniform",
@@ -407,11 +388,11 @@ RECOMPUTED = {
     ),
     # mHC's block recompute frees the decoder's inner stream states; the MTP block reads the
     # stage output, which the manager keeps.
-    "mhc_blocks": dict(MHC, mtp_num_layers=1, mhc_recompute_layer_num=2),
+    "mhc_blocks": dict(MHC_4_STREAMS, mtp_num_layers=1, mhc_recompute_layer_num=2),
 }
 
 
 def test_recompute_with_mtp_trains_bitwise_like_no_recompute():
-    results = run_distributed(_train, 1, RECOMPUTED)[0]
+    results = dist_utils.run_distributed(_train, 1, RECOMPUTED)[0]
     assert results["full"] == results["none"]
     assert results["mhc_blocks"] == results["none"]

@@ -5,24 +5,22 @@ does Megatron's plain GPTModel (mHC off), which checks the CPU platform under th
 import pytest
 import torch
 
-from tests.dist_utils import (
-    destroy_model_parallel,
-    export_grads,
-    full_state_dict,
-    initialize_model_parallel,
-    load_full_state_dict,
-    merge_full_grads,
-    run_distributed,
+from tests import dist_utils
+from tests.numerics import assert_close_to_scale
+from tests.tiny_gpt import (
+    FLOAT64,
+    MHC_4_STREAMS,
+    batches,
+    build_tiny_gpt,
+    forward_backward,
+    tiny_config,
 )
-from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, tiny_config
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (TP, PP); the rest of the 4 ranks is DP
 MODELS = {
     "baseline": dict(enable_mhc_connections=False),
-    "mhc": dict(enable_mhc_connections=True, mhc_num_residual_streams=4),
-    "mhc_learned_contract": dict(
-        enable_mhc_connections=True, mhc_num_residual_streams=4, mhc_output_contract="learned"
-    ),
+    "mhc": MHC_4_STREAMS,
+    "mhc_learned_contract": dict(MHC_4_STREAMS, mhc_output_contract="learned"),
 }
 
 
@@ -37,30 +35,27 @@ def _step_per_layout(rank, world_size, overrides):
     torch.set_default_dtype(torch.float64)
     results, full = {}, None
     for tp, pp in LAYOUTS:
-        initialize_model_parallel(tp, pp)
+        dist_utils.initialize_model_parallel(tp, pp)
         model = build_tiny_gpt(
             tiny_config(
                 tensor_model_parallel_size=tp,
                 pipeline_model_parallel_size=pp,
-                params_dtype=torch.float64,
-                pipeline_dtype=torch.float64,
+                **FLOAT64,
                 **overrides,
             )
         )
-        if full is None:
-            full = full_state_dict(model)
-        load_full_state_dict(model, full)
+        full = dist_utils.same_weights(model, full)
         loss = forward_backward(model, batches())
-        results[(tp, pp)] = (loss, export_grads(model))
-        destroy_model_parallel()
+        results[(tp, pp)] = (loss, dist_utils.export_grads(model))
+        dist_utils.destroy_model_parallel()
     return results
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_tp_pp_layouts_match_tp1pp1(model):
-    per_rank = run_distributed(_step_per_layout, 4, MODELS[model])
+    per_rank = dist_utils.run_distributed(_step_per_layout, 4, MODELS[model])
     reference_loss = per_rank[0][(1, 1)][0]
-    reference_grads = merge_full_grads([r[(1, 1)][1] for r in per_rank])
+    reference_grads = dist_utils.merge_full_grads([r[(1, 1)][1] for r in per_rank])
     hc_grads = [
         name for name in reference_grads if "_hyper_connection." in name or "mhc_head" in name
     ]
@@ -71,16 +66,10 @@ def test_tp_pp_layouts_match_tp1pp1(model):
         assert losses, layout
         for loss in losses:
             assert abs(loss - reference_loss) <= 1e-5 * abs(reference_loss), (layout, loss)
-        grads = merge_full_grads([r[layout][1] for r in per_rank])
+        grads = dist_utils.merge_full_grads([r[layout][1] for r in per_rank])
         assert grads.keys() == reference_grads.keys(), layout
         for name, grad in grads.items():
             want = reference_grads[name]
             assert torch.isfinite(grad).all(), name
             # Relative to the tensor's scale: TP sums partial products in another order.
-            torch.testing.assert_close(
-                grad,
-                want,
-                rtol=1e-5,
-                atol=1e-5 * want.abs().max().item(),
-                msg=lambda m: f"{layout} {name}: {m}",
-            )
+            assert_close_to_scale(grad, want, 1e-5, f"{layout} {name}")

@@ -13,15 +13,17 @@ from tests.dist_utils import (
     initialize_model_parallel,
     run_distributed,
 )
-from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, logits, tiny_config
-
-MHC_8_LAYERS_DROPOUT = dict(
-    enable_mhc_connections=True,
-    mhc_num_residual_streams=4,
-    num_layers=8,
-    hidden_dropout=0.1,
-    attention_dropout=0.1,
+from tests.tiny_gpt import (
+    CPU_MOE,
+    MHC_4_STREAMS,
+    batches,
+    build_tiny_gpt,
+    forward_backward,
+    logits,
+    tiny_config,
 )
+
+MHC_8_LAYERS_DROPOUT = dict(MHC_4_STREAMS, num_layers=8, hidden_dropout=0.1, attention_dropout=0.1)
 
 
 def _reseed(seed=5):
@@ -88,15 +90,7 @@ def test_bitwise_equal_under_tensor_and_pipeline_parallelism(tp, pp):
 # 0.19.2's CheckpointWithoutOutput sets `fp8 = fp8 is not None` (always True) and then needs
 # Transformer Engine; "mlp" recompute does not finish on CPU for the plain Megatron layer either.
 def test_bitwise_equal_with_moe_and_selective_recompute():
-    overrides = dict(
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=64,
-        add_bias_linear=False,
-        moe_token_dispatcher_type="allgather",
-        recompute_granularity="selective",
-        recompute_modules=["core_attn"],
-    )
+    overrides = dict(CPU_MOE, recompute_granularity="selective", recompute_modules=["core_attn"])
     per_rank = run_distributed(_with_and_without, 1, 1, 1, [2], overrides)
     _assert_bitwise(per_rank, [2])
 

@@ -8,28 +8,24 @@ over the tensor-parallel ranks by finalize_model_grads."""
 import pytest
 import torch
 
-from tests.dist_utils import (
-    destroy_model_parallel,
-    export_grads,
-    full_state_dict,
-    initialize_model_parallel,
-    load_full_state_dict,
-    merge_full_grads,
-    run_distributed,
+from tests import dist_utils
+from tests.numerics import assert_close_to_scale
+from tests.tiny_gpt import (
+    FLOAT64,
+    MHC_4_STREAMS,
+    batches,
+    build_tiny_gpt,
+    forward_backward,
+    tiny_config,
 )
-from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, tiny_config
 
 # (TP, PP); sequence parallel wherever TP > 1; the remaining ranks are data-parallel replicas.
 TP1, TP2, TP2_PP2 = (1, 1), (2, 1), (2, 2)
 MODELS = {
     "baseline": dict(enable_mhc_connections=False),
-    "mhc": dict(enable_mhc_connections=True, mhc_num_residual_streams=4),
-    "mhc_learned_contract": dict(
-        enable_mhc_connections=True, mhc_num_residual_streams=4, mhc_output_contract="learned"
-    ),
-    "mhc_recompute": dict(
-        enable_mhc_connections=True, mhc_num_residual_streams=4, mhc_recompute_layer_num=2
-    ),
+    "mhc": MHC_4_STREAMS,
+    "mhc_learned_contract": dict(MHC_4_STREAMS, mhc_output_contract="learned"),
+    "mhc_recompute": dict(MHC_4_STREAMS, mhc_recompute_layer_num=2),
     "baseline_mtp": dict(enable_mhc_connections=False, mtp_num_layers=1),
 }
 
@@ -51,53 +47,52 @@ def _step_per_model_and_layout(rank, world_size, models, layouts):
     for model_name in models:
         full = None
         for tp, pp in layouts:
-            initialize_model_parallel(tp, pp)
+            dist_utils.initialize_model_parallel(tp, pp)
             config = tiny_config(
                 tensor_model_parallel_size=tp,
                 pipeline_model_parallel_size=pp,
                 sequence_parallel=tp > 1,
-                params_dtype=torch.float64,
-                pipeline_dtype=torch.float64,
+                **FLOAT64,
                 **MODELS[model_name],
             )
             before_finalize = {}
 
             def record_then_finalize(model_chunks, *args, **kwargs):
-                before_finalize.update(export_grads(model_chunks[0].module))
+                before_finalize.update(dist_utils.export_grads(model_chunks[0].module))
                 finalize_model_grads(model_chunks, *args, **kwargs)
 
             config.finalize_model_grads_func = record_then_finalize
             model = build_tiny_gpt(config)
-            if full is None:
-                full = full_state_dict(model)
-            load_full_state_dict(model, full)
+            full = dist_utils.same_weights(model, full)
             model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
             loss = forward_backward(model, batches())
-            results[(model_name, tp, pp)] = (loss, export_grads(model.module), before_finalize)
-            destroy_model_parallel()
+            results[(model_name, tp, pp)] = (
+                loss,
+                dist_utils.export_grads(model.module),
+                before_finalize,
+            )
+            dist_utils.destroy_model_parallel()
     return results
 
 
 def _assert_layout_matches_tp1(per_rank, model, layout):
     reference_loss = per_rank[0][(model, *TP1)][0]
-    reference_grads = merge_full_grads([r[(model, *TP1)][1] for r in per_rank])
+    reference_grads = dist_utils.merge_full_grads([r[(model, *TP1)][1] for r in per_rank])
     losses = [r[(model, *layout)][0] for r in per_rank if r[(model, *layout)][0] is not None]
     assert losses
     for loss in losses:
         assert abs(loss - reference_loss) <= 1e-5 * abs(reference_loss), loss
-    grads = merge_full_grads([r[(model, *layout)][1] for r in per_rank])
+    grads = dist_utils.merge_full_grads([r[(model, *layout)][1] for r in per_rank])
     assert grads.keys() == reference_grads.keys()
     for name, grad in grads.items():
         want = reference_grads[name]
         # Relative to the tensor's scale: TP sums partial products in another order.
-        torch.testing.assert_close(
-            grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f"{name}: {m}"
-        )
+        assert_close_to_scale(grad, want, 1e-5, name)
 
 
 @pytest.fixture(scope="module")
 def per_rank():
-    return run_distributed(_step_per_model_and_layout, 2, list(MODELS), [TP1, TP2])
+    return dist_utils.run_distributed(_step_per_model_and_layout, 2, list(MODELS), [TP1, TP2])
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -107,7 +102,7 @@ def test_tp2_sequence_parallel_matches_tp1(per_rank, model):
 
 def test_tp2_pp2_sequence_parallel_matches_tp1():
     """The pipeline stages exchange the sequence shard of the n-stream state."""
-    per_rank = run_distributed(_step_per_model_and_layout, 4, ["mhc"], [TP1, TP2_PP2])
+    per_rank = dist_utils.run_distributed(_step_per_model_and_layout, 4, ["mhc"], [TP1, TP2_PP2])
     _assert_layout_matches_tp1(per_rank, "mhc", TP2_PP2)
 
 

@@ -8,56 +8,31 @@ import pytest
 
 from tests.dist_utils import initialize_model_parallel, run_distributed
 from tests.tiny_gpt import (
-    batches,
+    CPU_MOE,
+    MHC_4_STREAMS,
     build_tiny_gpt,
-    forward_backward,
-    megatron_training,
+    count_moe_layers,
     tiny_config,
-    train_step,
+    train_on_a_fixed_batch,
 )
 
 STEPS = 6
-MHC = dict(enable_mhc_connections=True, mhc_num_residual_streams=4)
 VARIANTS = {
-    # Local-spec MoE on CPU: no bias (the local expert MLP would add it in place on a view) and
-    # the allgather dispatcher (alltoall creates a CUDA stream).
-    "mhc_moe_4_experts_top2": dict(
-        MHC,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=64,
-        add_bias_linear=False,
-        moe_token_dispatcher_type="allgather",
-    ),
+    "mhc_moe_4_experts_top2": dict(MHC_4_STREAMS, **CPU_MOE),
     # Megatron requires sequence parallelism for MoE with TP > 1.
     "mhc_moe_tp2_sequence_parallel": dict(
-        MHC,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=64,
-        add_bias_linear=False,
-        moe_token_dispatcher_type="allgather",
-        tensor_model_parallel_size=2,
-        sequence_parallel=True,
+        MHC_4_STREAMS, **CPU_MOE, tensor_model_parallel_size=2, sequence_parallel=True
     ),
-    "hc": dict(MHC, mhc_type="hc"),
-    "hc_static": dict(MHC, mhc_type="hc_static"),
+    "hc": dict(MHC_4_STREAMS, mhc_type="hc"),
+    "hc_static": dict(MHC_4_STREAMS, mhc_type="hc_static"),
 }
 
 
 def _train(rank, world_size, overrides):
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
     initialize_model_parallel(tp=world_size)
-    config = tiny_config(**overrides)
-    model = build_tiny_gpt(config)
-    moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
-    model, optimizer = megatron_training(model, config)
-    data = batches(seed=3)
-    losses = [
-        train_step(model, optimizer, lambda m: forward_backward(m, data)) for _ in range(STEPS)
-    ]
-    return losses, moe_layers
+    model = build_tiny_gpt(tiny_config(**overrides))
+    moe_layers = count_moe_layers(model)
+    return train_on_a_fixed_batch(model, STEPS), moe_layers
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
