@@ -2,8 +2,8 @@
 
 For each shape (T tokens x C hidden, n streams, activation dtype) and each op -- `mappings`,
 `collapse`, `update`, `head`, and `module` (`mhc_mappings_collapse` + `mhc_update` around an
-identity sublayer, as HyperConnectionModule runs them) -- times forward, and forward + backward
-(backward = the difference), for every variant that can run, side by side in one run:
+identity sublayer, as HyperConnectionModule runs them) -- times forward, backward (after an
+untimed forward) and forward + backward, for every variant that can run, side by side in one run:
 
   torch          the reference (`megatron_mhc.fusions.reference`), called as
                  HyperConnectionModule calls it (saving only the inputs, rerun in backward)
@@ -519,7 +519,9 @@ def as_tuple(out):
 
 
 def measure(variant, op, inputs, cfg, device, warmup, repeats):
-    """(forward seconds, forward+backward seconds), or None when the variant lacks the op."""
+    """(forward, backward, forward+backward) seconds, or None when the variant lacks the op. The
+    backward is timed on its own, its forward run untimed before each call: a difference of two
+    noisy medians can come out negative on a short CPU run."""
     prepare = getattr(variant, f"prepare_{op}", None)
     if prepare is None:
         return None
@@ -535,14 +537,27 @@ def measure(variant, op, inputs, cfg, device, warmup, repeats):
     def fwd():
         fn()
 
+    def outputs():
+        return [o for o in as_tuple(fn()) if isinstance(o, torch.Tensor) and o.requires_grad]
+
     def fwd_bwd():
-        outs = [o for o in as_tuple(fn()) if isinstance(o, torch.Tensor) and o.requires_grad]
-        torch.autograd.backward(outs, grads)
+        torch.autograd.backward(outputs(), grads)
+
+    pending = []
+
+    def release_and_forward():
+        release()
+        pending[:] = outputs()
+
+    def bwd():
+        torch.autograd.backward(pending, grads)
 
     t_fwd = common.time_call(fwd, device, warmup, repeats, setup=release)
+    t_bwd = common.time_call(bwd, device, warmup, repeats, setup=release_and_forward)
     t_all = common.time_call(fwd_bwd, device, warmup, repeats, setup=release)
+    pending.clear()
     release()
-    return t_fwd, t_all
+    return t_fwd, t_bwd, t_all
 
 
 def main(argv=None):
@@ -619,11 +634,11 @@ def main(argv=None):
                         cell = "n/a" if res is None else "error"
                         rows.append(key + [cell] * (len(header) - len(key)))
                         continue
-                    t_fwd, t_all = res
-                    phase_seconds = (t_fwd, max(t_all - t_fwd, 0.0), t_all)
+                    phase_seconds = res
+                    t_all = res[2]
                     phase_bytes = (b_fwd, b_bwd, b_fwd + b_bwd)
                     speedup = (
-                        f"{ref[1] / t_all:.2f}x" if isinstance(ref, tuple) and t_all > 0 else "-"
+                        f"{ref[2] / t_all:.2f}x" if isinstance(ref, tuple) and t_all > 0 else "-"
                     )
                     rows.append(
                         key
