@@ -50,6 +50,7 @@ def parse_args():
 def build(args, streams, recompute, device):
     from megatron_mhc.config import MHCTransformerConfig
     from megatron_mhc.models.gpt import build_mhc_gpt_model
+    from megatron_mhc.platform.cpu import CPU_CONFIG_FIELDS
 
     on_gpu = device.type == "cuda"
     config = MHCTransformerConfig(
@@ -60,14 +61,8 @@ def build(args, streams, recompute, device):
         attention_dropout=args.dropout,
         bf16=on_gpu,
         params_dtype=torch.bfloat16 if on_gpu else torch.float32,
-        use_cpu_initialization=not on_gpu,
-        transformer_impl="local",
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        # The local spec without fusions on GPU too: what the CPU runs, so both measure the same.
+        **{**CPU_CONFIG_FIELDS, "use_cpu_initialization": not on_gpu},
         enable_mhc_connections=streams > 1,
         mhc_num_residual_streams=streams,
         mhc_recompute_layer_num=recompute,

@@ -14,6 +14,7 @@ import torch
 
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.models.gpt import build_mhc_gpt_model
+from megatron_mhc.platform.cpu import CPU_CONFIG_FIELDS
 from megatron_mhc.transformer.pipeline_shapes import get_forward_backward_func
 
 SEQ, MICRO_BATCH, NUM_MICROBATCHES, VOCAB = 16, 2, 2, 128
@@ -44,16 +45,9 @@ def tiny_config(config_class: type = MHCTransformerConfig, **overrides) -> MHCTr
         hidden_size=32,
         num_attention_heads=4,
         pipeline_dtype=torch.float32,
-        use_cpu_initialization=True,
-        transformer_impl="local",
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **CPU_CONFIG_FIELDS,
     )
     fields.update(overrides)
     return config_class(**fields)

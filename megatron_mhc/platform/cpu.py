@@ -40,8 +40,8 @@ Megatron makes them from too many modules to list, and without a GPU they raise 
 Also needed on CPU, outside this module:
 
 * the megatron.training flags :data:`CPU_MEGATRON_ARGS`, or for Megatron-Core alone the
-  equivalent ``TransformerConfig`` fields (``use_cpu_initialization=True``, no fusions) and the
-  local layer spec;
+  equivalent ``TransformerConfig`` fields :data:`CPU_CONFIG_FIELDS` (``use_cpu_initialization``,
+  the local layer spec, no fusions);
 * the environment :data:`CPU_ENV`, set before ``torch`` is imported: ``TORCHDYNAMO_DISABLE=1``
   (otherwise Megatron's ``jit_fuser`` functions go through ``torch.compile``: ~40 s of start-up
   on 2 cores) and ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (``validate_args`` asserts it for TP or CP > 1
@@ -70,7 +70,26 @@ import torch
 
 from megatron_mhc.megatron_patches import MegatronPatch, check_patches
 
-__all__ = ["CPU_ENV", "CPU_MEGATRON_ARGS", "CPU_PLATFORM_PATCHES", "apply_cpu_platform"]
+__all__ = [
+    "CPU_CONFIG_FIELDS",
+    "CPU_ENV",
+    "CPU_MEGATRON_ARGS",
+    "CPU_PLATFORM_PATCHES",
+    "apply_cpu_platform",
+]
+
+# The TransformerConfig fields of CPU_MEGATRON_ARGS, for Megatron-Core used without
+# megatron.training: weights initialised on the CPU, the local spec, no fused (CUDA-only) kernels.
+CPU_CONFIG_FIELDS = dict(
+    use_cpu_initialization=True,
+    transformer_impl="local",
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    gradient_accumulation_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+)
 
 # megatron.training flags that keep a CPU run off CUDA-only code paths.
 CPU_MEGATRON_ARGS = [
