@@ -634,11 +634,11 @@ def main(argv=None):
                         cell = "n/a" if res is None else "error"
                         rows.append(key + [cell] * (len(header) - len(key)))
                         continue
-                    phase_seconds = res
-                    t_all = res[2]
+                    phase_seconds = res  # in PHASES order
+                    t_all = phase_seconds[-1]
                     phase_bytes = (b_fwd, b_bwd, b_fwd + b_bwd)
                     speedup = (
-                        f"{ref[2] / t_all:.2f}x" if isinstance(ref, tuple) and t_all > 0 else "-"
+                        f"{ref[-1] / t_all:.2f}x" if isinstance(ref, tuple) and t_all > 0 else "-"
                     )
                     rows.append(
                         key
