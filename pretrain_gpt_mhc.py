@@ -15,7 +15,9 @@ checkpoints, logging, rerun state machine); this script supplies the mHC model p
 datasets and step, the mHC flags and YAML configs (megatron_mhc.training), and the names of
 megatron.training it replaces for want of an argument of pretrain (install_training_patches in
 megatron_mhc/training/training_patches.py: n-stream pipeline shapes, data loaders with their own
-generator, prebuilt dataset helpers, the mHC figures in the training log).
+generator, prebuilt dataset helpers, the mHC figures in the training log), and the fixes of
+megatron-core's optimizer checkpointing for the fp32 HC parameters (install_optimizer_patches in
+megatron_mhc/optimizer_patches.py).
 Without a CUDA device it applies megatron_mhc.platform.cpu and the flags that keep Megatron off
 CUDA-only paths (gloo, local transformer, no fusions), and says so in one log line.
 """
@@ -39,6 +41,7 @@ from megatron.training.argument_utils import pretrain_cfg_container_from_args  #
 from megatron.training.utils import print_rank_0  # noqa: E402
 
 from megatron_mhc.megatron_names import names_in  # noqa: E402
+from megatron_mhc.optimizer_patches import install_optimizer_patches  # noqa: E402
 from megatron_mhc.training import dry_run  # noqa: E402
 from megatron_mhc.training.gpt_step import (  # noqa: E402
     forward_step,
@@ -60,6 +63,7 @@ def main():
         apply_cpu_platform()
         sys.argv[1:1] = CPU_MEGATRON_ARGS  # before the user's flags, which still override them
     install_training_patches()
+    install_optimizer_patches()
     with launch_errors_reported():
         args, _ = parse_and_check_arguments()
     if ON_CPU:

@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="megatron-mhc",
-    version="0.2.0",
+    version="0.3.0",
     description="Manifold-constrained hyper-connections (mHC) for Megatron-Core pretraining",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -17,7 +17,8 @@
 #      the tileiras that cuda-tile 1.7.0 uses), the high-priority stream, context parallelism
 #      (CP=2 equals CP=1; needs 2 GPUs and Transformer Engine, skipped without them), the MLP's
 #      HC update node on the high-priority stream under the EP all-to-all overlap (bitwise the
-#      same losses with and without it; needs 2 GPUs, skipped without them);
+#      same losses with and without it; needs 2 GPUs, skipped without them), an fp16 mHC run
+#      with the distributed optimizer saved at iteration 3 and resumed bit for bit (2 GPUs);
 #   2. bench/bench_kernels.py (ours, the reference, torch.compile, and the peers that import);
 #   3. bench/bench_step.py (baseline vs mHC, torch and triton backends);
 #   4. bench/activation_memory.py on the GPU (peak allocated memory, CUDA-event times).
@@ -77,6 +78,8 @@ step cutile_tests env MHC_CUTILE_TEST_FORCE=1 python3 -m pytest -q -rs -p no:cac
 step context_parallel_tests python3 -m pytest -q -rs -p no:cacheprovider \
     tests/functional/test_context_parallel_gpu.py
 step overlap_tests python3 -m pytest -q -rs -p no:cacheprovider tests/functional/test_overlap_gpu.py
+step fp16_resume_test python3 -m pytest -q -rs -p no:cacheprovider \
+    tests/functional/test_optimizer_resume.py -k gpu_fp16
 step bench_kernels python3 bench/bench_kernels.py
 step bench_step python3 bench/bench_step.py
 step activation_memory python3 bench/activation_memory.py

@@ -123,10 +123,11 @@ def forward_backward(model, data, forward_only: bool = False):
     return torch.stack([x["loss"] for x in losses]).mean().item()
 
 
-def megatron_training(model, config, bf16: bool = False):
+def megatron_training(model, config, bf16: bool = False, distributed_optimizer: bool = False):
     """`model` set up as megatron.training trains it: gradients finalised by Megatron's
     `finalize_model_grads`, bf16 weights (Float16Module) with `bf16`, DistributedDataParallel,
-    and Megatron's Adam (lr 3e-3, clip 1) -> (wrapped model, optimizer)."""
+    and Megatron's Adam (lr 3e-3, clip 1; sharded over data-parallel ranks with
+    `distributed_optimizer`) -> (wrapped model, optimizer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -135,9 +136,17 @@ def megatron_training(model, config, bf16: bool = False):
     config.finalize_model_grads_func = finalize_model_grads
     if bf16:
         model = Float16Module(config, model)
-    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
+    model = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, bf16=bf16),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=3e-3,
+            weight_decay=0.0,
+            clip_grad=1.0,
+            bf16=bf16,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
         [model],
     )
     return model, optimizer

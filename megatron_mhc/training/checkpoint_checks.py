@@ -18,6 +18,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_INDEX = ".metadata"
 
 
 def _iterations(load: Path) -> list[int]:
@@ -32,41 +33,48 @@ def _iteration_dir(load: Path, iteration: int) -> Path:
     return load / f"iter_{iteration:07d}"
 
 
-def check_checkpoint_to_load(load: str | None, ckpt_step: int | None = None) -> None:
-    """ValueError, naming the file, when the checkpoint `--load load` (at `--ckpt-step`, else
-    at its tracker's iteration) cannot be read in full; nothing when there is none to load (a
-    fresh run: Megatron starts from scratch)."""
-    if load is None:
-        return
+def _iteration_to_load(load: str, ckpt_step: int | None) -> tuple[int, str] | None:
+    """(iteration, what names it) that `--load load` resumes from; None for a fresh run (no
+    directory or no tracker) or a release checkpoint. ValueError for an unreadable one."""
     directory = Path(load)
     if not directory.exists():
-        return
+        return None
     if not directory.is_dir():
         raise ValueError(f"--load {load}: is a file, expected a checkpoint directory")
     if not os.access(directory, os.R_OK | os.X_OK):
         raise ValueError(f"--load {load}: the directory cannot be read (permissions)")
-    tracker = directory / TRACKER
-    iterations = _iterations(directory)
-    on_disk = ", ".join(map(str, iterations)) or "none"
     if ckpt_step:
-        iteration, source = ckpt_step, f"--ckpt-step {ckpt_step}"
-    elif tracker.is_file():
-        try:
-            text = tracker.read_text().strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"--load {load}: {tracker} cannot be read ({err})") from err
-        if text == "release":
-            return  # a release checkpoint (converted weights), loaded as Megatron finds it
-        if not text.isdigit():
-            raise ValueError(
-                f"--load {load}: {tracker} holds {text[:40]!r}, expected the iteration to resume "
-                f"from (iterations on disk: {on_disk}); write one of them into it"
-            )
-        iteration, source = int(text), f"{tracker}"
-    else:
-        return  # no tracker: Megatron starts from scratch
+        return ckpt_step, f"--ckpt-step {ckpt_step}"
+    tracker = directory / TRACKER
+    if not tracker.is_file():
+        return None  # no tracker: Megatron starts from scratch
+    try:
+        text = tracker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--load {load}: {tracker} cannot be read ({err})") from err
+    if text == "release":
+        return None  # a release checkpoint (converted weights), loaded as Megatron finds it
+    if not text.isdigit():
+        on_disk = ", ".join(map(str, _iterations(directory))) or "none"
+        raise ValueError(
+            f"--load {load}: {tracker} holds {text[:40]!r}, expected the iteration to resume "
+            f"from (iterations on disk: {on_disk}); write one of them into it"
+        )
+    return int(text), f"{tracker}"
+
+
+def check_checkpoint_to_load(load: str | None, ckpt_step: int | None = None) -> None:
+    """ValueError, naming the file, when the checkpoint `--load load` (at `--ckpt-step`, else
+    at its tracker's iteration) cannot be read in full; nothing when there is none to load (a
+    fresh run: Megatron starts from scratch)."""
+    if load is None or (found := _iteration_to_load(load, ckpt_step)) is None:
+        return
+    iteration, source = found
+    directory = Path(load)
+    iterations = _iterations(directory)
     iteration_dir = _iteration_dir(directory, iteration)
     if not iteration_dir.is_dir():
+        on_disk = ", ".join(map(str, iterations)) or "none"
         raise ValueError(
             f"--load {load}: {source} names iteration {iteration}, but {iteration_dir} does not "
             f"exist (iterations on disk: {on_disk})"
@@ -78,6 +86,50 @@ def check_checkpoint_to_load(load: str | None, ckpt_step: int | None = None) -> 
             f"--load {load}: the checkpoint of iteration {iteration} is damaged: {file} {what}. "
             + _previous_checkpoint_hint(directory, iterations, iteration)
         )
+
+
+def check_optimizer_state_to_load(args) -> None:
+    """ValueError when the run would load optimizer state that is not there (a checkpoint saved
+    with --no-save-optim, the only kind bf16 / fp16 mHC runs wrote before megatron-mhc 0.3), or
+    that of another iteration (megatron-core 0.19.2 reads the distributed optimizer's torch-format
+    state of the tracker's iteration, whatever --ckpt-step says). Call after
+    check_checkpoint_to_load."""
+    if args.load is None or args.no_load_optim or args.finetune:
+        return
+    found = _iteration_to_load(args.load, args.ckpt_step)
+    if found is None:
+        return
+    iteration, _ = found
+    if not _holds_optimizer_state(_iteration_dir(Path(args.load), iteration)):
+        raise ValueError(
+            f"--load {args.load}: the checkpoint of iteration {iteration} holds no optimizer "
+            "state (it was saved with --no-save-optim); add --no-load-optim to resume it with "
+            "Adam's moments starting from zero (the learning-rate schedule continues)"
+        )
+    if args.ckpt_step and args.use_distributed_optimizer and args.ckpt_format == "torch":
+        tracked = _iteration_to_load(args.load, None)
+        if tracked is None or tracked[0] != args.ckpt_step:
+            raise ValueError(
+                f"--ckpt-step {args.ckpt_step} with --ckpt-format torch and "
+                "--use-distributed-optimizer: megatron-core would load the weights of iteration "
+                f"{args.ckpt_step} with the optimizer state of the iteration in "
+                f"{Path(args.load) / TRACKER}; write {args.ckpt_step} into that file instead"
+            )
+
+
+def _holds_optimizer_state(iteration_dir: Path) -> bool:
+    """Whether a torch_dist or torch iteration directory saved the optimizer's state (True
+    for other formats: Megatron checks those)."""
+    if (iteration_dir / _INDEX).is_file():
+        keys = FileSystemReader(str(iteration_dir)).read_metadata().state_dict_metadata
+        return any(key.startswith("optimizer.") for key in keys)
+    for rank_dir in sorted(iteration_dir.glob("mp_rank_*")):
+        if (rank_dir / "distrib_optim.pt").is_file():
+            return True
+        model_file = rank_dir / "model_optim_rng.pt"
+        if model_file.is_file():
+            return "optimizer" in torch.load(model_file, mmap=True, weights_only=False)
+    return True
 
 
 def _previous_checkpoint_hint(directory: Path, iterations: list[int], iteration: int) -> str:
@@ -103,7 +155,7 @@ def _damage(iteration_dir: Path) -> tuple[Path, str] | None:
         return metadata_json, f"is not readable JSON ({err})"
     if backend != "torch_dist":
         return None
-    index = iteration_dir / ".metadata"
+    index = iteration_dir / _INDEX
     if not index.is_file():
         return index, "is missing (the index of the checkpoint's tensors)"
     try:

@@ -482,7 +482,7 @@ def in_flight_microbatches(args, stage: int, num_microbatches: int) -> float:
 def estimate_memory(args, stages: list[StageReport]) -> MemoryEstimate:
     """Bytes per GPU of the most loaded stage. Weights in the run's precision (the fp32 HC
     parameters stay fp32 in a bf16 model), gradients in fp32 when Megatron accumulates them in
-    fp32, Adam's two fp32 moments (SGD: one) plus fp32 main weights in mixed precision; the
+    fp32 and for the fp32 parameters always (a gradient buffer has its parameter's dtype), Adam's two fp32 moments (SGD: one) plus fp32 main weights in mixed precision; the
     distributed optimizer shards the optimizer state over the data-parallel ranks (expert-data-
     parallel for expert parameters), as compute_weight_and_optimizer_memory does."""
     mixed = args.bf16 or args.fp16
@@ -498,7 +498,7 @@ def estimate_memory(args, stages: list[StageReport]) -> MemoryEstimate:
         low_precision = stage.params_on_gpu - stage.mhc_params_on_gpu if mixed else 0
         fp32 = stage.params_on_gpu - low_precision
         weights = 2 * low_precision + 4 * fp32
-        gradients = grad_bytes * stage.params_on_gpu
+        gradients = grad_bytes * low_precision + 4 * fp32
         optimizer = moments * stage.params_on_gpu + 4 * low_precision
         expert_share = stage.expert_params_on_gpu / max(stage.params_on_gpu, 1)
         optimizer_distributed = optimizer * ((1 - expert_share) / dp + expert_share / expert_dp)
@@ -614,7 +614,9 @@ def dry_run(argv: list[str], world_size: int | None = None) -> DryRunResult:
         world_size = smallest_world_size(_parse_unvalidated(argv))
     notes: list[str] = []
     with _launch_environment(argv, world_size), _as_on_gpu_machine(notes):
-        args, config = parse_and_check_arguments(check_data=False, set_globals=False)
+        args, config = parse_and_check_arguments(
+            check_data=False, set_globals=False, this_machine=False
+        )
     _padded_vocabulary(args, notes)
     # Megatron's constant micro-batch calculator (the batch sizes are checked above).
     num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)

@@ -92,24 +92,6 @@ def check_mtp_arguments(args) -> None:
         )
 
 
-def check_optimizer_checkpointing(args, config) -> None:
-    """ValueError, before any setup, for a run whose first checkpoint save would fail.
-
-    The HC parameters stay fp32 in a bf16 / fp16 model (the mappings are computed from fp32
-    weights). megatron-core 0.19.2's mixed-precision optimizer numbers the optimizer state of
-    every parameter but maps only the bf16 / fp16 ones to checkpoint entries, so saving its state
-    fails (shape mismatch) as soon as one fp32 parameter is in the model.
-    """
-    mixed_precision = args.bf16 or args.fp16
-    if config.mhc_active and mixed_precision and args.save and not args.no_save_optim:
-        raise ValueError(
-            f"--{'bf16' if args.bf16 else 'fp16'} with mHC and --save {args.save}: "
-            "megatron-core 0.19.2 cannot checkpoint the optimizer state of the fp32 HC "
-            "parameters in a mixed-precision model. Add --no-save-optim (checkpoints keep the "
-            "weights; a resume starts the optimizer state afresh), or train in fp32"
-        )
-
-
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """Megatron's GPT datasets: --data-path, the embedded corpus, or --mock-data (built where
     model chunk `vp_stage` of this rank reads tokens)."""

@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
 from megatron.training.arguments import parse_args, validate_args
 from megatron.training.checkpointing import load_args_from_checkpoint
 from megatron.training.global_vars import set_global_variables
@@ -26,24 +27,26 @@ from megatron_mhc.checkpoint_conversion import check_no_legacy_names
 from megatron_mhc.data.flag_checks import check_data_paths, check_tokenizer_files
 from megatron_mhc.fusions import get_backend
 from megatron_mhc.training.arguments import add_mhc_arguments
-from megatron_mhc.training.checkpoint_checks import check_checkpoint_to_load
-from megatron_mhc.training.gpt_step import (
-    check_mtp_arguments,
-    check_optimizer_checkpointing,
-    mhc_config_from_args,
+from megatron_mhc.training.checkpoint_checks import (
+    check_checkpoint_to_load,
+    check_optimizer_state_to_load,
 )
+from megatron_mhc.training.gpt_step import check_mtp_arguments, mhc_config_from_args
 from megatron_mhc.training.megatron_flag_checks import check_megatron_flags
 from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern
 
 _OTHER_RANKS_EXIT_DELAY_S = 3.0
 
 
-def parse_and_check_arguments(check_data: bool = True, set_globals: bool = True):
+def parse_and_check_arguments(
+    check_data: bool = True, set_globals: bool = True, this_machine: bool = True
+):
     """(args, config): the parsed flags and the model config, or ConfigError / ValueError.
 
     `check_data`: also check that --data-path and the tokenizer's files exist. `set_globals`:
     then set megatron.training's global state (args, tokenizer, TensorBoard writer, ...) as
-    `pretrain` expects it.
+    `pretrain` expects it. `this_machine`: also check that this machine can run the launch
+    (the dry run checks it as on GPU machines).
     """
     args = parse_args(extra_args_provider=add_mhc_arguments)
     if args.yaml_cfg is not None:
@@ -64,6 +67,7 @@ def parse_and_check_arguments(check_data: bool = True, set_globals: bool = True)
             check_data_paths(getattr(args, flag), flag="--" + flag.replace("_", "-"))
         check_tokenizer_files(args)
     check_checkpoint_to_load(args.load, args.ckpt_step)
+    check_optimizer_state_to_load(args)
     check_no_legacy_names(args.load)
     validate_args(args)
     # The model config (mHC fields included) and the hybrid layer pattern, before Megatron
@@ -75,10 +79,20 @@ def parse_and_check_arguments(check_data: bool = True, set_globals: bool = True)
         # An explicit fused backend that cannot run here fails now, not at model build.
         get_backend(config.mhc_kernel_backend)
     check_mtp_arguments(args)
-    check_optimizer_checkpointing(args, config)
+    if this_machine:
+        check_runs_on_this_machine(args)
     if set_globals:
         set_global_variables(args)
     return args, config
+
+
+def check_runs_on_this_machine(args) -> None:
+    """ValueError for what this machine cannot run: fp16 without a CUDA device."""
+    if args.fp16 and not torch.cuda.is_available():
+        raise ValueError(
+            "--fp16 needs a CUDA device: megatron-core's fp16 loss scaler (optimizer/"
+            "grad_scaler.py) lives on the GPU; without one train in --bf16 or fp32"
+        )
 
 
 def launch_error_line(err: BaseException) -> str:

@@ -11,9 +11,12 @@ forward step, but has no argument, hook or config field for these (docs/megatron
   * `initialize._compile_dependencies`: initialize_megatron's build of the C++ dataset helpers
     (`make` in megatron/core/datasets) becomes an import of the helpers the megatron-core wheel
     ships prebuilt, without a Makefile;
-  * `training_log`: also logs tokens/s and the mHC health figures (mhc_logging.py).
+  * `training_log`: also logs tokens/s and the mHC health figures (mhc_logging.py);
+  * `load_checkpoint`: with --no-load-optim megatron.training skips the learning-rate schedule
+    too, so a resumed run would warm up again from iteration 0; the schedule continues at the
+    checkpoint's consumed samples instead, and only Adam's state starts afresh.
 
-`install_training_patches` checks all four (megatron-core version, names, signatures) before it
+`install_training_patches` checks all five (megatron-core version, names, signatures) before it
 replaces any.
 """
 
@@ -42,11 +45,19 @@ PREBUILT_DATASET_HELPERS = MegatronPatch(
     "prebuilt dataset helpers", "megatron.training.initialize", "_compile_dependencies", ()
 )
 
+SCHEDULE_KEPT_WITHOUT_OPTIMIZER_STATE = MegatronPatch(
+    "the learning-rate schedule continues under --no-load-optim",
+    "megatron.training.training",
+    "load_checkpoint",
+    ("ddp_model", "optimizer", "opt_param_scheduler"),
+)
+
 TRAINING_PATCHES = (
     STREAM_SHAPED_SCHEDULES,
     LOADERS_WITH_OWN_GENERATOR,
     PREBUILT_DATASET_HELPERS,
     mhc_logging.TRAINING_LOG_PATCH,
+    SCHEDULE_KEPT_WITHOUT_OPTIMIZER_STATE,
 )
 
 
@@ -62,16 +73,40 @@ def _loaders_with_own_generator(build_loader):
     return build
 
 
+def _schedule_kept_without_optimizer_state(load_checkpoint):
+    @functools.wraps(load_checkpoint)
+    def load(*args, **kwargs):
+        from megatron.training import get_args
+        from megatron.training.utils import print_rank_0
+
+        iteration, *rest = load_checkpoint(*args, **kwargs)
+        run = get_args()
+        scheduler = MegatronPatch.bind(load_checkpoint, args, kwargs)["opt_param_scheduler"]
+        if run.no_load_optim and not run.finetune and scheduler is not None and iteration > 0:
+            # The scheduler counts samples; megatron.training steps it by each batch's size.
+            scheduler.num_steps = 0
+            scheduler.step(increment=run.consumed_train_samples)
+            print_rank_0(
+                f"megatron-mhc: resumed iteration {iteration} without its optimizer state "
+                "(--no-load-optim): Adam's moments start from zero; the learning-rate schedule "
+                f"continues at {run.consumed_train_samples} consumed samples"
+            )
+        return (iteration, *rest)
+
+    return load
+
+
 def _dataset_helpers_are_prebuilt():
     importlib.import_module("megatron.core.datasets.helpers_cpp")
     torch.distributed.barrier()  # as after Megatron's build
 
 
 def install_training_patches() -> None:
-    """Replace the four names (see the module docstring); raises MegatronPatchError, having
+    """Replace the five names (see the module docstring); raises MegatronPatchError, having
     replaced none, if one does not fit the installed megatron-core."""
     check_patches(TRAINING_PATCHES)
     STREAM_SHAPED_SCHEDULES.replace(get_forward_backward_func)
     LOADERS_WITH_OWN_GENERATOR.wrap(_loaders_with_own_generator)
     PREBUILT_DATASET_HELPERS.replace(_dataset_helpers_are_prebuilt)
     mhc_logging.install()
+    SCHEDULE_KEPT_WITHOUT_OPTIMIZER_STATE.wrap(_schedule_kept_without_optimizer_state)

@@ -43,10 +43,14 @@ class _FP32ParamsModule(MegatronModule):
         return param
 
     def _apply(self, fn, recurse=True):
+        # A cast to bf16 and back would keep the dtype but round the values (by up to 2.6e-3
+        # for `base`): a parameter that `fn` makes low-precision gets its own fp32 values back,
+        # on the device `fn` chose.
+        fp32_values = {name: p.data for name, p in self._parameters.items() if p is not None}
         super()._apply(fn, recurse)
-        for param in self.parameters(recurse=False):
-            if param.dtype != torch.float32:
-                param.data = param.data.float()
+        for name, param in self._parameters.items():
+            if param is not None and param.dtype != torch.float32:
+                param.data = fp32_values[name].to(device=param.device)
         return self
 
 

@@ -14,7 +14,10 @@ import re
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/gpt_tiny_mhc.yaml"
@@ -57,11 +60,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _end_processes_of(launch: str) -> None:
+    """SIGKILL every process still running from the launch marked `launch` (torchrun starts
+    each rank in a session of its own, so only the environment tells them)."""
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("MHC_TEST_LAUNCH") == launch:
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
 def run_pretrain(
-    workdir: Path, *flags: str, nproc: int = 2, timeout: int = 900, config: str = CONFIG
+    workdir: Path,
+    *flags: str,
+    nproc: int = 2,
+    timeout: int = 900,
+    config: str = CONFIG,
+    env: dict | None = None,
 ):
     """(log, {iteration: loss}) of a run of `config` (a YAML config, by default the tiny mHC
-    GPT); raises with the log's tail if it fails."""
+    GPT), with `env` added to the environment; raises with the log's tail if it fails."""
     checkpoints = workdir / "checkpoints"
     cmd = [
         sys.executable,
@@ -83,10 +102,27 @@ def run_pretrain(
         str(workdir / "tensorboard"),
         *flags,
     ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **PORTABLE_CPU_NUMERICS)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    log = proc.stdout + proc.stderr
-    (workdir / f"run{len(list(workdir.glob('run*.log')))}.log").write_text(log)
+    launch = uuid.uuid4().hex
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        MHC_TEST_LAUNCH=launch,
+        **PORTABLE_CPU_NUMERICS,
+        **(env or {}),
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = workdir / f"run{len(list(workdir.glob('run*.log')))}.log"
+    # The log goes to a file, not a pipe: a process the launch leaves behind (a rank's
+    # checkpoint writer after the rank was killed) keeps its end open.
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+            proc.wait()
+            _end_processes_of(launch)
+    log = log_file.read_text()
     if proc.returncode != 0:
         raise RuntimeError(
             f"pretrain run failed ({proc.returncode}): {' '.join(cmd)}\n{log[-4000:]}"

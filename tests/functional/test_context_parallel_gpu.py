@@ -20,8 +20,6 @@ TE_BF16_RUN = [
     "--transformer-impl",
     "transformer_engine",
     "--bf16",
-    # bf16 mHC checkpoints keep no optimizer state in megatron-core 0.19.2 (README).
-    "--no-save-optim",
 ]
 
 

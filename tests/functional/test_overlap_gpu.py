@@ -17,7 +17,6 @@ CONFIG = "configs/gpt_tiny_moe_mhc.yaml"
 ITERATIONS = 10
 # The local spec without the fusions that need Transformer Engine or apex (both optional), and
 # the Triton kernels, whose names the profile shows.
-# bf16 mHC checkpoints keep no optimizer state in megatron-core 0.19.2 (README).
 OVERLAP_RUN = [
     "--train-iters",
     str(ITERATIONS),
@@ -30,7 +29,6 @@ OVERLAP_RUN = [
     "--no-persist-layer-norm",
     "--mhc-kernel-backend",
     "triton",
-    "--no-save-optim",
 ]
 # Megatron's PyTorch profiler over iteration 3 on rank 0: a Chrome trace in
 # <tensorboard dir>/../torch_profile/rank-0.json.gz.
@@ -92,7 +90,6 @@ def test_gpu_delay_wgrad_compute_trains_as_without_it(tmp_path):
         "--overlap-moe-expert-parallel-comm",
         "--transformer-impl",
         "transformer_engine",
-        "--no-save-optim",
     ]
     runs = {}
     for name, flags in [("plain", []), ("delayed", ["--delay-wgrad-compute"])]:

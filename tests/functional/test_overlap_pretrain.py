@@ -5,10 +5,7 @@ Megatron's combined 1F1B schedule over the mHC layer's nodes) trains the tiny Mo
 from tests.functional.pretrain_runs import run_pretrain
 
 CONFIG = "configs/gpt_tiny_moe_mhc.yaml"
-# The end-of-run checkpoint goes without the optimizer state: for this bf16 MoE model
-# megatron-core 0.19.2 fails to build the optimizer's sharded state dict (KeyError in
-# Float16OptimizerWithFloat16Params.sharded_state_dict), whichever the schedule.
-SIX_ITERATIONS = ["--train-iters", "6", "--no-save-optim"]
+SIX_ITERATIONS = ["--train-iters", "6"]
 
 
 def test_overlapped_run_has_the_plain_runs_losses_bitwise(tmp_path):

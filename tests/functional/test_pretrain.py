@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from tests.functional.checkpoint_state import differences, optimizer_paths, training_state
 from tests.functional.pretrain_runs import load_golden, run_pretrain, write_golden
 
 # Golden values are compared on whatever machine CI gets. PORTABLE_CPU_NUMERICS removes the CPU
@@ -85,6 +86,12 @@ def test_resume_from_iteration_25_is_bitwise_the_uninterrupted_run(
     assert sorted(resumed) == list(range(26, 51))
     for iteration in range(26, 51):
         assert resumed[iteration] == full[iteration], iteration
+    # fp32, non-distributed optimizer: the whole state both runs saved at the end is the same
+    # (the other precisions and optimizers: test_optimizer_resume.py).
+    final = "checkpoints/iter_0000050"
+    expected = training_state(golden_run[0] / final)
+    assert optimizer_paths(expected, "exp_avg_sq")
+    assert differences(expected, training_state(tmp_path / final)) == []
 
 
 def test_resume_with_another_parallel_layout(golden_run, saved_at_25, tmp_path):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from megatron_mhc.training import dry_run
@@ -127,3 +128,35 @@ def test_command_line_dry_run_exits_0_on_the_smallest_world_size():
     assert run.returncode == 0, run.stderr[-3000:]
     assert "the launch would start on 2 GPUs" in run.stdout  # TP=1 x PP=2
     assert MEMORY_LINE.search(run.stdout), run.stdout
+
+
+def _gradient_dtypes_under_ddp(rank, world_size):
+    from tests.tiny_gpt import MHC_4_STREAMS, build_tiny_gpt, megatron_training, tiny_config
+
+    initialize_model_parallel()
+    gpt = build_tiny_gpt(tiny_config(**MHC_4_STREAMS, bf16=True, pipeline_dtype=torch.bfloat16))
+    model, _ = megatron_training(gpt, gpt.config, bf16=True)  # gradients reduced in bf16
+    return {name: param.main_grad.dtype for name, param in model.named_parameters()}
+
+
+def test_gradient_bytes_count_the_hc_gradients_in_fp32():
+    """Megatron's gradient buffers take their parameter's dtype unless told fp32: the HC
+    gradients are fp32 in a bf16 model whose other gradients are bf16, and the estimate counts
+    them so."""
+    (dtypes,) = run_distributed(_gradient_dtypes_under_ddp, 1)
+    assert {d for n, d in dtypes.items() if "hyper_connection" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "hyper_connection" not in n} == {torch.bfloat16}
+    args = argparse.Namespace(
+        bf16=True,
+        fp16=False,
+        data_parallel_size=1,
+        expert_tensor_parallel_size=1,
+        tensor_model_parallel_size=1,
+        world_size=1,
+        expert_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        optimizer="adam",
+        accumulate_allreduce_grads_in_fp32=False,
+    )
+    stage = dry_run.StageReport(0, 4, 1000, 100, 0, 1000, 100, None, 0.0, 0.0, 1.0)
+    assert dry_run.estimate_memory(args, [stage]).gradients == 2 * 900 + 4 * 100

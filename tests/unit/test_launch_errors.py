@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import shutil
 import sys
 from collections.abc import Callable
@@ -95,6 +96,29 @@ def _truncate(name: str, keep: int) -> Callable[[Path], None]:
 
 def _remove(name: str) -> Callable[[Path], None]:
     return lambda iteration_dir: (iteration_dir / name).unlink()
+
+
+def _without_optimizer_state(iteration_dir: Path) -> None:
+    """The index of a run saved with --no-save-optim: no optimizer entry."""
+    index_file = iteration_dir / ".metadata"
+    index = pickle.loads(index_file.read_bytes())
+    index.state_dict_metadata = {
+        k: v for k, v in index.state_dict_metadata.items() if not k.startswith("optimizer.")
+    }
+    index.storage_data = {
+        k: v for k, v in index.storage_data.items() if not k.fqn.startswith("optimizer.")
+    }
+    index_file.write_bytes(pickle.dumps(index))
+
+
+def _torch_format_distributed_optimizer_checkpoints(run: Path) -> None:
+    """Iterations 3 and 5 in the torch format with the distributed optimizer's state file, the
+    tracker at 5."""
+    for iteration in (3, 5):
+        rank_dir = run / "checkpoints" / f"iter_{iteration:07d}" / "mp_rank_00_000"
+        rank_dir.mkdir(parents=True)
+        (rank_dir / "distrib_optim.pt").write_bytes(b"")
+    (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("5")
 
 
 CASES = [
@@ -319,6 +343,20 @@ CASES = [
         _real_checkpoint(_remove("__0_0.distcp")),
     ),
     Case(
+        "checkpoint saved without optimizer state",
+        (),
+        "the checkpoint of iteration 4 holds no optimizer state (it was saved with "
+        "--no-save-optim); add --no-load-optim to resume it",
+        _real_checkpoint(_without_optimizer_state),
+    ),
+    Case(
+        "--ckpt-step and the distributed optimizer in the torch format",
+        ("--ckpt-step", "3", "--ckpt-format", "torch", "--use-distributed-optimizer"),
+        "megatron-core would load the weights of iteration 3 with the optimizer state of the "
+        "iteration in",
+        _torch_format_distributed_optimizer_checkpoints,
+    ),
+    Case(
         "checkpoint with the HC names before 0.2",
         (),
         "the checkpoint uses the HC module names of megatron-mhc before 0.2 (",
@@ -353,9 +391,9 @@ CASES = [
         "mhc_kernel_backend='triton' cannot run here",
     ),
     Case(
-        "bf16 mHC run saving optimizer state",
-        ("--bf16",),
-        "--bf16 with mHC and --save {run}/checkpoints: megatron-core 0.19.2 cannot checkpoint",
+        "fp16 without a GPU",
+        ("--fp16",),
+        "--fp16 needs a CUDA device: megatron-core's fp16 loss scaler",
     ),
     Case(
         "MTP with PP and tied embeddings",
@@ -365,7 +403,7 @@ CASES = [
     ),
 ]
 
-GPU_ONLY_REFUSALS = {"fused kernels without a GPU"}
+GPU_ONLY_REFUSALS = {"fused kernels without a GPU", "fp16 without a GPU"}
 
 
 def _argv(run: Path, flags) -> list[str]:

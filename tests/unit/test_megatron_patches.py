@@ -109,8 +109,10 @@ def _planted_mismatches(patches, install, replaced):
 def _cpu_platform_and_training_patches_in_a_fresh_process():
     torch.cuda.is_available = lambda: False  # in this fresh process only
     import megatron.core.pipeline_parallel.schedules as schedules
+    from megatron.core.optimizer import distrib_optimizer, optimizer
     from megatron.training import initialize, training
 
+    from megatron_mhc import optimizer_patches
     from megatron_mhc.platform import cpu
     from megatron_mhc.training import training_patches
 
@@ -124,24 +126,38 @@ def _cpu_platform_and_training_patches_in_a_fresh_process():
         (training, "build_pretraining_data_loader"),
         (initialize, "_compile_dependencies"),
         (training, "training_log"),
+        (training, "load_checkpoint"),
     ]
     training_reports, training_untouched = _planted_mismatches(
         training_patches.TRAINING_PATCHES,
         training_patches.install_training_patches,
         training_names,
     )
-    before = [getattr(owner, name) for owner, name in training_names]
+    optimizer_names = [
+        (optimizer.Float16OptimizerWithFloat16Params, "sharded_state_dict"),
+        (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (distrib_optimizer.DistributedOptimizer, "load_state_dict"),
+    ]
+    optimizer_reports, optimizer_untouched = _planted_mismatches(
+        optimizer_patches.OPTIMIZER_PATCHES,
+        optimizer_patches.install_optimizer_patches,
+        optimizer_names,
+    )
+    before = [getattr(owner, name) for owner, name in training_names + optimizer_names]
     applied = cpu.apply_cpu_platform()
     training_patches.install_training_patches()
+    optimizer_patches.install_optimizer_patches()
     return dict(
         cpu=[(p.target, m, c, i) for p, m, c, i in cpu_reports],
         cpu_untouched=cpu_untouched,
         training=[(p.target, m, c, i) for p, m, c, i in training_reports],
         training_untouched=training_untouched,
         applied=applied,
-        training_replaced=[
+        optimizer=[(p.target, m, c, i) for p, m, c, i in optimizer_reports],
+        optimizer_untouched=optimizer_untouched,
+        replaced=[
             getattr(owner, name) is not value
-            for (owner, name), value in zip(training_names, before, strict=True)
+            for (owner, name), value in zip(training_names + optimizer_names, before, strict=True)
         ],
     )
 
@@ -176,14 +192,22 @@ def test_planted_mismatch_of_each_training_patch_fails_naming_it(fresh_process_r
 
     _check_reports(fresh_process_report["training"], TRAINING_PATCHES)
     assert fresh_process_report["training_untouched"], "a failed install replaced a name"
-    assert all(fresh_process_report["training_replaced"])
+    assert all(fresh_process_report["replaced"])
+
+
+def test_planted_mismatch_of_each_optimizer_patch_fails_naming_it(fresh_process_report):
+    from megatron_mhc.optimizer_patches import OPTIMIZER_PATCHES
+
+    _check_reports(fresh_process_report["optimizer"], OPTIMIZER_PATCHES)
+    assert fresh_process_report["optimizer_untouched"], "a failed install replaced a name"
 
 
 def test_every_patch_fits_the_installed_megatron_core():
+    from megatron_mhc.optimizer_patches import OPTIMIZER_PATCHES
     from megatron_mhc.platform.cpu import CPU_PLATFORM_PATCHES
     from megatron_mhc.training.training_patches import TRAINING_PATCHES
 
-    check_patches((*CPU_PLATFORM_PATCHES, *TRAINING_PATCHES))
+    check_patches((*CPU_PLATFORM_PATCHES, *TRAINING_PATCHES, *OPTIMIZER_PATCHES))
 
 
 def _class_swap_sites():

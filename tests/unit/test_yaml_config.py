@@ -43,9 +43,8 @@ def test_shipped_configs_are_valid(parser):
         # A HybridModel's layers come from its pattern (megatron.training derives num_layers).
         assert ("num_layers" in values) != ("hybrid_layer_pattern" in values), path.name
         assert "enable_mhc_connections" in values, path.name
-        # pretrain_gpt_mhc.py refuses a bf16 mHC run that would checkpoint optimizer state.
-        if values["enable_mhc_connections"] and values.get("bf16") and values.get("save"):
-            assert values.get("no_save_optim") is True, path.name
+        # Every run checkpoints its whole training state, optimizer included.
+        assert not values.get("no_save_optim"), path.name
 
 
 def test_paper_hybrid_config_is_the_27b_moe_one_sublayer_per_layer(parser):
@@ -95,8 +94,8 @@ def test_paper_moe_configs_follow_table_5(parser):
     "mhc,baseline,also_different",
     [
         ("gpt_tiny_mhc", "gpt_tiny_baseline", set()),
-        # The baseline keeps Megatron's defaults: no n-stream states, optimizer state saved.
-        ("gpt_1p3b_mhc", "gpt_1p3b_baseline", {"mhc_recompute_layer_num", "no_save_optim"}),
+        # The baseline has no n-stream states to recompute.
+        ("gpt_1p3b_mhc", "gpt_1p3b_baseline", {"mhc_recompute_layer_num"}),
     ],
 )
 def test_baseline_twin_is_its_mhc_config_with_the_plain_residual(
