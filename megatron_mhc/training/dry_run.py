@@ -91,7 +91,12 @@ class StageReport:
 
 @dataclasses.dataclass
 class MemoryEstimate:
-    """Bytes per GPU of the most loaded stage."""
+    """Bytes per GPU of the most loaded stage. Weights in the run's precision (the fp32 HC
+    parameters stay fp32 in a bf16 model); gradients in fp32 when Megatron accumulates them in
+    fp32, and for the fp32 parameters always (a gradient buffer takes its parameter's dtype);
+    Adam's two fp32 moments (SGD: one) plus fp32 main weights in mixed precision; the
+    distributed optimizer shards the optimizer state over the data-parallel ranks (expert-data-
+    parallel for expert parameters), as compute_weight_and_optimizer_memory does."""
 
     weights: float
     gradients: float
@@ -482,7 +487,8 @@ def in_flight_microbatches(args, stage: int, num_microbatches: int) -> float:
 def estimate_memory(args, stages: list[StageReport]) -> MemoryEstimate:
     """Bytes per GPU of the most loaded stage. Weights in the run's precision (the fp32 HC
     parameters stay fp32 in a bf16 model), gradients in fp32 when Megatron accumulates them in
-    fp32 and for the fp32 parameters always (a gradient buffer has its parameter's dtype), Adam's two fp32 moments (SGD: one) plus fp32 main weights in mixed precision; the
+    fp32 and for the fp32 parameters always (a gradient buffer has its parameter's dtype);
+    Adam's two fp32 moments (SGD: one) plus fp32 main weights in mixed precision; the
     distributed optimizer shards the optimizer state over the data-parallel ranks (expert-data-
     parallel for expert parameters), as compute_weight_and_optimizer_memory does."""
     mixed = args.bf16 or args.fp16
