@@ -75,6 +75,17 @@ def test_planted_error_is_refused_naming_the_flag(planted, flag, capsys):
     assert not MEMORY_LINE.search(out)
 
 
+def test_save_directory_that_cannot_be_created_is_refused_without_a_trace(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    save = tmp_path / "a_file" / "checkpoints"
+    code, out, err = _dry_run(
+        capsys, "--config", str(TINY), "--world-size", "2", "--save", str(save)
+    )
+    assert code == 2
+    assert f"--save {save}: cannot be created, {tmp_path / 'a_file'} is a file" in err
+    assert not MEMORY_LINE.search(out) and list(tmp_path.iterdir()) == [tmp_path / "a_file"]
+
+
 def test_weights_and_optimizer_of_dense_baseline_equal_megatrons_formula():
     # bf16, distributed optimizer, no mHC, even pipeline: the case Megatron's formula covers.
     result = dry_run.dry_run(["--config", str(REPO / "configs" / "gpt_1p3b_baseline.yaml")], 8)
