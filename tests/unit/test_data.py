@@ -253,7 +253,7 @@ def test_bad_line_names_file_and_line(tmp_path, lines, lineno, match):
         preprocess_jsonl(src, tmp_path / "out" / "ds", log=lambda m: None)
     assert f"{src}:{lineno}:" in str(err.value)
     assert err.value.lineno == lineno
-    assert os.listdir(tmp_path / "out") == []  # nothing half-written left behind
+    assert not (tmp_path / "out").exists()  # nothing left behind, not even the new folder
 
 
 def _cli_args(src, json_key, output_prefix) -> list:
