@@ -14,9 +14,19 @@ import copy
 import types
 from argparse import Namespace
 
-from megatron.training import global_vars
 from megatron.training.checkpointing import _load_base_checkpoint
 from megatron.training.training import get_optimizer_param_scheduler
+
+from megatron_mhc.megatron_patches import MegatronPatch
+
+# get_optimizer_param_scheduler reads megatron.training's global arguments, which are set only
+# once the launch has passed its checks; while it builds this launch's scheduler here, the name
+# it reads them through answers with the flags being checked (docs/megatron_patches.md).
+SCHEDULE_FLAGS = MegatronPatch(
+    "launch checks: the flags of the learning-rate schedule",
+    "megatron.training.training",
+    "get_args",
+)
 
 _SCHEDULE_ENTRIES = {
     "max_lr": "peak learning rate (--lr)",
@@ -45,12 +55,9 @@ def _schedule_of_this_launch(args: Namespace):
     """Megatron's OptimizerParamScheduler of `args`, over a stand-in optimizer (the scheduler
     only sets each group's learning rate and weight decay)."""
     stand_in = types.SimpleNamespace(param_groups=[{}])
-    saved = global_vars._GLOBAL_ARGS
-    global_vars.set_args(copy.copy(args))  # it reads the global args and fills in defaults
-    try:
+    flags = copy.copy(args)  # it fills in defaults (--lr-decay-iters) on what it reads
+    with SCHEDULE_FLAGS.replaced(lambda: flags):
         return get_optimizer_param_scheduler(stand_in)
-    finally:
-        global_vars.set_args(saved)
 
 
 def check_schedule_against_checkpoint(args: Namespace) -> None:
