@@ -393,12 +393,12 @@ def test_input_without_text_is_an_error_naming_the_file(tmp_path, content):
     with pytest.raises(JsonlError, match="no document with text under key 'text'") as err:
         preprocess_jsonl(src, tmp_path / "out" / "ds", log=lambda m: None)
     assert str(err.value).startswith(f"{src}: ")
-    assert os.listdir(tmp_path / "out") == []  # no 0-byte .bin for training to trip on
+    assert not (tmp_path / "out").exists()  # no 0-byte .bin for training to trip on
 
     rc = load_tool("preprocess_data").main(
         ["--input", str(src), "--output-prefix", str(tmp_path / "out" / "ds"), "--append-eod"]
     )
-    assert rc == 2 and os.listdir(tmp_path / "out") == []
+    assert rc == 2 and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------ launch checks
