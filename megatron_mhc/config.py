@@ -168,6 +168,9 @@ class MHCTransformerConfig(TransformerConfig):
         return mhc_active(self)
 
     def _check_mhc_with_megatron_features(self):
+        """The mHC settings against Megatron features that assume one residual stream: they need
+        the whole config, so a launch checks them once Megatron has validated its flags."""
+
         def check(ok: bool, field: str, allowed: str):
             if not ok:
                 raise ValueError(
