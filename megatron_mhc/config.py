@@ -2,8 +2,9 @@
 MHCMLATransformerConfig: the same fields on Megatron's MLATransformerConfig."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -24,6 +25,89 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_config_field(field: str, value) -> str:
+    return f"MHCTransformerConfig.{field}={value!r}"
+
+
+def mhc_active(values) -> bool:
+    """True when `values` (an MHCTransformerConfig, or the parsed flags of pretrain_gpt_mhc.py,
+    which carry the same names) describe a model with more than one residual stream."""
+    return values.enable_mhc_connections and values.mhc_num_residual_streams > 1
+
+
+def check_mhc_fields(values, name: Callable[[str, Any], str] = _as_config_field) -> None:
+    """ValueError for the first mHC field of `values` outside what it allows.
+
+    `values` is an MHCTransformerConfig (its `__post_init__` calls this) or the parsed flags of
+    pretrain_gpt_mhc.py, whose destinations are the field names: the launch checks them before
+    Megatron's own validation, with the same conditions. `name(field, value)` says how the
+    error names the field (by default `MHCTransformerConfig.field=value`).
+    """
+
+    def check(ok: bool, field: str, allowed: str):
+        if not ok:
+            raise ValueError(f"{name(field, getattr(values, field))} is invalid: {allowed}")
+
+    check(
+        isinstance(values.enable_mhc_connections, bool),
+        "enable_mhc_connections",
+        "must be True or False",
+    )
+    check(
+        _is_int(values.mhc_num_residual_streams) and values.mhc_num_residual_streams >= 1,
+        "mhc_num_residual_streams",
+        "must be an integer >= 1",
+    )
+    check(values.mhc_type in MHC_TYPES, "mhc_type", f"must be one of {MHC_TYPES}")
+    check(
+        _is_int(values.mhc_sinkhorn_iterations) and values.mhc_sinkhorn_iterations >= 1,
+        "mhc_sinkhorn_iterations",
+        "must be an integer >= 1",
+    )
+    check(
+        _is_real(values.mhc_eps) and 0 <= values.mhc_eps < 1,
+        "mhc_eps",
+        "must be a finite number in [0, 1)",
+    )
+    check(
+        _is_real(values.mhc_norm_eps) and values.mhc_norm_eps > 0,
+        "mhc_norm_eps",
+        "must be a finite number > 0",
+    )
+    check(
+        _is_real(values.mhc_init_gating_factor) and values.mhc_init_gating_factor >= 0,
+        "mhc_init_gating_factor",
+        "must be a finite number >= 0",
+    )
+    check(values.mhc_init in MHC_INITS, "mhc_init", f"must be one of {MHC_INITS}")
+    check(
+        values.mhc_output_contract in MHC_OUTPUT_CONTRACTS,
+        "mhc_output_contract",
+        f"must be one of {MHC_OUTPUT_CONTRACTS}",
+    )
+    check(
+        values.mhc_kernel_backend in KERNEL_BACKENDS,
+        "mhc_kernel_backend",
+        f"must be one of {KERNEL_BACKENDS}",
+    )
+    check(
+        isinstance(values.mhc_mlp_high_priority_stream, bool),
+        "mhc_mlp_high_priority_stream",
+        "must be True or False",
+    )
+    check(
+        values.mhc_recompute_layer_num in (None, "auto")
+        or (_is_int(values.mhc_recompute_layer_num) and values.mhc_recompute_layer_num >= 1),
+        "mhc_recompute_layer_num",
+        "must be an integer >= 1, 'auto' or None",
+    )
+    check(
+        values.mhc_init == "default" or values.mhc_type == "mhc",
+        "mhc_init",
+        f"'identity' is defined for mhc_type='mhc' only (got mhc_type={values.mhc_type!r})",
+    )
 
 
 @dataclass
@@ -75,78 +159,24 @@ class MHCTransformerConfig(TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._validate_mhc()
+        check_mhc_fields(self)
+        self._check_mhc_with_megatron_features()
 
     @property
     def mhc_active(self) -> bool:
         """True when the model actually carries more than one residual stream."""
-        return self.enable_mhc_connections and self.mhc_num_residual_streams > 1
+        return mhc_active(self)
 
-    def _validate_mhc(self):
+    def _check_mhc_with_megatron_features(self):
+        """The mHC settings against Megatron features that assume one residual stream: they need
+        the whole config, so a launch checks them once Megatron has validated its flags."""
+
         def check(ok: bool, field: str, allowed: str):
             if not ok:
                 raise ValueError(
-                    f"MHCTransformerConfig.{field}={getattr(self, field)!r} is invalid: {allowed}"
+                    f"{_as_config_field(field, getattr(self, field))} is invalid: {allowed}"
                 )
 
-        check(
-            isinstance(self.enable_mhc_connections, bool),
-            "enable_mhc_connections",
-            "must be True or False",
-        )
-        check(
-            _is_int(self.mhc_num_residual_streams) and self.mhc_num_residual_streams >= 1,
-            "mhc_num_residual_streams",
-            "must be an integer >= 1",
-        )
-        check(self.mhc_type in MHC_TYPES, "mhc_type", f"must be one of {MHC_TYPES}")
-        check(
-            _is_int(self.mhc_sinkhorn_iterations) and self.mhc_sinkhorn_iterations >= 1,
-            "mhc_sinkhorn_iterations",
-            "must be an integer >= 1",
-        )
-        check(
-            _is_real(self.mhc_eps) and 0 <= self.mhc_eps < 1,
-            "mhc_eps",
-            "must be a finite number in [0, 1)",
-        )
-        check(
-            _is_real(self.mhc_norm_eps) and self.mhc_norm_eps > 0,
-            "mhc_norm_eps",
-            "must be a finite number > 0",
-        )
-        check(
-            _is_real(self.mhc_init_gating_factor) and self.mhc_init_gating_factor >= 0,
-            "mhc_init_gating_factor",
-            "must be a finite number >= 0",
-        )
-        check(self.mhc_init in MHC_INITS, "mhc_init", f"must be one of {MHC_INITS}")
-        check(
-            self.mhc_output_contract in MHC_OUTPUT_CONTRACTS,
-            "mhc_output_contract",
-            f"must be one of {MHC_OUTPUT_CONTRACTS}",
-        )
-        check(
-            self.mhc_kernel_backend in KERNEL_BACKENDS,
-            "mhc_kernel_backend",
-            f"must be one of {KERNEL_BACKENDS}",
-        )
-        check(
-            isinstance(self.mhc_mlp_high_priority_stream, bool),
-            "mhc_mlp_high_priority_stream",
-            "must be True or False",
-        )
-        check(
-            self.mhc_recompute_layer_num in (None, "auto")
-            or (_is_int(self.mhc_recompute_layer_num) and self.mhc_recompute_layer_num >= 1),
-            "mhc_recompute_layer_num",
-            "must be an integer >= 1, 'auto' or None",
-        )
-        check(
-            self.mhc_init == "default" or self.mhc_type == "mhc",
-            "mhc_init",
-            f"'identity' is defined for mhc_type='mhc' only (got mhc_type={self.mhc_type!r})",
-        )
         if not self.mhc_active:
             return
 

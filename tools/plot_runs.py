@@ -8,10 +8,12 @@ it is called `tensorboard`) or by the `--label` in the same position. Writes to 
 
 - `loss.png`: training loss (raw and smoothed) and validation loss against iterations and tokens;
 - `amax_gain.png`: forward and backward Amax gain of the composite residual mapping of the whole
-  stack over training, and the largest per-layer gain (log scale);
+  stack over training, and the largest per-layer gain (a linear axis while every gain stays in
+  [0.5, 2], as mHC's do; a log axis when a run's leaves it);
 - `h_res_heatmap.png`: the token-averaged H_res of every layer and of the stack's composite, at
-  the last logged iteration (or the last one up to `--iteration`);
-- `mappings.png`: mean H_pre and mean H_post of each layer over training;
+  the last logged iteration (or the last one up to `--iteration`), values written in the cells
+  (up to 6 streams);
+- `mappings.png`: mean H_pre and mean H_post of each layer over training, the layers named;
 - `grad_norm.png` and `throughput.png` (tokens/s);
 - `summary.md`: final losses, largest gains, throughput and the health figures' cost.
 
@@ -178,13 +180,26 @@ def _set_loss_limits(axes, runs: list[Run]) -> None:
         ax.set_ylim(low - 0.1, min(max(values), high) + 0.1)
 
 
-def plot_amax_gain(runs: list[Run], out: Path) -> None:
+GAIN_LINEAR_RANGE = (0.5, 2.0)
+"""Gains inside it are drawn on a linear axis (mHC stays at 1); a run leaving it gets a log one."""
+
+
+def gain_axis_scale(values: list[float]) -> str:
+    """'linear' when every finite gain lies in GAIN_LINEAR_RANGE, else 'log'."""
+    low, high = GAIN_LINEAR_RANGE
+    return "linear" if all(low <= v <= high for v in finite(values)) else "log"
+
+
+def amax_gain_figure(runs: list[Run]):
     colors = _colors(runs)
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
+    plotted = []
     for run in runs:
         color = colors[run.name]
         for ax, direction in zip(axes[:2], ("fwd", "bwd"), strict=True):
-            ax.plot(*run.series(f"mhc/amax_gain_{direction}"), color=color, label=run.name)
+            steps, gains = run.series(f"mhc/amax_gain_{direction}")
+            ax.plot(steps, gains, color=color, label=run.name)
+            plotted += gains
         layer_max = {}
         for layer in run.layers():
             for direction in ("fwd", "bwd"):
@@ -194,20 +209,29 @@ def plot_amax_gain(runs: list[Run], out: Path) -> None:
                     layer_max[step] = max(layer_max.get(step, value), value)
         steps = sorted(layer_max)
         axes[2].plot(steps, [layer_max[s] for s in steps], color=color, label=run.name)
+        plotted += list(layer_max.values())
+    scale = gain_axis_scale(plotted)
     titles = (
         "forward Amax gain of the stack (max |row sum|)",
         "backward Amax gain of the stack (max |column sum|)",
         "largest per-layer gain (fwd or bwd)",
     )
     for ax, title in zip(axes, titles, strict=True):
-        ax.set_yscale("log")
+        ax.set_yscale(scale)
         ax.set_xlabel("iteration")
         ax.set_title(title, fontsize=10)
         ax.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("gain (token average)")
+    if scale == "linear":
+        # Around 1 and in plain numbers: mHC's gains differ from 1 by ~1e-5, which an
+        # autoscaled axis would spread over the whole height as offsets of 0.99999.
+        low, high = min(finite(plotted), default=1.0), max(finite(plotted), default=1.0)
+        axes[0].set_ylim(min(low, 0.9) - 0.02, max(high, 1.1) + 0.02)
+        for ax in axes:
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    axes[0].set_ylabel(f"gain (token average, {scale} axis)")
     axes[0].legend(fontsize=8)
-    _save(figure, out / "amax_gain.png")
+    return figure
 
 
 def _heatmap_iteration(run: Run, iteration: int | None) -> int:
@@ -229,81 +253,123 @@ def _mixing_scale(matrices) -> tuple[str, float, float]:
     return "RdBu_r", -bound, bound
 
 
-def _draw_mixing(ax, matrix, scale):
+def _draw_mixing(ax, matrix, scale, annotate: bool):
+    """The matrix as an image; with `annotate` each cell's value written in it, in black or
+    white by the cell's brightness."""
     cmap, low, high = scale
-    return ax.imshow(matrix, cmap=cmap, vmin=low, vmax=high)
+    image = ax.imshow(matrix, cmap=cmap, vmin=low, vmax=high)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if annotate:
+        for (i, j), value in _entries(matrix):
+            red, green, blue, _ = image.cmap(image.norm(value))
+            ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=ink)
+    return image
 
 
 def _entries(matrix):
     return [((i, j), value) for i, row in enumerate(matrix) for j, value in enumerate(row)]
 
 
-def plot_h_res_heatmap(runs: list[Run], out: Path, iteration: int | None) -> None:
-    columns = max(len(run.layers()) for run in runs) + 1
-    figure, axes = plt.subplots(
-        len(runs), columns, figsize=(1.15 * columns + 1.2, 1.45 * len(runs) + 0.9), squeeze=False
-    )
-    for row, run in zip(axes, runs, strict=True):
-        step = _heatmap_iteration(run, iteration)
-        layers = [
-            (f"L{layer}", run.matrix(f"mhc/layer{layer:02d}/h_res", step)) for layer in run.layers()
+HEATMAP_PANELS_PER_ROW = 9
+HEATMAP_CELL_INCHES = 0.42
+"""A cell of a matrix: room for a value written in 7 pt."""
+ANNOTATED_STREAMS = 6
+"""Values are written into the cells of matrices up to this size (n x n)."""
+
+
+def h_res_heatmap_figure(runs: list[Run], iteration: int | None):
+    """Each run's per-layer H_res and their composite, HEATMAP_PANELS_PER_ROW panels to a row."""
+    panels = {
+        run.name: [
+            (f"layer {layer}", run.matrix(f"mhc/layer{layer:02d}/h_res", step))
+            for layer in run.layers()
         ]
-        composite = run.matrix("mhc/h_res", step)
-        for ax in row:
-            ax.axis("off")
+        + [("stack composite (own scale)", run.matrix("mhc/h_res", step))]
+        for run in runs
+        for step in [_heatmap_iteration(run, iteration)]
+    }
+    rows_per_run = {name: -(-len(p) // HEATMAP_PANELS_PER_ROW) for name, p in panels.items()}
+    columns = min(HEATMAP_PANELS_PER_ROW, max(len(p) for p in panels.values()))
+    n = max(len(matrix) for p in panels.values() for _, matrix in p)
+    side = max(n * HEATMAP_CELL_INCHES, 1.0)
+    figure, axes = plt.subplots(
+        sum(rows_per_run.values()),
+        columns,
+        figsize=(columns * (side + 0.35) + 2.2, sum(rows_per_run.values()) * (side + 0.55) + 1.0),
+        squeeze=False,
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    row = 0
+    for run in runs:
+        run_panels = panels[run.name]
+        run_axes = axes[row : row + rows_per_run[run.name]].flat
+        layers = run_panels[:-1]
         layer_image = None
-        for ax, (title, matrix) in zip(row, layers, strict=False):
-            layer_image = _draw_mixing(ax, matrix, _mixing_scale(layers))
-            ax.set_title(title, fontsize=7)
-        # The composite has its own scale (unconstrained, it can be orders of magnitude larger)
-        # and its values written in.
-        _draw_mixing(row[-1], composite, _mixing_scale([("stack", composite)]))
-        for (i, j), value in _entries(composite):
-            row[-1].text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=5, color="w")
-        row[-1].set_title("stack composite", fontsize=7)
-        row[0].text(
-            -0.6,
-            0.5,
-            f"{run.name}\nit {step}",
-            transform=row[0].transAxes,
+        for ax, (title, matrix) in zip(run_axes, run_panels, strict=False):
+            ax.axis("on")
+            is_composite = title.startswith("stack")
+            scale = _mixing_scale([run_panels[-1]] if is_composite else layers)
+            image = _draw_mixing(ax, matrix, scale, annotate=len(matrix) <= ANNOTATED_STREAMS)
+            layer_image = layer_image if is_composite else image
+            ax.set_title(title, fontsize=8)
+        axes[row][0].set_ylabel(
+            f"{run.name}\nit {_heatmap_iteration(run, iteration)}",
+            rotation=0,
             ha="right",
             va="center",
-            fontsize=8,
+            fontsize=9,
         )
         if layer_image is not None:
-            bar = figure.colorbar(layer_image, ax=list(row), fraction=0.012, pad=0.01)
-            bar.set_label("layers", fontsize=7)
+            bar = figure.colorbar(
+                layer_image, ax=list(axes[row : row + rows_per_run[run.name]].flat), fraction=0.02
+            )
+            bar.set_label("per-layer H_res entry\n(mixing weight)", fontsize=8)
+        row += rows_per_run[run.name]
     figure.suptitle(
-        f"per-layer H_res (attention then MLP mixing) and their composite over the stack\n"
+        "per-layer H_res (attention then MLP mixing) and their composite over the stack\n"
         f"{H_RES_CONVENTION}",
         fontsize=9,
     )
-    _save(figure, out / "h_res_heatmap.png")
+    return figure
 
 
-def plot_mappings(runs: list[Run], out: Path) -> None:
+def mappings_figure(runs: list[Run]):
     figure, axes = plt.subplots(
-        len(runs), 2, figsize=(11, 2.0 * len(runs) + 0.6), squeeze=False, sharex=True
+        len(runs), 2, figsize=(12.5, 2.2 * len(runs) + 0.6), squeeze=False, sharex=True
     )
     for (pre_ax, post_ax), run in zip(axes, runs, strict=True):
         layers = run.layers()
         depth = plt.get_cmap("viridis")
         for k, layer in enumerate(layers):
             color = depth(k / max(len(layers) - 1, 1))
+            label = f"layer {layer}"
             pre_ax.plot(*run.series(f"mhc/layer{layer:02d}/h_pre_mean"), color=color, lw=0.9)
-            post_ax.plot(*run.series(f"mhc/layer{layer:02d}/h_post_mean"), color=color, lw=0.9)
-        pre_ax.plot(*run.series("mhc/h_pre_mean"), "k--", lw=1.2, label="stack mean")
+            post_ax.plot(
+                *run.series(f"mhc/layer{layer:02d}/h_post_mean"), color=color, lw=0.9, label=label
+            )
+        pre_ax.plot(*run.series("mhc/h_pre_mean"), "k--", lw=1.2)
         post_ax.plot(*run.series("mhc/h_post_mean"), "k--", lw=1.2, label="stack mean")
         pre_ax.set_ylabel(f"{run.name}\nmean H_pre")
         post_ax.set_ylabel("mean H_post")
         for ax in (pre_ax, post_ax):
             ax.grid(alpha=0.3)
-    axes[0][0].set_title("mean H_pre per layer (color: depth, yellow = last)")
+        # Each run's layers named beside its row (the colours alone do not tell them apart).
+        post_ax.legend(
+            fontsize=7,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            ncol=2 if len(layers) > 8 else 1,
+            title="depth",
+            title_fontsize=7,
+        )
+    axes[0][0].set_title("mean H_pre per layer")
     axes[0][1].set_title("mean H_post per layer")
-    axes[0][0].legend(fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("iteration")
-    _save(figure, out / "mappings.png")
+    return figure
 
 
 def plot_series(runs: list[Run], tag: str, ylabel: str, path: Path, log: bool) -> None:
@@ -380,9 +446,9 @@ def plot_runs(runs: list[Run], out: Path, iteration: int | None, smoothing: floa
     plot_series(runs, "throughput/tokens_per_s", "tokens/s", out / "throughput.png", log=False)
     hc_runs = [run for run in runs if run.has_mhc]
     if hc_runs:
-        plot_amax_gain(hc_runs, out)
-        plot_h_res_heatmap(hc_runs, out, iteration)
-        plot_mappings(hc_runs, out)
+        _save(amax_gain_figure(hc_runs), out / "amax_gain.png")
+        _save(h_res_heatmap_figure(hc_runs, iteration), out / "h_res_heatmap.png")
+        _save(mappings_figure(hc_runs), out / "mappings.png")
     (out / "summary.md").write_text(summary_table(runs))
     names = ["loss", "grad_norm", "throughput"]
     if hc_runs:

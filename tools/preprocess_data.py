@@ -19,7 +19,7 @@ Examples::
 
 Errors (missing file, bad JSON, missing key, non-string value, an input without any text) are
 reported with the file name (and line number) and exit with status 2; no output file is left
-behind.
+behind, nor a folder the run created for ``--output-prefix``.
 """
 
 import argparse

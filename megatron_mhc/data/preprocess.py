@@ -73,7 +73,8 @@ def preprocess_jsonl(
 
     The output is written to temporary files next to the prefix and renamed into place only
     when complete (``.bin`` first, then ``.idx``), so a failed or interrupted run never leaves a
-    readable half-written dataset. Progress (docs/s, MB/s) goes to ``log`` (default: the module
+    readable half-written dataset; the folders it created for the prefix are removed again.
+    Progress (docs/s, MB/s) goes to ``log`` (default: the module
     logger at INFO) every ``log_interval`` seconds.
 
     Raises ``FileNotFoundError`` for a missing input/tokenizer file and :class:`JsonlError`
@@ -91,6 +92,12 @@ def preprocess_jsonl(
 
     output_prefix = os.path.abspath(str(output_prefix))
     out_dir = os.path.dirname(output_prefix)
+    # The directories this call creates, deepest first: removed again if it fails.
+    created = []
+    missing = out_dir
+    while not os.path.exists(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.basename(output_prefix)
     tmp_bin = tempfile.NamedTemporaryFile(
@@ -127,6 +134,7 @@ def preprocess_jsonl(
                 f"({stats.documents / el:.1f} docs/s, {stats.input_bytes / el / 1e6:.2f} MB/s)"
             )
 
+    succeeded = False
     try:
         builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
         if workers > 1:
@@ -163,6 +171,7 @@ def preprocess_jsonl(
         builder.finalize(tmp_idx)
         os.replace(tmp_bin, output_prefix + ".bin")
         os.replace(tmp_idx, output_prefix + ".idx")
+        succeeded = True
     finally:
         if pool is not None:
             pool.terminate()
@@ -172,6 +181,9 @@ def preprocess_jsonl(
         for p in (tmp_bin, tmp_idx):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(p)
+        for directory in created if not succeeded else ():
+            with contextlib.suppress(OSError):  # not empty: something else wrote there
+                os.rmdir(directory)
     stats.seconds = time.monotonic() - start
     el = max(stats.seconds, 1e-9)
     log(

@@ -3,10 +3,12 @@ Megatron's argument parsing and validation plus megatron-mhc's own checks. The r
 the dry run call the same `parse_and_check_arguments`, so a dry run validates exactly what a
 launch would.
 
-The order matters: the flags users get wrong most are checked on the parsed values before
-Megatron's `validate_args` (whose assertions name no value), and Megatron's global state (the
-TensorBoard writer, which creates its event file, the tokenizer, the batch-size calculator) is
-set up only once every check has passed, so a refused launch writes nothing.
+The order matters: the mHC fields, the flags users get wrong most, the output directories,
+the data and the checkpoint are checked on the parsed values before Megatron's `validate_args`
+(whose assertions name no value); the argument list `validate_args` prints is held back until
+every check has passed, so that a refusal is the last thing printed; and Megatron's global
+state (the TensorBoard writer, which creates its event file, the tokenizer, the batch-size
+calculator) is set up only then, so a refused launch writes nothing.
 """
 
 import contextlib
@@ -24,6 +26,7 @@ from megatron.training.checkpointing import load_args_from_checkpoint
 from megatron.training.global_vars import set_global_variables
 
 from megatron_mhc.checkpoint_conversion import check_no_legacy_names
+from megatron_mhc.config import check_mhc_fields, mhc_active
 from megatron_mhc.data.flag_checks import check_data_paths, check_tokenizer_files
 from megatron_mhc.fusions import get_backend
 from megatron_mhc.training.arguments import add_mhc_arguments
@@ -33,7 +36,12 @@ from megatron_mhc.training.checkpoint_checks import (
 )
 from megatron_mhc.training.gpt_step import check_mtp_arguments, mhc_config_from_args
 from megatron_mhc.training.megatron_flag_checks import check_megatron_flags
-from megatron_mhc.transformer.hybrid_specs import check_hybrid_layer_pattern
+from megatron_mhc.training.output_checks import check_output_directories
+from megatron_mhc.training.resume_checks import check_schedule_against_checkpoint
+from megatron_mhc.transformer.hybrid_specs import (
+    check_hybrid_layer_pattern,
+    check_hybrid_layer_symbols,
+)
 
 _OTHER_RANKS_EXIT_DELAY_S = 3.0
 
@@ -60,6 +68,13 @@ def parse_and_check_arguments(
         check_checkpoint_to_load(args.load, args.ckpt_step)
         load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
         load_args_from_checkpoint(args)
+    # The mHC fields on the flags as given, with the conditions of MHCTransformerConfig, and an
+    # explicit fused backend that cannot run here, before Megatron's validation.
+    check_mhc_fields(args, name=lambda field, value: f"--{field.replace('_', '-')} {value}")
+    if mhc_active(args):
+        get_backend(args.mhc_kernel_backend)
+    if args.hybrid_layer_pattern is not None:
+        check_hybrid_layer_symbols(args.hybrid_layer_pattern, args.transformer_impl)
     check_megatron_flags(args)
     if check_data:
         check_data_paths(args.data_path)
@@ -69,18 +84,22 @@ def parse_and_check_arguments(
     check_checkpoint_to_load(args.load, args.ckpt_step)
     check_optimizer_state_to_load(args)
     check_no_legacy_names(args.load)
-    validate_args(args)
-    # The model config (mHC fields included) and the hybrid layer pattern, before Megatron
-    # sets anything up.
+    check_output_directories(args)
+    if this_machine:
+        check_runs_on_this_machine(args)
+    # Megatron's validation ends by printing every argument (about 870 lines); they are printed
+    # once every check below has passed too, so that no refusal comes after them.
+    argument_dump = io.StringIO()
+    with contextlib.redirect_stdout(argument_dump):
+        validate_args(args)
+    # The model config (the mHC fields with Megatron's features) and the hybrid layer pattern,
+    # before Megatron sets anything up.
     config = mhc_config_from_args(args)
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(config, args.hybrid_layer_pattern)
-    if config.mhc_active:
-        # An explicit fused backend that cannot run here fails now, not at model build.
-        get_backend(config.mhc_kernel_backend)
     check_mtp_arguments(args)
-    if this_machine:
-        check_runs_on_this_machine(args)
+    check_schedule_against_checkpoint(args)
+    sys.stdout.write(argument_dump.getvalue())
     if set_globals:
         set_global_variables(args)
     return args, config
@@ -122,10 +141,11 @@ def hand_to_torchrun(line: str) -> None:
 
 @contextlib.contextmanager
 def launch_errors_reported():
-    """Runs the launch checks of the block; a refused launch prints `launch_error_line` once
-    (rank 0), hands it to torchrun as the process's error (so that torchrun's failure summary
-    names it rather than a traceback hint) and exits with code 2 on every rank. Argparse's own
-    usage errors are printed by rank 0 only. With MHC_TRACEBACK=1 errors keep their traceback."""
+    """Runs the launch checks of the block; a refused launch (argparse's usage errors included,
+    raised as arguments.UsageError) prints `launch_error_line` once (rank 0), hands it to
+    torchrun as the process's error (so that torchrun's failure summary names it rather than a
+    traceback hint) and exits with code 2 on every rank. With MHC_TRACEBACK=1 errors keep their
+    traceback."""
     rank = int(os.environ.get("RANK", "0"))
     quiet = contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext()
     try:

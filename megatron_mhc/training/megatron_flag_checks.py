@@ -27,8 +27,10 @@ def check_megatron_flags(args: Namespace) -> None:
     `validate_args` (`args.world_size` is WORLD_SIZE from the environment, as Megatron reads
     it)."""
     _check_required_sizes(args)
+    _check_precision(args)
     _check_attention_heads(args)
     _check_parallel_sizes(args)
+    _check_expert_parallel_overlap(args)
     _check_pipeline_layers(args)
     _check_sequence_length(args)
     _check_batch_sizes(args)
@@ -48,6 +50,14 @@ def _check_required_sizes(args) -> None:
             raise ValueError(f"{_flag(name)} is required (in the model section of a --config)")
         if value <= 0:
             raise ValueError(f"{_flag(name)} {value}: must be a positive integer")
+
+
+def _check_precision(args) -> None:
+    if args.bf16 and args.fp16:
+        raise ValueError(
+            "--bf16 and --fp16: give one of them (the model's parameters and activations take "
+            "one 16-bit format: bf16 needs no loss scaling, fp16 trains with a loss scale)"
+        )
 
 
 def _check_attention_heads(args) -> None:
@@ -107,6 +117,35 @@ def _check_parallel_sizes(args) -> None:
             f"--expert-model-parallel-size {ep} does not divide --num-experts "
             f"{args.num_experts}: allowed {_divisors(args.num_experts)}"
         )
+
+
+def _check_expert_parallel_overlap(args) -> None:
+    """The conditions of TransformerConfig on overlap_moe_expert_parallel_comm that need no
+    derived setting (it asserts them once the model config is built, and for a dense model
+    first asks for virtual pipeline stages, never saying that there is no all-to-all to
+    overlap); its pipeline and recompute conditions stay its own."""
+    if not args.overlap_moe_expert_parallel_comm:
+        return
+    flag = "--overlap-moe-expert-parallel-comm"
+    if args.num_experts is None:
+        raise ValueError(
+            f"{flag} overlaps the expert-parallel all-to-all of a mixture-of-experts model with "
+            "computation, and this model has no experts (--num-experts is not set): remove the "
+            "flag, or give --num-experts and --expert-model-parallel-size > 1"
+        )
+    ep = args.expert_model_parallel_size
+    if ep <= 1:
+        raise ValueError(
+            f"{flag} needs expert parallelism (--expert-model-parallel-size > 1, got {ep}): "
+            "without it there is no all-to-all to overlap"
+        )
+    if args.moe_token_dispatcher_type not in ("alltoall", "flex"):
+        raise ValueError(
+            f"{flag} with --moe-token-dispatcher-type {args.moe_token_dispatcher_type}: the "
+            "overlap needs the alltoall or flex dispatcher"
+        )
+    if not (args.bf16 or args.fp16):
+        raise ValueError(f"{flag} needs a 16-bit model: add --bf16 (or --fp16)")
 
 
 def _check_pipeline_layers(args) -> None:

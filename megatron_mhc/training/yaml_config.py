@@ -98,11 +98,16 @@ def _resolve(path: str, by_dest: dict[str, list], including: tuple[Path, ...]) -
 def _read(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            document = yaml.safe_load(f) or {}
+            document = yaml.safe_load(f)
     except FileNotFoundError as err:
         raise ConfigError(f"config file {path!r} does not exist") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if document is None:  # an empty file, or comments only
+        raise ConfigError(
+            f"{path}: the config file is empty; it needs the sections {', '.join(SECTIONS)} "
+            f"(or {BASE_KEY!r}: a file to override), e.g. configs/gpt_tiny_mhc.yaml"
+        )
     if not isinstance(document, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections {SECTIONS} (and {BASE_KEY!r})"

@@ -181,22 +181,62 @@ def get_hybrid_stack_spec(config: MHCTransformerConfig) -> ModuleSpec:
     return get_mhc_hybrid_stack_spec(spec) if config.mhc_active else spec
 
 
+LAYER_TYPE_NAMES = {
+    Symbols.ATTENTION: "attention",
+    Symbols.MLA: "multi-latent attention",
+    Symbols.MLP: "MLP",
+    Symbols.MOE: "MoE",
+    Symbols.DS_ATTENTION: "DeepSeek sparse attention",
+    Symbols.MAMBA: "Mamba",
+    Symbols.GDN: "gated delta net",
+}
+
+
+def _layer_types(symbols) -> str:
+    return ", ".join(f"'{s}' {LAYER_TYPE_NAMES[s]}" for s in symbols)
+
+
+def check_hybrid_layer_symbols(hybrid_layer_pattern: str, transformer_impl: str) -> None:
+    """ValueError naming --hybrid-layer-pattern when the pattern has a symbol that is no layer
+    type, or a layer type the spec of `transformer_impl` cannot build, saying what it builds.
+    Needs only the flags as given: the launch runs it before Megatron's validation parses the
+    pattern (whose error names no flag and lists every symbol, buildable here or not)."""
+    local = transformer_impl != "transformer_engine"
+    buildable = LOCAL_HYBRID_LAYER_SYMBOLS if local else tuple(LAYER_TYPE_NAMES)
+    spec = f"the {'local' if local else 'Transformer Engine'} spec (--transformer-impl "
+    spec += f"{transformer_impl}) builds {_layer_types(buildable)}; '|' separates pipeline "
+    spec += "stages, '/' starts the MTP layers"
+
+    def refuse(why: str):
+        raise ValueError(f"--hybrid-layer-pattern {hybrid_layer_pattern!r}: {why}")
+
+    if not hybrid_layer_pattern:
+        refuse(f"it must describe at least one layer: {spec}")
+    separators = {Symbols.PIPE, Symbols.MTP_SEPARATOR}
+    unknown = sorted(set(hybrid_layer_pattern) - Symbols.VALID_LAYERS - separators)
+    if unknown:
+        refuse(f"{', '.join(map(repr, unknown))}: no layer type has that symbol; {spec}")
+    unsupported = sorted(set(hybrid_layer_pattern) - set(buildable) - separators)
+    if unsupported:
+        refuse(
+            f"layer types {_layer_types(unsupported)} need --transformer-impl "
+            f"transformer_engine and their CUDA packages; {spec}"
+        )
+    try:
+        parse_hybrid_pattern(hybrid_layer_pattern)
+    except ValueError as err:
+        refuse(str(err))
+
+
 def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_pattern: str) -> None:
     """ValueError naming `hybrid_layer_pattern` (or the config field) when the model it
     describes cannot be built with `config`."""
+    check_hybrid_layer_symbols(hybrid_layer_pattern, config.transformer_impl)
 
     def refuse(why: str):
         raise ValueError(f"hybrid_layer_pattern={hybrid_layer_pattern!r} is invalid: {why}")
 
-    if not hybrid_layer_pattern:
-        refuse(
-            "it must describe at least one layer (symbols "
-            f"{sorted(Symbols.VALID_LAYERS)}, '|' between pipeline stages)"
-        )
-    try:
-        parsed = parse_hybrid_pattern(hybrid_layer_pattern)
-    except ValueError as err:
-        refuse(str(err))
+    parsed = parse_hybrid_pattern(hybrid_layer_pattern)
     # The MTP part's layers are built from the same stack spec as the main part's.
     symbols = set((parsed.main_pattern or "") + (parsed.mtp_pattern or "")) - {Symbols.PIPE}
     latent = sorted(symbols & {Symbols.MLA, Symbols.DS_ATTENTION})
@@ -206,13 +246,6 @@ def check_hybrid_layer_pattern(config: MHCTransformerConfig, hybrid_layer_patter
             "(MHCMLATransformerConfig, which megatron_mhc builds for --multi-latent-attention "
             f"or a pattern with them), not {type(config).__name__}"
         )
-    if config.transformer_impl != "transformer_engine":
-        unsupported = sorted(symbols - set(LOCAL_HYBRID_LAYER_SYMBOLS))
-        if unsupported:
-            refuse(
-                f"layer types {unsupported} need transformer_impl='transformer_engine' and "
-                f"their CUDA packages; the local spec builds {list(LOCAL_HYBRID_LAYER_SYMBOLS)}"
-            )
     mtp_depths = parsed.mtp_num_depths if parsed.mtp_pattern is not None else 0
     if (config.mtp_num_layers or 0) != mtp_depths:
         # HybridModel builds the MTP block from the pattern and runs config.mtp_num_layers

@@ -3,10 +3,13 @@ PP=2): the 50-iteration mHC golden run (tests/functional/conftest.py) and a 10-i
 Every figure and the summary are written as valid images,
 a baseline alone is plotted without the mHC figures, a folder without event files is a clear
 error, and mHC's token-averaged H_res read back from the logs is doubly stochastic in every layer
-of both pipeline stages."""
+of both pipeline stages. The mHC figures read as intended: the Amax gain on a linear axis around
+1 for mHC (a log axis once a gain leaves [0.5, 2]), every H_res value written in its cell, the
+colour bar saying what it shows, the layers of the mappings figure named."""
 
 import importlib.util
 import itertools
+import re
 import subprocess
 import sys
 
@@ -101,3 +104,69 @@ def test_mhc_h_res_read_back_from_the_logs_is_doubly_stochastic(run_logs):
             assert sum(matrix[k]) == pytest.approx(1.0, abs=1e-3), (prefix, iteration, k)
             assert sum(row[k] for row in matrix) == pytest.approx(1.0, abs=1e-3), (prefix, k)
             assert min(matrix[k]) >= 0.0
+
+
+@pytest.fixture(scope="module")
+def golden_mhc_run(golden_run):
+    return plot_runs.load_run(golden_run[0] / "tensorboard", "mhc")
+
+
+def test_amax_gain_axis_is_linear_around_1_for_mhc_and_log_once_a_gain_leaves(golden_mhc_run):
+    figure = plot_runs.amax_gain_figure([golden_mhc_run])
+    figure.canvas.draw()
+    for ax in figure.axes:
+        low, high = ax.get_ylim()
+        assert ax.get_yscale() == "linear" and low < 0.9 and high > 1.1
+        assert ax.yaxis.get_major_formatter().get_offset() == ""  # plain ticks, no 1e-5 offsets
+    grown = plot_runs.Run(
+        "hc",
+        {
+            tag: {step: 40 * value for step, value in values.items()}
+            if "amax_gain" in tag
+            else values
+            for tag, values in golden_mhc_run.scalars.items()
+        },
+    )
+    figure = plot_runs.amax_gain_figure([golden_mhc_run, grown])
+    assert [ax.get_yscale() for ax in figure.axes] == ["log"] * 3
+
+
+def _with_distinct_h_res(run):
+    """The run with every logged H_res entry (i, j) replaced by a value of its own, so that a
+    value written into another cell shows (the golden run's mHC matrices are nearly uniform)."""
+    entry = re.compile(r"mhc/(?:layer\d+/)?h_res/(\d+)_(\d+)")
+    scalars = {}
+    for tag, values in run.scalars.items():
+        found = entry.fullmatch(tag)
+        if found:
+            i, j = (int(g) for g in found.groups())
+            values = {step: (4 * i + j) / 16 + step / 1e4 for step in values}
+        scalars[tag] = values
+    return plot_runs.Run(run.name, scalars)
+
+
+@pytest.mark.parametrize("distinct", [False, True], ids=["golden", "distinct-entries"])
+def test_h_res_heatmap_writes_every_value_in_its_cell_and_names_its_colour_bar(
+    golden_mhc_run, distinct
+):
+    run = _with_distinct_h_res(golden_mhc_run) if distinct else golden_mhc_run
+    figure = plot_runs.h_res_heatmap_figure([run], None)
+    panels = {ax.get_title(): ax for ax in figure.axes if ax.get_title()}
+    assert list(panels) == [f"layer {k}" for k in (1, 2, 3, 4)] + ["stack composite (own scale)"]
+    prefixes = [f"mhc/layer{k:02d}/h_res" for k in (1, 2, 3, 4)] + ["mhc/h_res"]
+    for (title, ax), prefix in zip(panels.items(), prefixes, strict=True):
+        matrix = run.matrix(prefix, 50)
+        assert sorted((t.get_position(), t.get_text()) for t in ax.texts) == sorted(
+            ((j, i), f"{v:.2f}") for i, row in enumerate(matrix) for j, v in enumerate(row)
+        ), title
+        width, height = ax.get_window_extent().size  # pixels at the figure's dpi
+        assert min(width, height) * 90 / figure.dpi >= 120, title  # as saved, dpi 90
+    labels = [ax.get_ylabel() for ax in figure.axes if ax.get_ylabel()]
+    assert labels == ["mhc\nit 50", "per-layer H_res entry\n(mixing weight)"]  # run, colour bar
+
+
+def test_mappings_figure_names_each_layer(golden_mhc_run):
+    figure = plot_runs.mappings_figure([golden_mhc_run])
+    (legend,) = [ax.get_legend() for ax in figure.axes if ax.get_legend()]
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == ["layer 1", "layer 2", "layer 3", "layer 4", "stack mean"]

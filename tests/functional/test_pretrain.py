@@ -1,15 +1,23 @@
 """pretrain_gpt_mhc.py end to end on CPU (2 gloo processes, the tiny mHC config): losses against
-committed golden values, bit-exact resume from a checkpoint, resume with another layout, and a
-refused launch."""
+committed golden values, bit-exact resume from a checkpoint, resume with another layout, a
+finished run trained further as the README says, and a refused launch."""
 
 import math
 import os
+import re
 import shutil
 
 import pytest
+import yaml
 
 from tests.functional.checkpoint_state import differences, optimizer_paths, training_state
-from tests.functional.pretrain_runs import load_golden, run_pretrain, write_golden
+from tests.functional.pretrain_runs import (
+    CONFIG,
+    REPO,
+    load_golden,
+    run_pretrain,
+    write_golden,
+)
 
 # Golden values are compared on whatever machine CI gets. PORTABLE_CPU_NUMERICS removes the CPU
 # dependence measured here (MKL's, ATen's and oneDNN's kernel choice); between the machine the
@@ -110,15 +118,37 @@ def test_resume_with_another_parallel_layout(golden_run, saved_at_25, tmp_path):
         assert resumed[iteration] == pytest.approx(full[iteration], rel=1e-4), iteration
 
 
+def _learning_rates(log: str) -> dict[int, float]:
+    """{iteration: learning rate} of Megatron's iteration log lines."""
+    found = re.findall(r"iteration +(\d+)/ +\d+ \|.*?\| learning rate: ([^ |]+) \|", log)
+    return {int(i): float(lr) for i, lr in found}
+
+
+def test_finished_run_trained_further_keeps_the_checkpoints_schedule(tmp_path):
+    """The README's extend command, small: 4 iterations (cosine to --min-lr over 4, 1 of
+    warm-up), then --train-iters 6 with --use-checkpoint-opt_param-scheduler on the same
+    checkpoints: iterations 5 and 6 run at the final learning rate of the saved schedule,
+    --min-lr (this launch's own 6-iteration cosine would give 5.6e-4 at iteration 5)."""
+    schedule = ("--lr-warmup-iters", "1")
+    run_pretrain(tmp_path, "--train-iters", "4", *schedule)
+    log, losses = run_pretrain(
+        tmp_path, "--train-iters", "6", *schedule, "--use-checkpoint-opt_param-scheduler"
+    )
+    assert "successfully loaded checkpoint" in log and sorted(losses) == [5, 6]
+    min_lr = yaml.safe_load((REPO / CONFIG).read_text())["optimizer"]["min_lr"]
+    assert _learning_rates(log) == {5: min_lr, 6: min_lr}
+
+
 def test_bad_input_stops_the_torchrun_launch_with_one_line_before_training(tmp_path):
     """The whole launch path once (every refusal's message: tests/unit/test_launch_errors.py)."""
     with pytest.raises(RuntimeError) as failure:
         run_pretrain(tmp_path, "--mhc-num-residual-streams", "0")
     log = str(failure.value)
     line = (
-        "pretrain_gpt_mhc.py: error: MHCTransformerConfig.mhc_num_residual_streams=0 is "
-        "invalid: must be an integer >= 1"
+        "pretrain_gpt_mhc.py: error: --mhc-num-residual-streams 0 is invalid: must be an "
+        "integer >= 1"
     )
     # Rank 0 prints it, torchrun's summary names it as the root cause; rank 1 prints nothing.
     assert log.count(line) == 2 and "exitcode  : 2" in log
+    assert "end of arguments" not in log  # Megatron's argument list never buries it
     assert "iteration" not in log and not (tmp_path / "checkpoints").exists()

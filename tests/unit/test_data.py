@@ -253,7 +253,7 @@ def test_bad_line_names_file_and_line(tmp_path, lines, lineno, match):
         preprocess_jsonl(src, tmp_path / "out" / "ds", log=lambda m: None)
     assert f"{src}:{lineno}:" in str(err.value)
     assert err.value.lineno == lineno
-    assert os.listdir(tmp_path / "out") == []  # nothing half-written left behind
+    assert not (tmp_path / "out").exists()  # nothing left behind, not even the new folder
 
 
 def _cli_args(src, json_key, output_prefix) -> list:
@@ -393,12 +393,12 @@ def test_input_without_text_is_an_error_naming_the_file(tmp_path, content):
     with pytest.raises(JsonlError, match="no document with text under key 'text'") as err:
         preprocess_jsonl(src, tmp_path / "out" / "ds", log=lambda m: None)
     assert str(err.value).startswith(f"{src}: ")
-    assert os.listdir(tmp_path / "out") == []  # no 0-byte .bin for training to trip on
+    assert not (tmp_path / "out").exists()  # no 0-byte .bin for training to trip on
 
     rc = load_tool("preprocess_data").main(
         ["--input", str(src), "--output-prefix", str(tmp_path / "out" / "ds"), "--append-eod"]
     )
-    assert rc == 2 and os.listdir(tmp_path / "out") == []
+    assert rc == 2 and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------ launch checks

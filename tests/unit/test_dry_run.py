@@ -21,6 +21,10 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 TINY = REPO / "configs" / "gpt_tiny_mhc.yaml"
 SBATCH = REPO / "scripts" / "slurm" / "pretrain_gpt_mhc.sbatch"
 MEMORY_LINE = re.compile(r"^memory per GPU: \d+\.\d\d GiB$", re.M)
+# A config's own count of its parameters, as the dry run prints it ("parameters in all: ...").
+DOCUMENTED_PARAMETERS = re.compile(r"^# parameters: (\d+\.\d+ [BM]) ", re.M)
+# The configs after the mHC paper's models, named by their size in billions (mhc_moe_27b.yaml).
+PAPER_CONFIG = re.compile(r"^mhc_.*_(\d+)b\.yaml$")
 
 
 def documented_gpus(config: Path) -> int:
@@ -42,11 +46,30 @@ def _dry_run(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_would_start_on_the_gpus_its_header_documents(config, capsys):
+    assert config.read_text().startswith("# gpus: "), "the README: every config's first line"
     gpus = documented_gpus(config)
     code, out, err = _dry_run(capsys, "--config", str(config), "--world-size", str(gpus))
     assert code == 0, err
     assert f"the launch would start on {gpus} GPUs" in out
     assert MEMORY_LINE.search(out), out
+    assert re.search(r"^parameters in all: \d+\.\d+ [BM] ", out, re.M), out
+    documented = DOCUMENTED_PARAMETERS.search(config.read_text())
+    if documented:
+        assert f"parameters in all: {documented.group(1)} " in out
+
+
+@pytest.mark.parametrize(
+    "config",
+    [c for c in CONFIGS if PAPER_CONFIG.match(c.name)],
+    ids=lambda c: c.name,
+)
+def test_paper_config_counts_the_parameters_of_its_name_within_5_percent(config):
+    """Its documented count (which the test above compares with the dry run's)."""
+    documented = DOCUMENTED_PARAMETERS.search(config.read_text())
+    assert documented, f"{config.name}: no '# parameters: N B' line"
+    count, unit = documented.group(1).split()
+    named = int(PAPER_CONFIG.match(config.name).group(1))
+    assert unit == "B" and abs(float(count) - named) <= 0.05 * named, (count, named)
 
 
 def test_sbatch_default_config_would_start_on_the_default_allocation(capsys):
@@ -74,6 +97,17 @@ def test_planted_error_is_refused_naming_the_flag(planted, flag, capsys):
     assert code != 0
     assert flag in err, err
     assert not MEMORY_LINE.search(out)
+
+
+def test_save_directory_that_cannot_be_created_is_refused_without_a_trace(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    save = tmp_path / "a_file" / "checkpoints"
+    code, out, err = _dry_run(
+        capsys, "--config", str(TINY), "--world-size", "2", "--save", str(save)
+    )
+    assert code == 2
+    assert f"--save {save}: cannot be created, {tmp_path / 'a_file'} is a file" in err
+    assert not MEMORY_LINE.search(out) and list(tmp_path.iterdir()) == [tmp_path / "a_file"]
 
 
 def test_weights_and_optimizer_of_dense_baseline_equal_megatrons_formula():

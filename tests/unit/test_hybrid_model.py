@@ -298,8 +298,9 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
         (
             "*-G-",
             MHC_4_STREAMS,
-            r"hybrid_layer_pattern='\*-G-' is invalid: layer types \['G'\] need "
-            r"transformer_impl='transformer_engine'",
+            r"--hybrid-layer-pattern '\*-G-': layer types 'G' gated delta net need "
+            r"--transformer-impl transformer_engine .*; the local spec \(--transformer-impl "
+            r"local\) builds '\*' attention, '\+' multi-latent attention, '-' MLP, 'E' MoE",
         ),
         (
             "+-+-",
@@ -310,7 +311,8 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
         (
             "*-*x",
             MHC_4_STREAMS,
-            r"hybrid_layer_pattern='\*-\*x' is invalid: .*'x' is not a valid layer symbol",
+            r"--hybrid-layer-pattern '\*-\*x': 'x': no layer type has that symbol; the local "
+            r"spec",
         ),
         (
             "*-*E",
@@ -332,8 +334,8 @@ def test_hybrid_tp2_sequence_parallel_equals_tp1(per_layout):
         (
             "*-*-/G-",
             dict(MHC_4_STREAMS, mtp_num_layers=1),
-            r"hybrid_layer_pattern='\*-\*-/G-' is invalid: layer types \['G'\] need "
-            r"transformer_impl='transformer_engine'",
+            r"--hybrid-layer-pattern '\*-\*-/G-': layer types 'G' gated delta net need "
+            r"--transformer-impl transformer_engine",
         ),
     ],
     ids=[

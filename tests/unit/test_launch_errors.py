@@ -22,6 +22,7 @@ import pytest
 import torch
 from megatron.training.global_vars import unset_global_variables
 
+from megatron_mhc.checkpoint_conversion import upgrade_checkpoint
 from megatron_mhc.platform.cpu import CPU_MEGATRON_ARGS
 from megatron_mhc.training import launch_checks
 from megatron_mhc.training.launch_checks import (
@@ -58,6 +59,20 @@ def _yaml_without_data(run: Path) -> None:
 
 def _yaml_with_typo(run: Path) -> None:
     (run / "typo.yaml").write_text(f"base: {CONFIG}\nmodel:\n  num_layer: 4\n")
+
+
+def _empty_yaml(run: Path) -> None:
+    (run / "empty.yaml").write_text("# nothing yet\n")
+
+
+def _a_file(run: Path) -> None:
+    (run / "a_file").write_text("not a directory")
+
+
+def _finished_run_checkpoint(run: Path) -> None:
+    """The real checkpoint, of a run trained with another schedule (4 iterations of global
+    batch 4), with today's HC names."""
+    upgrade_checkpoint(REAL_CHECKPOINT, run / "checkpoints")
 
 
 def _tracker(text: str) -> Callable[[Path], None]:
@@ -181,6 +196,13 @@ CASES = [
         "--expert-model-parallel-size 2 does not divide --num-experts 3: allowed 1, 3",
     ),
     Case(
+        "EP all-to-all overlap on a dense model",
+        ("--overlap-moe-expert-parallel-comm",),
+        "--overlap-moe-expert-parallel-comm overlaps the expert-parallel all-to-all of a "
+        "mixture-of-experts model with computation, and this model has no experts",
+    ),
+    Case("bf16 and fp16", ("--bf16", "--fp16"), "--bf16 and --fp16: give one of them"),
+    Case(
         "sequence vs position embeddings",
         ("--seq-length", "256"),
         "--seq-length 256 is longer than --max-position-embeddings 128",
@@ -241,9 +263,31 @@ CASES = [
         "--min-lr 0.1 is above --lr 0.003: the decay ends at --min-lr",
     ),
     Case(
+        "learning-rate schedule of a finished run changed",
+        (),
+        "--load {run}/checkpoints: this launch's learning-rate schedule differs from the one the "
+        "checkpoint of iteration 2 was trained with (warm-up: 160 here, 4 in the checkpoint; "
+        "decay length: 2400 here, 16 in the checkpoint; ",
+        _finished_run_checkpoint,
+    ),
+    Case(
         "save without interval",
         ("--save-interval", "0"),
         "needs --save-interval N (N > 0 iterations between checkpoints), got 0",
+    ),
+    # Output directories.
+    Case(
+        "save under a file",
+        ("--save", "{run}/a_file/checkpoints"),
+        "--save {run}/a_file/checkpoints: cannot be created, {run}/a_file is a file, not a "
+        "directory",
+        _a_file,
+    ),
+    Case(
+        "TensorBoard directory is a file",
+        ("--tensorboard-dir", "{run}/a_file"),
+        "--tensorboard-dir {run}/a_file: is a file, expected a directory",
+        _a_file,
     ),
     # Data and tokenizer.
     Case(
@@ -362,7 +406,24 @@ CASES = [
         "the checkpoint uses the HC module names of megatron-mhc before 0.2 (",
         lambda run: shutil.copytree(REAL_CHECKPOINT, run / "checkpoints"),
     ),
-    # Config files and mHC settings.
+    # Command line, config files and mHC settings.
+    Case(
+        "value outside a flag's choices",
+        ("--mhc-type", "foo"),
+        "argument --mhc-type: invalid choice: 'foo' (choose from 'mhc', 'hc', 'hc_static') "
+        "(see pretrain_gpt_mhc.py --help)",
+    ),
+    Case(
+        "value of the wrong type",
+        ("--mhc-recompute-layer-num", "banana"),
+        "argument --mhc-recompute-layer-num: 'banana' is neither an integer nor one of ['auto'] "
+        "(see pretrain_gpt_mhc.py --help)",
+    ),
+    Case(
+        "unknown flag",
+        ("--num-layer", "4"),
+        "unrecognized arguments: --num-layer 4 (see pretrain_gpt_mhc.py --help)",
+    ),
     Case(
         "YAML key mistyped",
         ("--config", "{run}/typo.yaml"),
@@ -370,9 +431,20 @@ CASES = [
         _yaml_with_typo,
     ),
     Case(
+        "YAML file empty",
+        ("--config", "{run}/empty.yaml"),
+        "{run}/empty.yaml: the config file is empty",
+        _empty_yaml,
+    ),
+    Case(
         "mHC streams zero",
         ("--mhc-num-residual-streams", "0"),
-        "MHCTransformerConfig.mhc_num_residual_streams=0 is invalid: must be an integer >= 1",
+        "--mhc-num-residual-streams 0 is invalid: must be an integer >= 1",
+    ),
+    Case(
+        "mHC Sinkhorn iterations zero",
+        ("--mhc-sinkhorn-iterations", "0"),
+        "--mhc-sinkhorn-iterations 0 is invalid: must be an integer >= 1",
     ),
     Case(
         "hybrid pattern the local spec cannot build",
@@ -382,8 +454,14 @@ CASES = [
             "--hybrid-layer-pattern",
             "*M*E|*-*E",
         ),
-        "hybrid_layer_pattern='*M*E|*-*E' is invalid: layer types ['M'] need "
-        "transformer_impl='transformer_engine'",
+        "--hybrid-layer-pattern '*M*E|*-*E': layer types 'M' Mamba need --transformer-impl "
+        "transformer_engine and their CUDA packages; the local spec (--transformer-impl local) "
+        "builds '*' attention, '+' multi-latent attention, '-' MLP, 'E' MoE",
+    ),
+    Case(
+        "hybrid pattern with an unknown symbol",
+        ("--config", "{repo}/configs/hybrid_tiny_mhc.yaml", "--hybrid-layer-pattern", "*-X-"),
+        "--hybrid-layer-pattern '*-X-': 'X': no layer type has that symbol; the local spec",
     ),
     Case(
         "fused kernels without a GPU",
@@ -517,9 +595,17 @@ def test_traceback_is_kept_with_mhc_traceback(monkeypatch):
             raise ValueError("--lr -1.0: must be positive")
 
 
-def test_argparse_usage_error_is_printed_by_rank_0_only(tmp_path, two_process_launch, capsys):
+def test_argparse_error_is_one_line_by_rank_0_and_torchruns_named_cause(
+    tmp_path, two_process_launch, capsys
+):
+    """Not argparse's usage block (about 750 lines with Megatron's flags) and exit: the launch's
+    one line, exit code 2 on every rank, and the line in torchrun's error file."""
+    error_file = tmp_path / "error.json"
+    two_process_launch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     two_process_launch.setattr(launch_checks, "_OTHER_RANKS_EXIT_DELAY_S", 0.0)
-    two_process_launch.setattr(sys, "argv", _argv(tmp_path, ("--mhc-type", "bogus")))
+    run = tmp_path / "run"
+    run.mkdir()
+    two_process_launch.setattr(sys, "argv", _argv(run, ("--mhc-type", "bogus")))
     printed = {}
     for rank in (0, 1):
         two_process_launch.setenv("RANK", str(rank))
@@ -527,10 +613,61 @@ def test_argparse_usage_error_is_printed_by_rank_0_only(tmp_path, two_process_la
             with launch_errors_reported():
                 parse_and_check_arguments()
         assert stopped.value.code == 2
-        printed[rank] = capsys.readouterr().err
-    assert "argument --mhc-type: invalid choice: 'bogus'" in printed[0]
-    assert printed[1] == ""
-    assert list(tmp_path.iterdir()) == []
+        printed[rank] = capsys.readouterr()
+    line = (
+        "pretrain_gpt_mhc.py: error: argument --mhc-type: invalid choice: 'bogus' (choose from "
+        "'mhc', 'hc', 'hc_static') (see pretrain_gpt_mhc.py --help)"
+    )
+    assert printed[0].err == line + "\n" and printed[0].out == ""
+    assert printed[1].err == "" and printed[1].out == ""
+    assert json.loads(error_file.read_text())["message"]["extraInfo"]["py_callstack"] == line
+    assert list(run.iterdir()) == []
+
+
+ARGUMENT_LIST_END = "-------------------- end of arguments ---------------------"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--mhc-num-residual-streams", "0"),  # checked on the flags as given
+        # checked with Megatron's settings, on the model config built after validate_args
+        ("--recompute-granularity", "full", "--recompute-method", "uniform")
+        + ("--recompute-num-layers", "1", "--mhc-recompute-layer-num", "1"),
+    ],
+    ids=["mhc-field", "mhc-with-megatron-feature"],
+)
+def test_mhc_error_line_is_not_buried_under_megatrons_argument_list(
+    flags, tmp_path, two_process_launch, capsys
+):
+    two_process_launch.setattr(sys, "argv", _argv(tmp_path, flags))
+    with pytest.raises(SystemExit):
+        with launch_errors_reported():
+            parse_and_check_arguments()
+    printed = capsys.readouterr()
+    assert ARGUMENT_LIST_END not in printed.out
+    assert printed.err.startswith("pretrain_gpt_mhc.py: error: ") and printed.err.count("\n") == 1
+    assert "mhc_recompute_layer_num" in printed.err or "--mhc-num-residual-streams 0" in printed.err
+
+
+def test_good_launch_prints_megatrons_argument_list_after_the_checks(
+    tmp_path, two_process_launch, capsys
+):
+    two_process_launch.setattr(sys, "argv", _argv(tmp_path, ()))
+    parse_and_check_arguments(set_globals=False)
+    assert ARGUMENT_LIST_END in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "schedule_flag", ["--use-checkpoint-opt_param-scheduler", "--override-opt-param-scheduler"]
+)
+def test_either_schedule_flag_lets_a_finished_run_train_on(
+    schedule_flag, tmp_path, two_process_launch
+):
+    _finished_run_checkpoint(tmp_path)
+    two_process_launch.setattr(sys, "argv", _argv(tmp_path, (schedule_flag,)))
+    args, _ = parse_and_check_arguments(set_globals=False)
+    assert getattr(args, schedule_flag.lstrip("-").replace("-", "_"))
 
 
 def test_errors_doc_lists_every_case():

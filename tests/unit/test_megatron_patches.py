@@ -205,9 +205,10 @@ def test_planted_mismatch_of_each_optimizer_patch_fails_naming_it(fresh_process_
 def test_every_patch_fits_the_installed_megatron_core():
     from megatron_mhc.optimizer_patches import OPTIMIZER_PATCHES
     from megatron_mhc.platform.cpu import CPU_PLATFORM_PATCHES
+    from megatron_mhc.training.resume_checks import SCHEDULE_FLAGS
     from megatron_mhc.training.training_patches import TRAINING_PATCHES
 
-    check_patches((*CPU_PLATFORM_PATCHES, *TRAINING_PATCHES, *OPTIMIZER_PATCHES))
+    check_patches((*CPU_PLATFORM_PATCHES, *TRAINING_PATCHES, *OPTIMIZER_PATCHES, SCHEDULE_FLAGS))
 
 
 def _class_swap_sites():

@@ -166,7 +166,7 @@ def test_deepseek_attention_layers_are_refused_on_the_local_spec_naming_the_patt
 
     with pytest.raises(
         ValueError,
-        match=r"hybrid_layer_pattern='D-D-' is invalid: layer types "
-        r"\['D'\] need transformer_impl='transformer_engine'",
+        match=r"--hybrid-layer-pattern 'D-D-': layer types 'D' DeepSeek sparse attention need "
+        r"--transformer-impl transformer_engine",
     ):
         check_hybrid_layer_pattern(tiny_hybrid_config("D-D-", **MLA, **MHC_4_STREAMS), "D-D-")
