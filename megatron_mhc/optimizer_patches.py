@@ -70,7 +70,7 @@ TORCH_ADAM_STEP_SAVED = MegatronPatch(
     "optimizer checkpoint: torch Adam's step in the distributed optimizer",
     _DISTRIBUTED_OPTIMIZER,
     "state_dict",
-    (),
+    ("self",),
 )
 TORCH_ADAM_STEP_LOADED = MegatronPatch(
     "optimizer checkpoint: torch Adam's step in the distributed optimizer",
