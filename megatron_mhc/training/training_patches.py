@@ -11,7 +11,8 @@ forward step, but has no argument, hook or config field for these (docs/megatron
   * `initialize._compile_dependencies`: initialize_megatron's build of the C++ dataset helpers
     (`make` in megatron/core/datasets) becomes an import of the helpers the megatron-core wheel
     ships prebuilt, without a Makefile;
-  * `training_log`: also logs tokens/s and the mHC health figures (mhc_logging.py).
+  * `training_log`: also logs tokens/s and the mHC health figures (mhc_logging.py), and after the
+    first iteration which schedule the run took (schedule_report.py).
 
 `install_training_patches` checks all four (megatron-core version, names, signatures) before it
 replaces any.

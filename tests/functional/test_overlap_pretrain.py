@@ -1,6 +1,9 @@
 """pretrain_gpt_mhc.py with the EP all-to-all overlap (--overlap-moe-expert-parallel-comm,
 Megatron's combined 1F1B schedule over the mHC layer's nodes) trains the tiny MoE mHC GPT
-(configs/gpt_tiny_moe_mhc.yaml: EP=2 on 2 processes, bf16) bitwise as the plain schedule does."""
+(configs/gpt_tiny_moe_mhc.yaml: EP=2 on 2 processes, bf16) bitwise as the plain schedule does,
+and really takes the combined schedule: the run logs the schedule plans its forward step built
+(a model config without the overlap would train on the plain schedule, with the same losses and
+the flag still printed True)."""
 
 from tests.functional.pretrain_runs import run_pretrain
 
@@ -9,15 +12,25 @@ CONFIG = "configs/gpt_tiny_moe_mhc.yaml"
 # megatron-core 0.19.2 fails to build the optimizer's sharded state dict (KeyError in
 # Float16OptimizerWithFloat16Params.sharded_state_dict), whichever the schedule.
 SIX_ITERATIONS = ["--train-iters", "6", "--no-save-optim"]
+# One plan per model chunk and micro-batch: global batch 8 / (micro-batch 2 x data parallel 2)
+# = 2 micro-batches per iteration, one model chunk (PP = 1).
+PLANS_PER_ITERATION = 2
 
 
-def test_overlapped_run_has_the_plain_runs_losses_bitwise(tmp_path):
+def test_overlapped_run_has_the_plain_runs_losses_bitwise_and_builds_schedule_plans(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "overlap").mkdir()
-    _, plain = run_pretrain(tmp_path / "plain", *SIX_ITERATIONS, config=CONFIG)
+    plain_log, plain = run_pretrain(tmp_path / "plain", *SIX_ITERATIONS, config=CONFIG)
     log, overlapped = run_pretrain(
         tmp_path / "overlap", *SIX_ITERATIONS, "--overlap-moe-expert-parallel-comm", config=CONFIG
     )
-    assert "overlap_moe_expert_parallel_comm ................ True" in log
+    assert (
+        "[mhc] schedule: plain, no schedule plan built, EP all-to-all not overlapped" in plain_log
+    )
+    assert (
+        f"[mhc] schedule: combined 1F1B, {PLANS_PER_ITERATION} schedule plans built in the first "
+        "iteration on rank 0, EP all-to-all overlapped"
+    ) in log
+    assert log.count("[mhc] schedule:") == 1
     assert sorted(plain) == list(range(1, 7))
     assert overlapped == plain
