@@ -30,7 +30,13 @@ import torch
 
 from megatron_mhc.training.yaml_config import load_yaml_config
 from tests import dist_utils
-from tests.tiny_gpt import batches, build_tiny_gpt, forward_backward, tiny_config
+from tests.tiny_gpt import (
+    batches,
+    build_tiny_gpt,
+    forward_backward,
+    randomize_hc_parameters,
+    tiny_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "gpt_tiny_mhc.yaml"
@@ -65,24 +71,12 @@ def _tiny_config_fields(parser) -> dict:
     return fields
 
 
-def _randomize_hc_parameters(model) -> None:
-    """base ~ N(0, BASE_STD^2) and gating GATING in every HC module (fn keeps its init)."""
-    from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
-
-    generator = torch.Generator().manual_seed(HC_DRAW_SEED)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, HyperConnectionModule):
-                module.base.copy_(BASE_STD * torch.randn(module.base.shape, generator=generator))
-                module.scale.fill_(GATING)
-
-
 def _first_step_mappings(rank, world_size, fields):
     from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
 
     dist_utils.initialize_model_parallel(seed=1234)
     model = build_tiny_gpt(tiny_config(**fields))
-    _randomize_hc_parameters(model)
+    randomize_hc_parameters(model, HC_DRAW_SEED, BASE_STD, GATING)
     comb_means = {}
     for name, module in model.named_modules():
         if isinstance(module, HyperConnectionModule):
