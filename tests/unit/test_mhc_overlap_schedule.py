@@ -1,8 +1,8 @@
 """mHC layers under Megatron's combined 1F1B schedule (`overlap_moe_expert_parallel_comm`), on CPU.
 
-A MoE mHC GPT (EP=2 on 2 gloo processes, bf16, dense and MoE layers, the last one dense) trained
-with Megatron's DDP, optimizer and real schedules has bit-equal losses and gradients with and
-without the overlap, also with the mHC recompute manager and with `delay_wgrad_compute`; the
+A MoE mHC GPT (EP=2 on 2 gloo processes, bf16, dense and MoE layers, the last one dense, or MoE)
+trained with Megatron's DDP, optimizer and real schedules has bit-equal losses and gradients with
+and without the overlap, also with the mHC recompute manager and with `delay_wgrad_compute`; the
 MLP's HC update runs as its own schedule node right after its layer's combine (or dense MLP)
 and before the next layer's pre-dispatch node, first in its layer's backward, and the streams are
 contracted before the final norm once per micro-batch. Under an interleaved pipeline (EP=2 x
@@ -21,6 +21,7 @@ from tests.tiny_gpt import (
     batches,
     bf16_training_losses_and_grads,
     build_tiny_gpt,
+    count_moe_layers,
     forward_step,
     run_schedule,
     tiny_config,
@@ -42,13 +43,23 @@ MHC_MOE_GPT = dict(
     expert_model_parallel_size=EXPERT_PARALLEL,
 )
 OVERLAP = dict(overlap_moe_expert_parallel_comm=True)
-# Schedule settings tried in a row, in one set of processes; the first is the plain schedule.
+# A MoE last layer: its combine node must leave the final norm, and with it the contract, to
+# the layer's update node (Megatron's combine node applies the final norm of a last layer).
+MOE_LAST_LAYER = dict(moe_layer_freq=[0, 1, 1, 1])
+# Schedule settings tried in a row, in one set of processes, each compared with its plain
+# schedule (BASELINES), the same weights and dropout masks in both.
 SCHEDULES = {
     "plain": dict(),
     "overlap": OVERLAP,
     "overlap_mhc_recompute": dict(**OVERLAP, mhc_recompute_layer_num=2),
     "overlap_delay_wgrad": dict(**OVERLAP, delay_wgrad_compute=True),
+    "plain_moe_last_layer": MOE_LAST_LAYER,
+    "overlap_moe_last_layer": dict(**OVERLAP, **MOE_LAST_LAYER),
 }
+BASELINES = {"plain": "plain", "plain_moe_last_layer": "plain_moe_last_layer"}
+BASELINES.update(
+    {name: "plain_moe_last_layer" if "moe_last_layer" in name else "plain" for name in SCHEDULES}
+)
 
 # The nodes of each layer of the schedule plans built, by layer state: (micro-batch, layer).
 _layer_of_node_state = {}
@@ -88,14 +99,15 @@ def _train_under_each_schedule(rank, world_size):
     initialize_model_parallel(expert_model_parallel_size=world_size)
     _record_node_calls()
     data = batches(seed=rank, num=MICROBATCHES)
-    weights = rng_state = None
+    weights, rng_state = {}, None  # weights by baseline
     runs = {}
     for schedule, settings in SCHEDULES.items():
-        config = tiny_config(**MHC_MOE_GPT, **settings)
+        config = tiny_config(**{**MHC_MOE_GPT, **settings})
         gpt = build_tiny_gpt(config)
-        if weights is None:
+        if rng_state is None:
             rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
-        weights = same_weights(gpt, weights)
+        baseline = BASELINES[schedule]
+        weights[baseline] = same_weights(gpt, weights.get(baseline))
         # The same dropout masks in every run.
         torch.set_rng_state(rng_state[0])
         get_cuda_rng_tracker().set_states(rng_state[1])
@@ -114,6 +126,7 @@ def _train_under_each_schedule(rank, world_size):
             contracts=contracts,
             hidden=config.hidden_size,
             schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
+            moe_layers=count_moe_layers(gpt),
         )
     return runs
 
@@ -136,14 +149,17 @@ def runs_by_rank():
 
 def test_mhc_moe_gpt_under_combined_1f1b_equals_plain_schedule_bitwise_on_cpu(runs_by_rank):
     for rank, runs in enumerate(runs_by_rank):
-        plain = runs["plain"]
-        assert plain["schedule_plans"] == 0 and plain["node_calls"] == []
+        assert runs["overlap"]["moe_layers"] == 2
+        assert runs["overlap_moe_last_layer"]["moe_layers"] == 3
         for schedule in SCHEDULES:
             run = runs[schedule]
-            # One contract per micro-batch, right before the final norm (input n*C wide).
+            # One contract per micro-batch, right before the final norm (input n*C wide): the
+            # final norm runs once, also after a MoE last layer.
             assert len(run["contracts"]) == STEPS * MICROBATCHES, (schedule, run["contracts"])
             assert all(width == run["hidden"] for width in run["contracts"]), schedule
-            if schedule == "plain":
+            plain = runs[BASELINES[schedule]]
+            if schedule == BASELINES[schedule]:
+                assert run["schedule_plans"] == 0 and run["node_calls"] == []
                 continue
             # Megatron's combined schedule ran: one schedule plan per micro-batch.
             assert run["schedule_plans"] == STEPS * MICROBATCHES, schedule
