@@ -206,13 +206,6 @@ class MHCTransformerConfig(TransformerConfig):
             "must be False; the residual is the stream state, not a norm output",
         )
         incompatible(
-            not (self.overlap_moe_expert_parallel_comm and self.mtp_num_layers),
-            "overlap_moe_expert_parallel_comm",
-            "must be False with mtp_num_layers: under the combined 1F1B schedule the "
-            "MTP layers' nodes would have to read the decoder's stream state, which "
-            "only the decoder's forward keeps (MHCGPTModel's FinalStreamsCapture)",
-        )
-        incompatible(
             self.mhc_recompute_layer_num is None or self.recompute_granularity != "full",
             "mhc_recompute_layer_num",
             "recompute_granularity='full' already recomputes whole layers; use one or "

@@ -25,7 +25,8 @@ node's backward. The chunk's first stage expands the embedding output into n str
 pre-process node). The update node of a chunk's last layer applies the decoder's final norm on
 the last stage, whose forward pre-hook contracts the streams (exactly once: the combine node no
 longer applies it, and a dense last layer gets it too), and on another stage hands the next
-stage [s, b*n, C], as the block's forward does.
+stage [s, b*n, C], as the block's forward does. MTP layers (a GPT's MTP block) get the same
+nodes around their inner HC layer, with the MTP steps of `mtp_schedule_nodes.py`.
 """
 
 import functools
@@ -36,31 +37,53 @@ from megatron.core.models.common.model_chunk_schedule_plan import (
 )
 from megatron.core.models.common.utils import PreProcessNode, TransformerLayerNode
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_mhc.transformer.hyper_connection_stack import expand_streams
+from megatron_mhc.transformer.mtp_schedule_nodes import (
+    MTPEmbeddingWeight,
+    MTPLayerCallables,
+    SequentialNodes,
+    keep_decoder_streams,
+)
 
 MLP_UPDATE_NODE = "mhc_mlp_update"
 
 
 class StreamsExpandingPreProcessNode(PreProcessNode):
     """Megatron's pre-process node (embedding, rotary embeddings); on the first stage its output
-    is expanded into the n-stream state [s, b, n*C]."""
+    is expanded into the n-stream state [s, b, n*C].
+
+    On a chunk with MTP layers it also hands them the word-embedding weight, and takes the MTP
+    embedding's gradient back into its own backward (`mtp_schedule_nodes.MTPEmbeddingWeight`).
+    """
 
     def forward_impl(self):
+        if self.model.mtp_process:
+            self.chunk_state.mtp_embedding_weight = MTPEmbeddingWeight(self.model.embedding)
         hidden_states = super().forward_impl()
         if not self.model.pre_process:
             return hidden_states  # the previous stage's state, already [s, b, n*C]
         return expand_streams(hidden_states, self.model.config.mhc_num_residual_streams)
 
+    def default_backward_func(self, outputs, output_grad):
+        weight = getattr(self.chunk_state, "mtp_embedding_weight", None)
+        if weight is not None:
+            self.chunk_state.mtp_embedding_weight = None
+            outputs, output_grad = weight.add_to_backward(outputs, output_grad)
+        return super().default_backward_func(outputs, output_grad)
+
 
 class HyperConnectionLayerCallables:
     """The node functions of one HyperConnectionTransformerLayer (`fn(node, *inputs)`), built
     from the layer's own pieces: `_hyper_connected` and `_attention` (attention half),
-    the MLP HC module's forward and update, `_forward_pre_mlp_layernorm`, `_mlp` (dense)."""
+    the MLP HC module's forward and update, `_forward_pre_mlp_layernorm`, `_mlp` (dense).
+    `in_mtp`: the layer is an MTP layer's inner layer (its output is no decoder output)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, in_mtp: bool = False):
         self.layer = layer
+        self.in_mtp = in_mtp
         self.is_moe = isinstance(layer.mlp, MoELayer)
 
     def pre_dispatch(self, node, hidden_states):
@@ -158,10 +181,15 @@ class HyperConnectionLayerCallables:
                 tensor.record_stream(node.stream)
             streams.record_stream(compute_stream)
         output = streams.flatten(-2)
-        if node.is_last_layer:
-            decoder = node.chunk_state.model.decoder
+        if node.is_last_layer and not self.in_mtp:
+            model = node.chunk_state.model
+            decoder = model.decoder
             if decoder.final_layernorm is not None:
                 output = decoder.final_layernorm(output)  # its pre-hook contracts the streams
+                if model.mtp_process:
+                    # The streams before the contract, kept by the norm's pre-hook, are the
+                    # first MTP depth's input.
+                    keep_decoder_streams(node, model.final_streams.pop())
             elif not decoder.post_process:
                 return decoder.to_next_stage(output)
         return make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
@@ -173,22 +201,31 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
     as a node of its own (see the module docstring)."""
 
     def _build_callable_nodes(self, event, comp_stream, comm_stream, extra_args):
-        super()._build_callable_nodes(event, comp_stream, comm_stream, extra_args)
-        callables = HyperConnectionLayerCallables(self.layer)
+        mtp_layer = self.layer if isinstance(self.layer, MultiTokenPredictionLayer) else None
+        layer = self.layer if mtp_layer is None else mtp_layer.mtp_model_layer
+        # Megatron's nodes of an MTP layer come from its MTP node functions
+        # (build_mtp_layer_callables), which take a MoE inner layer and the single-stream MTP
+        # only: an mHC MTP layer's nodes are built as its inner layer's, and the MTP steps are
+        # the mHC MTP node functions' (mtp_schedule_nodes.py).
+        self.layer = layer
+        try:
+            super()._build_callable_nodes(event, comp_stream, comm_stream, extra_args)
+        finally:
+            self.layer = mtp_layer or layer
+        callables = HyperConnectionLayerCallables(layer, in_mtp=mtp_layer is not None)
         self.pre_dispatch_computation.submodule = callables.pre_dispatch
         if callables.is_moe:
             self.moe_combine.submodule = callables.moe_combine
         else:
             self.mlp.submodule = callables.dense_mlp
-        update_stream = self.layer.mlp_hyper_connection.update_stream
+        update_stream = layer.mlp_hyper_connection.update_stream
         update = callables.mlp_update
         if update_stream is not None:
             update_stream = update_stream.stream
             update = functools.partial(update, compute_stream=comp_stream())
-        # `mtp_post_process` is the slot the schedule runs right after the combine: see the
-        # module docstring. The update has no delayed weight gradients (HC parameters are not
-        # Transformer Engine linears).
-        self.mtp_post_process = TransformerLayerNode(
+        # The update has no delayed weight gradients (HC parameters are not Transformer Engine
+        # linears).
+        update_node = TransformerLayerNode(
             update_stream or comp_stream,
             event,
             self.layer_state,
@@ -197,6 +234,29 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
             name=MLP_UPDATE_NODE,
             extra_args=extra_args,
         )
+        # `mtp_post_process` is the slot the schedule runs right after the combine: see the
+        # module docstring.
+        if mtp_layer is None:
+            self.mtp_post_process = update_node
+            return
+        mtp = MTPLayerCallables(mtp_layer, callables)
+        self.pre_dispatch_computation.submodule = mtp.pre_dispatch
+        for node in (self.moe_dispatch, self.mlp, self.moe_combine, update_node):
+            if isinstance(node, TransformerLayerNode):
+                node.submodule = mtp.with_rng_context(node.submodule)
+        # The delayed weight gradients of the projections, as Megatron's MTP node has those of
+        # its eh_proj (Transformer Engine linears only).
+        self.pre_dispatch_computation.bwd_dw_callables += [mtp_layer.e_proj, mtp_layer.h_proj]
+        post_process = TransformerLayerNode(
+            comp_stream,
+            event,
+            self.layer_state,
+            self.chunk_state,
+            mtp.post_process,
+            name="mtp_post_process",
+            extra_args=extra_args,
+        )
+        self.mtp_post_process = SequentialNodes(update_node, post_process)
 
 
 class MHCModelChunkSchedulePlan(TransformerModelChunkSchedulePlan):

@@ -1,28 +1,32 @@
 """pretrain_gpt_mhc.py with the EP all-to-all overlap (--overlap-moe-expert-parallel-comm,
 Megatron's combined 1F1B schedule over the mHC layer's nodes) trains the tiny MoE mHC GPT
-(configs/gpt_tiny_moe_mhc.yaml: EP=2 on 2 processes, bf16) bitwise as the plain schedule does,
-and really takes the combined schedule: the run logs the schedule plans its forward step built
-(a model config without the overlap would train on the plain schedule, with the same losses and
-the flag still printed True)."""
+(configs/gpt_tiny_moe_mhc.yaml: EP=2 on 2 processes, bf16) with one MTP depth bitwise as the
+plain schedule does, with the MTP loss logged, and really takes the combined schedule: the run
+logs the schedule plans its forward step built (a model config without the overlap would train
+on the plain schedule, with the same losses and the flag still printed True)."""
+
+import re
 
 from tests.functional.pretrain_runs import run_pretrain
 
 CONFIG = "configs/gpt_tiny_moe_mhc.yaml"
+ITERATIONS = 6
 # The end-of-run checkpoint goes without the optimizer state: for this bf16 MoE model
 # megatron-core 0.19.2 fails to build the optimizer's sharded state dict (KeyError in
 # Float16OptimizerWithFloat16Params.sharded_state_dict), whichever the schedule.
-SIX_ITERATIONS = ["--train-iters", "6", "--no-save-optim"]
+FLAGS = ["--train-iters", str(ITERATIONS), "--no-save-optim", "--mtp-num-layers", "1"]
 # One plan per model chunk and micro-batch: global batch 8 / (micro-batch 2 x data parallel 2)
 # = 2 micro-batches per iteration, one model chunk (PP = 1).
 PLANS_PER_ITERATION = 2
+_MTP_LOSS = re.compile(r"iteration +(\d+)/ *\d+ \|.* mtp_1 loss: ([^ |]+) \|")
 
 
 def test_overlapped_run_has_the_plain_runs_losses_bitwise_and_builds_schedule_plans(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "overlap").mkdir()
-    plain_log, plain = run_pretrain(tmp_path / "plain", *SIX_ITERATIONS, config=CONFIG)
+    plain_log, plain = run_pretrain(tmp_path / "plain", *FLAGS, config=CONFIG)
     log, overlapped = run_pretrain(
-        tmp_path / "overlap", *SIX_ITERATIONS, "--overlap-moe-expert-parallel-comm", config=CONFIG
+        tmp_path / "overlap", *FLAGS, "--overlap-moe-expert-parallel-comm", config=CONFIG
     )
     assert (
         "[mhc] schedule: plain, no schedule plan built, EP all-to-all not overlapped" in plain_log
@@ -32,5 +36,9 @@ def test_overlapped_run_has_the_plain_runs_losses_bitwise_and_builds_schedule_pl
         "iteration on rank 0, EP all-to-all overlapped"
     ) in log
     assert log.count("[mhc] schedule:") == 1
-    assert sorted(plain) == list(range(1, 7))
+    assert sorted(plain) == list(range(1, ITERATIONS + 1))
     assert overlapped == plain
+    # The MTP loss, as Megatron logs it, at every iteration of both runs, the same.
+    plain_mtp = dict(_MTP_LOSS.findall(plain_log))
+    assert sorted(int(i) for i in plain_mtp) == list(range(1, ITERATIONS + 1))
+    assert dict(_MTP_LOSS.findall(log)) == plain_mtp

@@ -2,7 +2,8 @@
 
 A MoE mHC GPT (EP=2 on 2 gloo processes, bf16, dense and MoE layers, the last one dense, or MoE)
 trained with Megatron's DDP, optimizer and real schedules has bit-equal losses and gradients with
-and without the overlap, also with the mHC recompute manager and with `delay_wgrad_compute`; the
+and without the overlap, also with the mHC recompute manager, with `delay_wgrad_compute` and
+with one MTP layer (dense or MoE inner layer; the MTP losses bit-equal too); the
 MLP's HC update runs as its own schedule node right after its layer's combine (or dense MLP)
 and before the next layer's pre-dispatch node, first in its layer's backward, and the streams are
 contracted before the final norm once per micro-batch. Under an interleaved pipeline (EP=2 x
@@ -46,6 +47,7 @@ OVERLAP = dict(overlap_moe_expert_parallel_comm=True)
 # A MoE last layer: its combine node must leave the final norm, and with it the contract, to
 # the layer's update node (Megatron's combine node applies the final norm of a last layer).
 MOE_LAST_LAYER = dict(moe_layer_freq=[0, 1, 1, 1])
+MTP = dict(mtp_num_layers=1)
 # Schedule settings tried in a row, in one set of processes, each compared with its plain
 # schedule (BASELINES), the same weights and dropout masks in both.
 SCHEDULES = {
@@ -55,11 +57,24 @@ SCHEDULES = {
     "overlap_delay_wgrad": dict(**OVERLAP, delay_wgrad_compute=True),
     "plain_moe_last_layer": MOE_LAST_LAYER,
     "overlap_moe_last_layer": dict(**OVERLAP, **MOE_LAST_LAYER),
+    # One MTP depth, whose inner layer is of the decoder's last layer's kind: dense, then MoE.
+    "plain_mtp": MTP,
+    "overlap_mtp": dict(**OVERLAP, **MTP),
+    "plain_moe_last_layer_mtp": dict(**MOE_LAST_LAYER, **MTP),
+    "overlap_moe_last_layer_mtp": dict(**OVERLAP, **MOE_LAST_LAYER, **MTP),
 }
-BASELINES = {"plain": "plain", "plain_moe_last_layer": "plain_moe_last_layer"}
-BASELINES.update(
-    {name: "plain_moe_last_layer" if "moe_last_layer" in name else "plain" for name in SCHEDULES}
-)
+
+
+def _baseline(schedule: str) -> str:
+    """The plain schedule of the same model as `schedule`."""
+    return (
+        "plain"
+        + ("_moe_last_layer" if "moe_last_layer" in schedule else "")
+        + ("_mtp" if schedule.endswith("_mtp") else "")
+    )
+
+
+BASELINES = {schedule: _baseline(schedule) for schedule in SCHEDULES}
 
 # The nodes of each layer of the schedule plans built, by layer state: (micro-batch, layer).
 _layer_of_node_state = {}
@@ -95,6 +110,7 @@ def _record_node_calls():
 
 def _train_under_each_schedule(rank, world_size):
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     initialize_model_parallel(expert_model_parallel_size=world_size)
     _record_node_calls()
@@ -103,7 +119,9 @@ def _train_under_each_schedule(rank, world_size):
     runs = {}
     for schedule, settings in SCHEDULES.items():
         config = tiny_config(**{**MHC_MOE_GPT, **settings})
-        gpt = build_tiny_gpt(config)
+        # Untied embeddings, as docs/overlap.md requires of a bitwise overlap: the combined
+        # schedule runs the output layer's backward apart from the embedding's.
+        gpt = build_tiny_gpt(config, share_embeddings_and_output_weights=False)
         if rng_state is None:
             rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
         baseline = BASELINES[schedule]
@@ -117,7 +135,10 @@ def _train_under_each_schedule(rank, world_size):
         )
         _layer_of_node_state.clear()
         _node_calls.clear()
+        MTPLossLoggingHelper.tracker.clear()
         losses, grads = bf16_training_losses_and_grads(gpt, data, STEPS, _forward_step)
+        # The MTP loss of every micro-batch and step, summed (Megatron's logging tracker).
+        mtp_losses = MTPLossLoggingHelper.tracker.get("loss_values")
         runs[schedule] = dict(
             losses=losses,
             grads=grads,
@@ -127,6 +148,7 @@ def _train_under_each_schedule(rank, world_size):
             hidden=config.hidden_size,
             schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
             moe_layers=count_moe_layers(gpt),
+            mtp_losses=None if mtp_losses is None else mtp_losses.tolist(),
         )
     return runs
 
@@ -164,6 +186,11 @@ def test_mhc_moe_gpt_under_combined_1f1b_equals_plain_schedule_bitwise_on_cpu(ru
             # Megatron's combined schedule ran: one schedule plan per micro-batch.
             assert run["schedule_plans"] == STEPS * MICROBATCHES, schedule
             assert run["losses"] == plain["losses"], (rank, schedule)
+            assert run["mtp_losses"] == plain["mtp_losses"], (rank, schedule)
+            if schedule.endswith("_mtp"):
+                assert run["mtp_losses"][0] > 0, (rank, schedule)
+            else:
+                assert run["mtp_losses"] is None, (rank, schedule)
             for step, (plain_grads, grads) in enumerate(
                 zip(plain["grads"], run["grads"], strict=True)
             ):
