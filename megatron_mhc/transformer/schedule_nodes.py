@@ -36,6 +36,7 @@ from megatron.core.models.common.model_chunk_schedule_plan import (
     TransformerModelChunkSchedulePlan,
 )
 from megatron.core.models.common.utils import PreProcessNode, TransformerLayerNode
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
 from megatron.core.utils import make_viewless_tensor
@@ -85,28 +86,35 @@ class HyperConnectionLayerCallables:
         self.layer = layer
         self.in_mtp = in_mtp
         self.is_moe = isinstance(layer.mlp, MoELayer)
+        # A HybridModel layer holds one half: attention (or MLA) only, or MLP / MoE only.
+        self.has_attention = not isinstance(layer.self_attention, IdentityOp)
+        self.has_mlp = not isinstance(layer.mlp, IdentityOp)
 
     def pre_dispatch(self, node, hidden_states):
         """[s, b, n*C] -> the MLP's input: (tokens, probs) to dispatch, or the collapsed
         input [s, b, C] of a dense MLP."""
         layer, chunk = self.layer, node.chunk_state
         streams = hidden_states.unflatten(-1, (layer.num_streams, -1))
-        streams = layer._hyper_connected(
-            layer.self_attention_hyper_connection,
-            streams,
-            functools.partial(
-                layer._attention,
-                attention_mask=chunk.attention_mask,
-                inference_context=None,
-                rotary_pos_emb=chunk.rotary_pos_emb,
-                rotary_pos_cos=chunk.rotary_pos_cos,
-                rotary_pos_sin=chunk.rotary_pos_sin,
-                rotary_pos_cos_sin=None,
-                attention_bias=chunk.attention_bias,
-                packed_seq_params=chunk.packed_seq_params,
-                sequence_len_offset=chunk.sequence_len_offset,
-            ),
-        )
+        if self.has_attention:
+            streams = layer._hyper_connected(
+                layer.self_attention_hyper_connection,
+                streams,
+                functools.partial(
+                    layer._attention,
+                    attention_mask=chunk.attention_mask,
+                    inference_context=None,
+                    rotary_pos_emb=chunk.rotary_pos_emb,
+                    rotary_pos_cos=chunk.rotary_pos_cos,
+                    rotary_pos_sin=chunk.rotary_pos_sin,
+                    rotary_pos_cos_sin=None,
+                    attention_bias=chunk.attention_bias,
+                    packed_seq_params=chunk.packed_seq_params,
+                    sequence_len_offset=chunk.sequence_len_offset,
+                ),
+            )
+        if not self.has_mlp:
+            # An attention layer's output, which the MLP and update nodes pass on.
+            return streams.flatten(-2)
         hc = layer.mlp_hyper_connection(streams)
         state = node.layer_state
         state.mlp_streams = node.detach(hc.streams)
@@ -126,7 +134,9 @@ class HyperConnectionLayerCallables:
 
     def dense_mlp(self, node, mlp_input):
         """The collapsed input [s, b, C] -> the dense MLP's output (its bias goes to the update
-        through the layer state)."""
+        through the layer state); an attention layer's output passed on."""
+        if not self.has_mlp:
+            return mlp_input
         output, bias = self.layer._mlp(
             mlp_input,
             padding_mask=node.chunk_state.padding_mask,
@@ -152,6 +162,8 @@ class HyperConnectionLayerCallables:
         `compute_stream`: the stream the other nodes compute on, given when this node runs on
         another one (the high-priority stream).
         """
+        if not self.has_mlp:
+            return self._layer_output(node, mlp_output)
         layer, state = self.layer, node.layer_state
         inputs = [
             tensor
@@ -180,12 +192,21 @@ class HyperConnectionLayerCallables:
             for tensor in inputs:
                 tensor.record_stream(node.stream)
             streams.record_stream(compute_stream)
-        output = streams.flatten(-2)
+        return self._layer_output(node, streams.flatten(-2))
+
+    def _layer_output(self, node, output):
+        """The layer's output [s, b, n*C]; after a chunk's last layer, the decoder's output: the
+        final norm's (its pre-hook contracts the streams) or the next stage's input."""
         if node.is_last_layer and not self.in_mtp:
             model = node.chunk_state.model
             decoder = model.decoder
-            if decoder.final_layernorm is not None:
-                output = decoder.final_layernorm(output)  # its pre-hook contracts the streams
+            # GPT's TransformerBlock calls it final_layernorm, HybridStack final_norm (absent
+            # where the stage does not hold it).
+            final_norm = getattr(decoder, "final_layernorm", None) or getattr(
+                decoder, "final_norm", None
+            )
+            if final_norm is not None:
+                output = final_norm(output)
                 if model.mtp_process:
                     # The streams before the contract, kept by the norm's pre-hook, are the
                     # first MTP depth's input.
@@ -218,7 +239,7 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
             self.moe_combine.submodule = callables.moe_combine
         else:
             self.mlp.submodule = callables.dense_mlp
-        update_stream = layer.mlp_hyper_connection.update_stream
+        update_stream = getattr(layer.mlp_hyper_connection, "update_stream", None)
         update = callables.mlp_update
         if update_stream is not None:
             update_stream = update_stream.stream
@@ -260,7 +281,8 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
 
 
 class MHCModelChunkSchedulePlan(TransformerModelChunkSchedulePlan):
-    """Megatron's model-chunk plan for an MHCGPTModel chunk."""
+    """Megatron's model-chunk plan for an MHCGPTModel or MHCHybridModel chunk (the pre- and
+    post-process nodes call the model's `_preprocess` and `_postprocess`)."""
 
     LAYER_SCHEDULE_PLAN_CLASS = HyperConnectionLayerSchedulePlan
     PRE_PROCESS_NODE_CLASS = StreamsExpandingPreProcessNode

@@ -8,8 +8,11 @@ MLP's HC update runs as its own schedule node right after its layer's combine (o
 and before the next layer's pre-dispatch node, first in its layer's backward, and the streams are
 contracted before the final norm once per micro-batch. Under an interleaved pipeline (EP=2 x
 PP=2 x VPP=2 on 4 processes) the overlap's losses and gradients equal those of Megatron's plain
-interleaved schedule bit for bit, also with the recompute manager. A HybridModel (no schedule
-plan in megatron-core 0.19.2) with the overlap is refused before it is built.
+interleaved schedule bit for bit, also with the recompute manager. An mHC HybridModel (attention,
+MLP and MoE layers, the last one MoE; its schedule plan is MHCHybridModel's, megatron-core 0.19.2
+has none) is bitwise the plain schedule under the overlap, also with the recompute manager; a
+hybrid overlap it cannot run (an MTP part, delay_wgrad_compute, mHC off) is refused before it is
+built.
 """
 
 import pytest
@@ -27,6 +30,7 @@ from tests.tiny_gpt import (
     run_schedule,
     tiny_config,
 )
+from tests.tiny_hybrid import build_tiny_hybrid, tiny_hybrid_config
 
 EXPERT_PARALLEL = 2
 STEPS = 2
@@ -48,6 +52,7 @@ OVERLAP = dict(overlap_moe_expert_parallel_comm=True)
 # the layer's update node (Megatron's combine node applies the final norm of a last layer).
 MOE_LAST_LAYER = dict(moe_layer_freq=[0, 1, 1, 1])
 MTP = dict(mtp_num_layers=1)
+HYBRID = dict(hybrid_layer_pattern="*-*E*E")
 # Schedule settings tried in a row, in one set of processes, each compared with its plain
 # schedule (BASELINES), the same weights and dropout masks in both.
 SCHEDULES = {
@@ -62,15 +67,35 @@ SCHEDULES = {
     "overlap_mtp": dict(**OVERLAP, **MTP),
     "plain_moe_last_layer_mtp": dict(**MOE_LAST_LAYER, **MTP),
     "overlap_moe_last_layer_mtp": dict(**OVERLAP, **MOE_LAST_LAYER, **MTP),
+    # HybridModel: attention, MLP and MoE layers, one sublayer each, the last one MoE.
+    "plain_hybrid": HYBRID,
+    "overlap_hybrid": dict(**OVERLAP, **HYBRID),
+    "overlap_hybrid_mhc_recompute": dict(**OVERLAP, **HYBRID, mhc_recompute_layer_num=2),
 }
 
 
 def _baseline(schedule: str) -> str:
     """The plain schedule of the same model as `schedule`."""
+    if "hybrid" in schedule:
+        return "plain_hybrid"
     return (
         "plain"
         + ("_moe_last_layer" if "moe_last_layer" in schedule else "")
         + ("_mtp" if schedule.endswith("_mtp") else "")
+    )
+
+
+def _build(settings):
+    """The tiny MoE mHC GPT, or with `hybrid_layer_pattern` the HybridModel of that pattern,
+    with `settings`; untied embeddings, as docs/overlap.md requires of a bitwise overlap (the
+    combined schedule runs the output layer's backward apart from the embedding's)."""
+    fields = {**MHC_MOE_GPT, **settings}
+    pattern = fields.pop("hybrid_layer_pattern", None)
+    if pattern is None:
+        return build_tiny_gpt(tiny_config(**fields), share_embeddings_and_output_weights=False)
+    fields.pop("moe_layer_freq")  # the pattern places the MoE layers
+    return build_tiny_hybrid(
+        tiny_hybrid_config(pattern, **fields), pattern, share_embeddings_and_output_weights=False
     )
 
 
@@ -118,10 +143,8 @@ def _train_under_each_schedule(rank, world_size):
     weights, rng_state = {}, None  # weights by baseline
     runs = {}
     for schedule, settings in SCHEDULES.items():
-        config = tiny_config(**{**MHC_MOE_GPT, **settings})
-        # Untied embeddings, as docs/overlap.md requires of a bitwise overlap: the combined
-        # schedule runs the output layer's backward apart from the embedding's.
-        gpt = build_tiny_gpt(config, share_embeddings_and_output_weights=False)
+        gpt = _build(settings)
+        config = gpt.config
         if rng_state is None:
             rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
         baseline = BASELINES[schedule]
@@ -130,7 +153,8 @@ def _train_under_each_schedule(rank, world_size):
         torch.set_rng_state(rng_state[0])
         get_cuda_rng_tracker().set_states(rng_state[1])
         contracts = []
-        gpt.decoder.final_layernorm.register_forward_pre_hook(
+        final_norm = getattr(gpt.decoder, "final_layernorm", None) or gpt.decoder.final_norm
+        final_norm.register_forward_pre_hook(
             lambda _norm, args: contracts.append(args[0].shape[-1])
         )
         _layer_of_node_state.clear()
@@ -148,6 +172,7 @@ def _train_under_each_schedule(rank, world_size):
             hidden=config.hidden_size,
             schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
             moe_layers=count_moe_layers(gpt),
+            model=type(gpt).__name__,
             mtp_losses=None if mtp_losses is None else mtp_losses.tolist(),
         )
     return runs
@@ -173,6 +198,8 @@ def test_mhc_moe_gpt_under_combined_1f1b_equals_plain_schedule_bitwise_on_cpu(ru
     for rank, runs in enumerate(runs_by_rank):
         assert runs["overlap"]["moe_layers"] == 2
         assert runs["overlap_moe_last_layer"]["moe_layers"] == 3
+        assert runs["overlap_hybrid"]["moe_layers"] == 2
+        assert runs["overlap_hybrid"]["model"] == "MHCHybridModel"
         for schedule in SCHEDULES:
             run = runs[schedule]
             # One contract per micro-batch, right before the final norm (input n*C wide): the
@@ -295,11 +322,24 @@ def test_interleaved_pipeline_under_combined_1f1b_equals_plain_interleaved_bitwi
                 assert torch.equal(run["grads"][name], grad), (rank, schedule, name)
 
 
-def test_hybrid_model_with_the_overlap_is_refused_naming_the_field():
+@pytest.mark.parametrize(
+    "pattern,settings,message",
+    [
+        ("*-*E/*E", {}, "overlap_moe_expert_parallel_comm=True .*HybridModel MTP part"),
+        ("*-*E", dict(delay_wgrad_compute=True), "delay_wgrad_compute=True .*HybridModel"),
+        ("*-*E", dict(enable_mhc_connections=False), "HybridModel needs mHC active"),
+    ],
+    ids=["mtp_part", "delay_wgrad", "mhc_off"],
+)
+def test_hybrid_overlap_it_cannot_run_is_refused_before_building(pattern, settings, message):
     from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 
-    config = tiny_config(**MHC_MOE_GPT, **OVERLAP)
-    with pytest.raises(ValueError, match="overlap_moe_expert_parallel_comm=True.*HybridModel"):
+    fields = {**MHC_MOE_GPT, **OVERLAP, **settings}
+    fields.pop("moe_layer_freq")
+    if "/" in pattern:
+        fields["mtp_num_layers"] = 1
+    config = tiny_hybrid_config(pattern.split("/")[0], **fields)
+    with pytest.raises(ValueError, match=message):
         build_mhc_hybrid_model(
-            config, vocab_size=128, max_sequence_length=SEQ, hybrid_layer_pattern="*-*E"
+            config, vocab_size=128, max_sequence_length=SEQ, hybrid_layer_pattern=pattern
         )
