@@ -3,6 +3,7 @@
 from megatron.core import tensor_parallel
 from megatron.core.models.hybrid import hybrid_model
 from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer.multi_token_prediction import process_mtp_loss
 from torch import Tensor
 
 from megatron_mhc.config import MHCTransformerConfig
@@ -81,14 +82,41 @@ class MHCHybridModel(HybridModel):
                 rotary_pos_emb, _ = rotary_pos_emb  # (emb, mscale)
         return decoder_input, rotary_pos_emb, None, None, None, kwargs.get("padding_mask")
 
-    def _postprocess(self, hidden_states, labels=None, runtime_gather_output=None, **kwargs):
-        """HybridModel.forward after the stack (training, no MTP): logits, and the per-token
-        loss when `labels` are given."""
+    def _postprocess(
+        self,
+        hidden_states,
+        input_ids=None,
+        labels=None,
+        loss_mask=None,
+        runtime_gather_output=None,
+        packed_seq_params=None,
+        **kwargs,
+    ):
+        """HybridModel.forward after the stack and its MTP block (training): the MTP loss
+        attached by Megatron's `process_mtp_loss`, logits, and the per-token loss when `labels`
+        are given."""
         if not self.post_process:
             return hidden_states
         output_weight = None
         if self.share_embeddings_and_output_weights:
             output_weight = self.shared_embedding_or_output_weight()
+        if self.config.mtp_num_layers is not None and self.mtp_process:
+            hidden_states = process_mtp_loss(
+                hidden_states=hidden_states,
+                labels=labels,
+                loss_mask=loss_mask,
+                output_layer=self.output_layer,
+                output_weight=output_weight,
+                runtime_gather_output=runtime_gather_output,
+                is_training=self.training,
+                compute_language_model_loss=self.compute_language_model_loss,
+                config=self.config,
+                cp_group=self.pg_collection.cp,
+                tp_group=self.tp_group,
+                packed_seq_params=packed_seq_params,
+                scale_logits_fn=self._scale_logits if self.config.use_mup else None,
+                input_ids=input_ids,
+            )
         logits, _ = self.output_layer(
             hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output
         )
@@ -133,13 +161,6 @@ def build_mhc_hybrid_model(
             "overlap_moe_expert_parallel_comm=True with a HybridModel needs mHC active "
             "(enable_mhc_connections=True, mhc_num_residual_streams > 1): megatron-core "
             "0.19.2's HybridModel has no build_schedule_plan, MHCHybridModel has one"
-        )
-    if config.overlap_moe_expert_parallel_comm and "/" in hybrid_layer_pattern:
-        raise ValueError(
-            "overlap_moe_expert_parallel_comm=True is not supported with a HybridModel MTP part "
-            f"(hybrid_layer_pattern={hybrid_layer_pattern!r}, after '/'): the MTP depth's "
-            "layers form a HybridStack of their own, which the schedule plan does not split "
-            "into nodes; drop the MTP part or the overlap"
         )
     if config.overlap_moe_expert_parallel_comm and config.delay_wgrad_compute:
         raise ValueError(

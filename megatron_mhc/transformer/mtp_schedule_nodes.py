@@ -21,7 +21,9 @@ contract, and the depth's loss input is `final_layernorm(mhc_head(X))`:
   depth, hands their concatenation [(1 + D) s, b, C] on, as Megatron's MTP node does.
 
 The MLP's HC update node and the MTP post-process node are two nodes, each with its own stream
-and name, run one after the other in the layer plan's last slot (`SequentialNodes`).
+and name, run one after the other in the layer plan's last slot (`SequentialNodes`). A
+HybridModel's MTP depth holds a stack of inner layers, one layer plan each: the first enters the
+depth (`pre_dispatch`), the last leaves it (`post_process`).
 """
 
 from contextlib import nullcontext

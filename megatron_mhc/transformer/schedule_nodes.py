@@ -38,7 +38,11 @@ from megatron.core.models.common.model_chunk_schedule_plan import (
 from megatron.core.models.common.utils import PreProcessNode, TransformerLayerNode
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlock,
+    MultiTokenPredictionLayer,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_mhc.transformer.hyper_connection_stack import expand_streams
@@ -222,17 +226,24 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
     as a node of its own (see the module docstring)."""
 
     def _build_callable_nodes(self, event, comp_stream, comm_stream, extra_args):
-        mtp_layer = self.layer if isinstance(self.layer, MultiTokenPredictionLayer) else None
-        layer = self.layer if mtp_layer is None else mtp_layer.mtp_model_layer
+        # An MTP depth's layers: a GPT's MTP layer is one plan around its inner layer; a
+        # HybridModel's MTP depth has a stack of inner layers, one plan each (the chunk plan
+        # gives them `mtp_layer`), the first entering the depth and the last leaving it.
+        if isinstance(self.layer, MultiTokenPredictionLayer):
+            mtp_layer, layer = self.layer, self.layer.mtp_model_layer
+            enters = leaves = True
+        else:
+            mtp_layer, layer = extra_args.get("mtp_layer"), self.layer
+            enters, leaves = extra_args.get("mtp_enters"), extra_args.get("mtp_leaves")
         # Megatron's nodes of an MTP layer come from its MTP node functions
         # (build_mtp_layer_callables), which take a MoE inner layer and the single-stream MTP
         # only: an mHC MTP layer's nodes are built as its inner layer's, and the MTP steps are
         # the mHC MTP node functions' (mtp_schedule_nodes.py).
-        self.layer = layer
+        own_layer, self.layer = self.layer, layer
         try:
             super()._build_callable_nodes(event, comp_stream, comm_stream, extra_args)
         finally:
-            self.layer = mtp_layer or layer
+            self.layer = own_layer
         callables = HyperConnectionLayerCallables(layer, in_mtp=mtp_layer is not None)
         self.pre_dispatch_computation.submodule = callables.pre_dispatch
         if callables.is_moe:
@@ -261,13 +272,18 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
             self.mtp_post_process = update_node
             return
         mtp = MTPLayerCallables(mtp_layer, callables)
-        self.pre_dispatch_computation.submodule = mtp.pre_dispatch
-        for node in (self.moe_dispatch, self.mlp, self.moe_combine, update_node):
+        for node in (self.pre_dispatch_computation, self.moe_dispatch, self.mlp, self.moe_combine):
             if isinstance(node, TransformerLayerNode):
                 node.submodule = mtp.with_rng_context(node.submodule)
-        # The delayed weight gradients of the projections, as Megatron's MTP node has those of
-        # its eh_proj (Transformer Engine linears only).
-        self.pre_dispatch_computation.bwd_dw_callables += [mtp_layer.e_proj, mtp_layer.h_proj]
+        update_node.submodule = mtp.with_rng_context(update_node.submodule)
+        if enters:
+            self.pre_dispatch_computation.submodule = mtp.pre_dispatch
+            # The delayed weight gradients of the projections, as Megatron's MTP node has those
+            # of its eh_proj (Transformer Engine linears only).
+            self.pre_dispatch_computation.bwd_dw_callables += [mtp_layer.e_proj, mtp_layer.h_proj]
+        if not leaves:
+            self.mtp_post_process = update_node
+            return
         post_process = TransformerLayerNode(
             comp_stream,
             event,
@@ -286,3 +302,26 @@ class MHCModelChunkSchedulePlan(TransformerModelChunkSchedulePlan):
 
     LAYER_SCHEDULE_PLAN_CLASS = HyperConnectionLayerSchedulePlan
     PRE_PROCESS_NODE_CLASS = StreamsExpandingPreProcessNode
+
+    def _build_layer_schedule_plan(self, module, comp_stream, comm_stream):
+        if not isinstance(module, MultiTokenPredictionBlock) or isinstance(
+            module.layers[0].mtp_model_layer, TransformerLayer
+        ):
+            return super()._build_layer_schedule_plan(module, comp_stream, comm_stream)
+        # A HybridModel MTP block: each depth's inner layers are a HybridStack, one plan each.
+        for depth, mtp_layer in enumerate(module.layers):
+            inner_layers = mtp_layer.mtp_model_layer.layers
+            for index, layer in enumerate(inner_layers):
+                enters, leaves = index == 0, index == len(inner_layers) - 1
+                extra_args = {
+                    "is_first_layer": depth == 0 and enters,
+                    "is_last_layer": depth == len(module.layers) - 1 and leaves,
+                    "mtp_layer": mtp_layer,
+                    "mtp_enters": enters,
+                    "mtp_leaves": leaves,
+                }
+                self._transformer_layers.append(
+                    self.LAYER_SCHEDULE_PLAN_CLASS(
+                        layer, self.event, self.state, comp_stream, comm_stream, extra_args
+                    )
+                )

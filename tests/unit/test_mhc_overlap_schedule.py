@@ -10,9 +10,9 @@ contracted before the final norm once per micro-batch. Under an interleaved pipe
 PP=2 x VPP=2 on 4 processes) the overlap's losses and gradients equal those of Megatron's plain
 interleaved schedule bit for bit, also with the recompute manager. An mHC HybridModel (attention,
 MLP and MoE layers, the last one MoE; its schedule plan is MHCHybridModel's, megatron-core 0.19.2
-has none) is bitwise the plain schedule under the overlap, also with the recompute manager; a
-hybrid overlap it cannot run (an MTP part, delay_wgrad_compute, mHC off) is refused before it is
-built.
+has none) is bitwise the plain schedule under the overlap, also with the recompute manager and
+with an MTP depth of an attention and a MoE layer; a hybrid overlap it cannot run
+(delay_wgrad_compute, mHC off) is refused before it is built.
 """
 
 import pytest
@@ -53,6 +53,7 @@ OVERLAP = dict(overlap_moe_expert_parallel_comm=True)
 MOE_LAST_LAYER = dict(moe_layer_freq=[0, 1, 1, 1])
 MTP = dict(mtp_num_layers=1)
 HYBRID = dict(hybrid_layer_pattern="*-*E*E")
+HYBRID_MTP = dict(hybrid_layer_pattern="*-*E*E/*E", mtp_num_layers=1)
 # Schedule settings tried in a row, in one set of processes, each compared with its plain
 # schedule (BASELINES), the same weights and dropout masks in both.
 SCHEDULES = {
@@ -71,13 +72,16 @@ SCHEDULES = {
     "plain_hybrid": HYBRID,
     "overlap_hybrid": dict(**OVERLAP, **HYBRID),
     "overlap_hybrid_mhc_recompute": dict(**OVERLAP, **HYBRID, mhc_recompute_layer_num=2),
+    # A hybrid MTP depth of an attention and a MoE layer: two layer plans.
+    "plain_hybrid_mtp": HYBRID_MTP,
+    "overlap_hybrid_mtp": dict(**OVERLAP, **HYBRID_MTP),
 }
 
 
 def _baseline(schedule: str) -> str:
     """The plain schedule of the same model as `schedule`."""
     if "hybrid" in schedule:
-        return "plain_hybrid"
+        return "plain_hybrid" + ("_mtp" if schedule.endswith("_mtp") else "")
     return (
         "plain"
         + ("_moe_last_layer" if "moe_last_layer" in schedule else "")
@@ -323,23 +327,20 @@ def test_interleaved_pipeline_under_combined_1f1b_equals_plain_interleaved_bitwi
 
 
 @pytest.mark.parametrize(
-    "pattern,settings,message",
+    "settings,message",
     [
-        ("*-*E/*E", {}, "overlap_moe_expert_parallel_comm=True .*HybridModel MTP part"),
-        ("*-*E", dict(delay_wgrad_compute=True), "delay_wgrad_compute=True .*HybridModel"),
-        ("*-*E", dict(enable_mhc_connections=False), "HybridModel needs mHC active"),
+        (dict(delay_wgrad_compute=True), "delay_wgrad_compute=True .*HybridModel"),
+        (dict(enable_mhc_connections=False), "HybridModel needs mHC active"),
     ],
-    ids=["mtp_part", "delay_wgrad", "mhc_off"],
+    ids=["delay_wgrad", "mhc_off"],
 )
-def test_hybrid_overlap_it_cannot_run_is_refused_before_building(pattern, settings, message):
+def test_hybrid_overlap_it_cannot_run_is_refused_before_building(settings, message):
     from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 
     fields = {**MHC_MOE_GPT, **OVERLAP, **settings}
     fields.pop("moe_layer_freq")
-    if "/" in pattern:
-        fields["mtp_num_layers"] = 1
-    config = tiny_hybrid_config(pattern.split("/")[0], **fields)
+    config = tiny_hybrid_config("*-*E", **fields)
     with pytest.raises(ValueError, match=message):
         build_mhc_hybrid_model(
-            config, vocab_size=128, max_sequence_length=SEQ, hybrid_layer_pattern=pattern
+            config, vocab_size=128, max_sequence_length=SEQ, hybrid_layer_pattern="*-*E"
         )
