@@ -3,16 +3,16 @@
 A MoE mHC GPT (EP=2 on 2 gloo processes, bf16, dense and MoE layers, the last one dense, or MoE)
 trained with Megatron's DDP, optimizer and real schedules has bit-equal losses and gradients with
 and without the overlap, also with the mHC recompute manager, with `delay_wgrad_compute` and
-with one MTP layer (dense or MoE inner layer; the MTP losses bit-equal too); the
-MLP's HC update runs as its own schedule node right after its layer's combine (or dense MLP)
-and before the next layer's pre-dispatch node, first in its layer's backward, and the streams are
-contracted before the final norm once per micro-batch. Under an interleaved pipeline (EP=2 x
-PP=2 x VPP=2 on 4 processes) the overlap's losses and gradients equal those of Megatron's plain
-interleaved schedule bit for bit, also with the recompute manager. An mHC HybridModel (attention,
-MLP and MoE layers, the last one MoE; its schedule plan is MHCHybridModel's, megatron-core 0.19.2
-has none) is bitwise the plain schedule under the overlap, also with the recompute manager and
-with an MTP depth of an attention and a MoE layer; a hybrid overlap it cannot run
-(delay_wgrad_compute, mHC off) is refused before it is built.
+with one MTP layer (dense or MoE inner layer; the MTP losses bit-equal too); the MLP's HC update
+runs as its own schedule node right after its layer's combine (or dense MLP) and before the next
+layer's pre-dispatch node, first in its layer's backward, and the streams are contracted before
+the final norm once per micro-batch. An mHC HybridModel (attention, MLP and MoE layers, the last
+one MoE; its schedule plan is MHCHybridModel's, megatron-core 0.19.2 has none) is bitwise the
+plain schedule under the overlap too, also with the recompute manager and with an MTP depth of
+an attention and a MoE layer; a hybrid overlap it cannot run (delay_wgrad_compute, mHC off) is
+refused before it is built. Under an interleaved pipeline (EP=2 x PP=2 x VPP=2 on 4 processes)
+the overlap's losses and gradients equal those of Megatron's plain interleaved schedule bit for
+bit, also with the recompute manager, for the GPT and for a HybridModel of 4 pattern stages.
 """
 
 import pytest
@@ -257,10 +257,14 @@ INTERLEAVED = dict(
     overlap_p2p_comm=True,
     batch_p2p_comm=False,
 )
+INTERLEAVED_HYBRID = dict(hybrid_layer_pattern="*E|*E|*E|*E")
 INTERLEAVED_SCHEDULES = {
     "plain": dict(),
     "overlap": OVERLAP,
     "overlap_mhc_recompute": dict(**OVERLAP, mhc_recompute_layer_num=1),
+    # A HybridModel of 4 stages ('|') on PP=2: 2 virtual stages of an attention and a MoE layer.
+    "plain_hybrid": INTERLEAVED_HYBRID,
+    "overlap_hybrid": dict(**OVERLAP, **INTERLEAVED_HYBRID),
 }
 
 
@@ -275,21 +279,29 @@ def _interleaved_step_under_each_schedule(rank, world_size):
         1, 2, virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=EXPERT_PARALLEL
     )
     data = batches(seed=parallel_state.get_expert_model_parallel_rank(), num=MICROBATCHES)
-    weights = rng_state = None
+    weights, rng_state = {}, None  # weights by model (GPT, hybrid)
     runs = {}
     for schedule, settings in INTERLEAVED_SCHEDULES.items():
-        config = tiny_config(**MHC_MOE_GPT, **INTERLEAVED, **settings)
-        chunks = _chunks(config)
-        if weights is None:
-            weights = [
+        fields = {**MHC_MOE_GPT, **INTERLEAVED, **settings}
+        pattern = fields.pop("hybrid_layer_pattern", None)
+        if pattern is None:
+            config = tiny_config(**fields)
+            chunks = _chunks(config)
+        else:
+            fields.pop("moe_layer_freq")  # the pattern places the MoE layers
+            config = tiny_hybrid_config(pattern, **fields)
+            chunks = [build_tiny_hybrid(config, pattern, vp_stage=vp_stage) for vp_stage in (0, 1)]
+        if pattern not in weights:
+            weights[pattern] = [
                 {
                     name: value.clone() if isinstance(value, torch.Tensor) else value
                     for name, value in chunk.state_dict().items()
                 }
                 for chunk in chunks
             ]
+        if rng_state is None:
             rng_state = (torch.get_rng_state(), get_cuda_rng_tracker().get_states())
-        for chunk, chunk_weights in zip(chunks, weights, strict=True):
+        for chunk, chunk_weights in zip(chunks, weights[pattern], strict=True):
             chunk.load_state_dict(chunk_weights)
         torch.set_rng_state(rng_state[0])
         get_cuda_rng_tracker().set_states(rng_state[1])
@@ -313,9 +325,9 @@ def test_interleaved_pipeline_under_combined_1f1b_equals_plain_interleaved_bitwi
     for rank, runs in enumerate(
         run_distributed(_interleaved_step_under_each_schedule, 2 * EXPERT_PARALLEL)
     ):
-        plain = runs["plain"]
-        assert plain["schedule_plans"] == 0
-        for schedule in ("overlap", "overlap_mhc_recompute"):
+        assert runs["plain"]["schedule_plans"] == runs["plain_hybrid"]["schedule_plans"] == 0
+        for schedule in ("overlap", "overlap_mhc_recompute", "overlap_hybrid"):
+            plain = runs["plain_hybrid" if "hybrid" in schedule else "plain"]
             run = runs[schedule]
             # One plan per model chunk and micro-batch.
             assert run["schedule_plans"] == 2 * MICROBATCHES, (rank, schedule)
