@@ -249,6 +249,41 @@ def test_mlp_hc_update_node_runs_after_its_layers_combine_and_before_the_next_la
     )
 
 
+# The nodes of the MTP layer plans of a micro-batch, in forward order, each plan a list.
+MTP_PLAN_NODES = {
+    # GPT: one plan around the MTP layer's (dense) inner layer.
+    "overlap_mtp": [["pre_dispatch_computation", "mlp", "mhc_mlp_update", "mtp_post_process"]],
+    # Hybrid `/*E`: the attention layer's plan enters the depth, the MoE layer's leaves it.
+    "overlap_hybrid_mtp": [
+        ["pre_dispatch_computation", "mlp", "mhc_mlp_update"],
+        [
+            "pre_dispatch_computation",
+            "moe_dispatch",
+            "mlp",
+            "moe_combine",
+            "mhc_mlp_update",
+            "mtp_post_process",
+        ],
+    ],
+}
+
+
+@pytest.mark.parametrize("schedule", list(MTP_PLAN_NODES))
+def test_mlp_update_and_mtp_post_process_are_nodes_of_their_own_in_order(runs_by_rank, schedule):
+    calls = runs_by_rank[0][schedule]["node_calls"]
+    plans = MTP_PLAN_NODES[schedule]
+    first_mtp_plan = max(layer for _, layer, _, _ in calls) + 1 - len(plans)
+    expected = [(first_mtp_plan + i, name) for i, names in enumerate(plans) for name in names]
+    for micro_batch in range(STEPS * MICROBATCHES):
+        for direction, order in (("forward", expected), ("backward", expected[::-1])):
+            nodes = [
+                (layer, name)
+                for mb, layer, name, d in calls
+                if mb == micro_batch and d == direction and layer >= first_mtp_plan
+            ]
+            assert nodes == order, (schedule, micro_batch, direction)
+
+
 # Interleaved pipeline: EP=2 x PP=2 x VPP=2 on 4 processes, one layer per model chunk (the
 # stage exchange [s, b*n, C] wraps around from the last stage to the next chunk of the first).
 INTERLEAVED = dict(
