@@ -67,7 +67,7 @@ class MHCTransformerConfig(TransformerConfig):
     mhc_mlp_high_priority_stream: bool = False
     """Run the MLP's HC update (and its backward) on a high-priority CUDA stream, ordered by
     events (results unchanged), so that pipeline and expert-parallel communication kernels never
-    delay it. Needs a CUDA device."""
+    delay it. Needs a CUDA device, or on CPU the CPU platform's stand-in streams."""
 
     mhc_recompute_layer_num: int | Literal["auto"] | None = None
     """L_r: free the n-stream states inside each block of L_r layers after forward and recompute

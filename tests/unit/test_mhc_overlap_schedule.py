@@ -61,6 +61,8 @@ SCHEDULES = {
     "overlap": OVERLAP,
     "overlap_mhc_recompute": dict(**OVERLAP, mhc_recompute_layer_num=2),
     "overlap_delay_wgrad": dict(**OVERLAP, delay_wgrad_compute=True),
+    # The update node on the high-priority stream (the CPU platform's stand-in streams).
+    "overlap_high_priority_stream": dict(**OVERLAP, mhc_mlp_high_priority_stream=True),
     "plain_moe_last_layer": MOE_LAST_LAYER,
     "overlap_moe_last_layer": dict(**OVERLAP, **MOE_LAST_LAYER),
     # One MTP depth, whose inner layer is of the decoder's last layer's kind: dense, then MoE.
@@ -108,6 +110,7 @@ BASELINES = {schedule: _baseline(schedule) for schedule in SCHEDULES}
 # The nodes of each layer of the schedule plans built, by layer state: (micro-batch, layer).
 _layer_of_node_state = {}
 _node_calls = []  # (micro-batch, layer, node name, "forward" or "backward") in call order
+_update_node_streams = []  # the stream each MLP update node ran on
 
 
 def _forward_step(data_iterator, model, return_schedule_plan=False):
@@ -132,6 +135,8 @@ def _record_node_calls():
 
         def logged(node, *args, _run=run, _direction=direction):
             _node_calls.append((*_layer_of_node_state[node.layer_state], node.name, _direction))
+            if node.name == "mhc_mlp_update":
+                _update_node_streams.append(node.stream)
             return _run(node, *args)
 
         setattr(TransformerLayerNode, direction, logged)
@@ -163,6 +168,7 @@ def _train_under_each_schedule(rank, world_size):
         )
         _layer_of_node_state.clear()
         _node_calls.clear()
+        _update_node_streams.clear()
         MTPLossLoggingHelper.tracker.clear()
         losses, grads = bf16_training_losses_and_grads(gpt, data, STEPS, _forward_step)
         # The MTP loss of every micro-batch and step, summed (Megatron's logging tracker).
@@ -177,6 +183,14 @@ def _train_under_each_schedule(rank, world_size):
             schedule_plans=len({mb for mb, _ in _layer_of_node_state.values()}),
             moe_layers=count_moe_layers(gpt),
             model=type(gpt).__name__,
+            # Whether every update node ran on the MLP HC modules' high-priority stream.
+            updates_on_high_priority_stream=bool(_update_node_streams)
+            and all(
+                stream is gpt.decoder.layers[0].mlp_hyper_connection.update_stream.stream
+                for stream in _update_node_streams
+            )
+            if config.mhc_mlp_high_priority_stream
+            else None,
             mtp_losses=None if mtp_losses is None else mtp_losses.tolist(),
         )
     return runs
@@ -204,6 +218,7 @@ def test_mhc_moe_gpt_under_combined_1f1b_equals_plain_schedule_bitwise_on_cpu(ru
         assert runs["overlap_moe_last_layer"]["moe_layers"] == 3
         assert runs["overlap_hybrid"]["moe_layers"] == 2
         assert runs["overlap_hybrid"]["model"] == "MHCHybridModel"
+        assert runs["overlap_high_priority_stream"]["updates_on_high_priority_stream"] is True
         for schedule in SCHEDULES:
             run = runs[schedule]
             # One contract per micro-batch, right before the final norm (input n*C wide): the
