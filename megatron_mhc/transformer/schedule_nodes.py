@@ -25,8 +25,12 @@ node's backward. The chunk's first stage expands the embedding output into n str
 pre-process node). The update node of a chunk's last layer applies the decoder's final norm on
 the last stage, whose forward pre-hook contracts the streams (exactly once: the combine node no
 longer applies it, and a dense last layer gets it too), and on another stage hands the next
-stage [s, b*n, C], as the block's forward does. MTP layers (a GPT's MTP block) get the same
-nodes around their inner HC layer, with the MTP steps of `mtp_schedule_nodes.py`.
+stage [s, b*n, C], as the block's forward does.
+
+A HybridModel layer holds one sublayer: an attention (or MLA) layer is its pre-dispatch node,
+whose output the `mlp` and update nodes pass on; an MLP or MoE layer has no attention half. MTP
+layers (a GPT's MTP layer, each layer of a HybridModel's MTP depth) get the same nodes around
+their inner HC layers, with the MTP steps of `mtp_schedule_nodes.py`.
 """
 
 import functools
