@@ -151,7 +151,7 @@ class MHCTransformerConfig(TransformerConfig):
     mhc_mlp_high_priority_stream: bool = False
     """Run the MLP's HC update (and its backward) on a high-priority CUDA stream, ordered by
     events (results unchanged), so that pipeline and expert-parallel communication kernels never
-    delay it. Needs a CUDA device."""
+    delay it. Needs a CUDA device, or on CPU the CPU platform's stand-in streams."""
 
     mhc_recompute_layer_num: int | Literal["auto"] | None = None
     """L_r: free the n-stream states inside each block of L_r layers after forward and recompute
@@ -234,13 +234,6 @@ class MHCTransformerConfig(TransformerConfig):
             not self.apply_residual_connection_post_layernorm,
             "apply_residual_connection_post_layernorm",
             "must be False; the residual is the stream state, not a norm output",
-        )
-        incompatible(
-            not (self.overlap_moe_expert_parallel_comm and self.mtp_num_layers),
-            "overlap_moe_expert_parallel_comm",
-            "must be False with mtp_num_layers: under the combined 1F1B schedule the "
-            "MTP layers' nodes would have to read the decoder's stream state, which "
-            "only the decoder's forward keeps (MHCGPTModel's FinalStreamsCapture)",
         )
         incompatible(
             self.mhc_recompute_layer_num is None or self.recompute_granularity != "full",

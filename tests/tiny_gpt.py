@@ -7,7 +7,7 @@ with `enable_mhc_connections=False` (the default here) it describes the plain Me
 `forward_backward` runs Megatron's real schedule (through megatron_mhc's
 `get_forward_backward_func`) on `batches()`; `train_on_a_fixed_batch` trains as
 megatron.training does. `MHC_4_STREAMS` and `CPU_MOE` are the mHC and MoE settings the tests
-share.
+share; `randomize_hc_parameters` gives a model non-uniform mappings.
 """
 
 import torch
@@ -187,6 +187,25 @@ def bf16_training_losses_and_grads(gpt, data, steps: int, forward_step_func=forw
         losses.append([output["loss"].item() for output in outputs])
         grads.append(export_grads(model))
     return losses, grads
+
+
+def randomize_hc_parameters(model, seed: int, base_std: float, gating: float) -> None:
+    """Random, non-uniform mappings in every HC module and learned head of `model`: base ~
+    N(0, base_std^2) (a fixed draw of `seed`), every gating factor `gating`, fn as initialised.
+    From the default init (base 0, gating 0.01) H_res is uniform and every stream equal, which
+    hides transposes, stream mix-ups and shared heads."""
+    from megatron_mhc.transformer.hyper_connection import (
+        HyperConnectionHead,
+        HyperConnectionModule,
+    )
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (HyperConnectionModule, HyperConnectionHead)):
+                base = torch.randn(module.base.shape, generator=generator, dtype=torch.float32)
+                module.base.copy_(base_std * base)
+                module.scale.fill_(gating)
 
 
 def count_moe_layers(model) -> int:

@@ -53,7 +53,9 @@ class MHCGPTModel(GPTModel):
             return super().build_schedule_plan(*args, **kwargs)
 
     def _postprocess(self, hidden_states, **kwargs):
-        if self.mtp_process:
+        # Under the combined 1F1B schedule the MTP layers are nodes of the schedule plan, which
+        # take the streams themselves (`mtp_in_postprocess` False).
+        if kwargs.get("mtp_in_postprocess"):
             # GPTModel passes `extra_block_kwargs` to its MTP block only (the decoder has run).
             kwargs["extra_block_kwargs"] = {
                 **(kwargs.get("extra_block_kwargs") or {}),

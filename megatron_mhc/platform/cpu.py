@@ -111,6 +111,11 @@ CPU_ENV = {"TORCHDYNAMO_DISABLE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 _applied = False
 
 
+def cpu_platform_applied() -> bool:
+    """Whether this process runs on the CPU platform (apply_cpu_platform patched it)."""
+    return _applied
+
+
 def apply_cpu_platform() -> bool:
     """Patch Megatron-Core and megatron.training to run on CPU, if no CUDA device is present.
 
@@ -431,7 +436,9 @@ def _current_ordered_cpu_stream(device=None) -> _OrderedCPUStream:
 # sizes to the host on a side stream and waits on the copy's event; ScheduleNode runs each node
 # on its stream between an event wait and record, and set_streams creates the (high-priority)
 # communication stream; the schedule plan records and waits on its chunk's event around the
-# P2P hooks; the MoE callables record the residual on the current stream.
+# P2P hooks; the MoE callables record the residual on the current stream. The mHC MLP update's
+# high-priority stream (mhc_mlp_high_priority_stream) is one of them too, so that its stream
+# branch runs on CPU.
 _TOKEN_DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
 _ORDERED_CPU_STREAMS = _torch_views(
     "ordered CPU streams and events",
@@ -440,6 +447,7 @@ _ORDERED_CPU_STREAMS = _torch_views(
         "megatron.core.pipeline_parallel.utils",
         "megatron.core.models.common.model_chunk_schedule_plan",
         "megatron.core.models.gpt.fine_grained_callables",
+        "megatron_mhc.transformer.high_priority_stream",
     ),
 )
 

@@ -166,6 +166,12 @@ GPU_ANSWERS = (
         lambda: ASSUMED_COMPUTE_CAPABILITY[0],
     ),
 )
+# Megatron's MLA builds its rotary embedding's frequencies on the current CUDA device whatever
+# use_cpu_initialization says: while the stages are built, that is the meta device they are built
+# on. Listed in docs/megatron_patches.md.
+META_DEVICE_ANSWER = MegatronPatch(
+    "dry run: current CUDA device", "torch.cuda", "current_device", ()
+)
 # The same for Transformer Engine when it is not installed here: its version (Megatron's version
 # checks) and its fused RoPE (TransformerConfig refuses apply_rope_fusion without it).
 TRANSFORMER_ENGINE_ANSWERS = (
@@ -286,7 +292,11 @@ def _build_stage_on_meta(args, stage: int):
         pp = ProcessGroupCollection.use_mpu_process_groups().pp
         vp_size = args.virtual_pipeline_model_parallel_size
         chunks = []
-        with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            torch.device("meta"),
+            contextlib.redirect_stdout(io.StringIO()),
+            META_DEVICE_ANSWER.replaced(lambda: "meta"),
+        ):
             for vp_stage in range(vp_size or 1):
                 vp = vp_stage if vp_size else None
                 chunks.append(

@@ -27,6 +27,7 @@ from megatron_mhc.megatron_names import names_in
 from megatron_mhc.models.gpt import build_mhc_gpt_model
 from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 from megatron_mhc.training.mhc_logging import health_log
+from megatron_mhc.training.schedule_report import schedule_plans
 
 
 def mhc_config_from_args(args) -> MHCTransformerConfig:
@@ -134,7 +135,8 @@ train_valid_test_datasets_provider.is_distributed = True
 def forward_step(data_iterator, model, return_schedule_plan=False):
     """One micro-batch: the model's per-token losses and the masked-mean loss function; with
     `return_schedule_plan` (the combined 1F1B schedule of --overlap-moe-expert-parallel-comm)
-    the model's schedule plan for the micro-batch instead of its output."""
+    the model's schedule plan for the micro-batch instead of its output (counted: the run logs
+    how many it built, megatron_mhc/training/schedule_report.py)."""
     config = get_model_config(model)
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -162,6 +164,8 @@ def forward_step(data_iterator, model, return_schedule_plan=False):
         labels=batch["labels"],
         loss_mask=loss_mask,
     )
+    if return_schedule_plan:
+        schedule_plans.add(output)
 
     def loss_func(output_tensor):
         losses = output_tensor.view(-1).float()

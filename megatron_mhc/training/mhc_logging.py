@@ -7,6 +7,7 @@ figures (mean H_pre, mean H_post, forward and backward Amax gain; per layer and 
 stack; in TensorBoard also the token-averaged H_res matrices), measured on the first micro-batch
 of the logged iteration. TensorBoard also gets the tokens consumed (`train/tokens`) and the cost
 of the figures (`throughput/health_figures_ms`, and its share of the interval's wall time).
+After the first iteration it also says which schedule the run took (schedule_report.py).
 megatron.training has no per-iteration hook, so `install` wraps its `training_log` (called on
 every rank after every iteration).
 """
@@ -20,6 +21,7 @@ from megatron.training.utils import print_rank_last
 
 from megatron_mhc.diagnostics import MHCHealthMonitor
 from megatron_mhc.megatron_patches import MegatronPatch
+from megatron_mhc.training.schedule_report import schedule_plans
 
 
 class TrainingHealthLog:
@@ -105,12 +107,14 @@ TRAINING_LOG_PATCH = MegatronPatch(
 
 
 def install() -> None:
-    """Make megatron.training's `training_log` also call `health_log.log` at log intervals."""
+    """Make megatron.training's `training_log` also call `health_log.log` at log intervals, and
+    report the schedule taken after the first iteration."""
 
     def also_log_health(training_log):
         @functools.wraps(training_log)
         def training_log_with_health(*args, **kwargs):
             result = training_log(*args, **kwargs)
+            schedule_plans.report_once()
             arguments = MegatronPatch.bind(training_log, args, kwargs)
             if arguments["iteration"] % get_args().log_interval == 0:
                 health_log.log(arguments["iteration"], arguments["loss_dict"])

@@ -11,7 +11,8 @@ forward step, but has no argument, hook or config field for these (docs/megatron
   * `initialize._compile_dependencies`: initialize_megatron's build of the C++ dataset helpers
     (`make` in megatron/core/datasets) becomes an import of the helpers the megatron-core wheel
     ships prebuilt, without a Makefile;
-  * `training_log`: also logs tokens/s and the mHC health figures (mhc_logging.py);
+  * `training_log`: also logs tokens/s and the mHC health figures (mhc_logging.py), and after the
+    first iteration which schedule the run took (schedule_report.py);
   * `load_checkpoint`: with --no-load-optim megatron.training skips the learning-rate schedule
     too, so a resumed run would warm up again from iteration 0; the schedule continues at the
     checkpoint's consumed samples instead, and only Adam's state starts afresh.

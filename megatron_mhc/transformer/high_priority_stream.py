@@ -19,6 +19,10 @@ Memory: a tensor allocated on one stream and used on another must tell the cachi
 (`record_stream`), or its memory could be handed out again while the other stream still reads
 it: the inputs are marked as used by the high-priority stream, the output as used by the
 caller's stream.
+
+On CPU the platform (megatron_mhc/platform/cpu.py) gives this module its ordered CPU streams and
+events: the same code runs, each op when it is issued, so the stream branch is tested on CPU;
+the concurrency itself needs a GPU.
 """
 
 import functools
@@ -31,12 +35,13 @@ class HighPriorityStream:
 
     def __init__(self, device: torch.device):
         _least, greatest = torch.cuda.Stream.priority_range()
+        self.device = device
         self.stream = torch.cuda.Stream(device=device, priority=greatest)
 
     def run(self, op, *inputs: torch.Tensor) -> torch.Tensor:
         """op(*inputs) on this stream, ordered after the caller's queued work and before its
         next work."""
-        caller = torch.cuda.current_stream(self.stream.device)
+        caller = torch.cuda.current_stream(self.device)
         self.stream.wait_event(caller.record_event())
         with torch.cuda.stream(self.stream):
             output = op(*inputs)
@@ -48,19 +53,25 @@ class HighPriorityStream:
 
 
 @functools.cache
-def high_priority_stream(device_index: int) -> HighPriorityStream:
-    """The one high-priority stream of a GPU, shared by every HC module on it."""
+def high_priority_stream(device_index: int | str) -> HighPriorityStream:
+    """The one high-priority stream of a GPU, shared by every HC module on it
+    (`device_index`: torch.cuda.current_device(), which the CPU platform answers with "cpu")."""
+    if isinstance(device_index, str):
+        return HighPriorityStream(torch.device(device_index))
     return HighPriorityStream(torch.device("cuda", device_index))
 
 
 def mlp_high_priority_stream(config):
     """The stream the MLP's HC update runs on (None: the caller's stream), checked when the
-    layer is built: the option needs a CUDA device."""
+    layer is built: the option needs a CUDA device, or the CPU platform's stand-in streams."""
+    from megatron_mhc.platform.cpu import cpu_platform_applied
+
     if not config.mhc_mlp_high_priority_stream:
         return None
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() or cpu_platform_applied()):
         raise ValueError(
-            "MHCTransformerConfig.mhc_mlp_high_priority_stream=True needs a CUDA device, and "
-            "this process has none: set it to False (the default) on CPU"
+            "MHCTransformerConfig.mhc_mlp_high_priority_stream=True needs a CUDA device, or on "
+            "CPU the CPU platform (megatron_mhc.platform.cpu.apply_cpu_platform, which "
+            "pretrain_gpt_mhc.py applies): set it to False (the default) otherwise"
         )
     return high_priority_stream(torch.cuda.current_device())

@@ -26,6 +26,11 @@ pre-process node). The update node of a chunk's last layer applies the decoder's
 the last stage, whose forward pre-hook contracts the streams (exactly once: the combine node no
 longer applies it, and a dense last layer gets it too), and on another stage hands the next
 stage [s, b*n, C], as the block's forward does.
+
+A HybridModel layer holds one sublayer: an attention (or MLA) layer is its pre-dispatch node,
+whose output the `mlp` and update nodes pass on; an MLP or MoE layer has no attention half. MTP
+layers (a GPT's MTP layer, each layer of a HybridModel's MTP depth) get the same nodes around
+their inner HC layers, with the MTP steps of `mtp_schedule_nodes.py`.
 """
 
 import functools
@@ -35,55 +40,89 @@ from megatron.core.models.common.model_chunk_schedule_plan import (
     TransformerModelChunkSchedulePlan,
 )
 from megatron.core.models.common.utils import PreProcessNode, TransformerLayerNode
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlock,
+    MultiTokenPredictionLayer,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_mhc.transformer.hyper_connection_stack import expand_streams
+from megatron_mhc.transformer.mtp_schedule_nodes import (
+    MTPEmbeddingWeight,
+    MTPLayerCallables,
+    SequentialNodes,
+    keep_decoder_streams,
+)
 
 MLP_UPDATE_NODE = "mhc_mlp_update"
 
 
 class StreamsExpandingPreProcessNode(PreProcessNode):
     """Megatron's pre-process node (embedding, rotary embeddings); on the first stage its output
-    is expanded into the n-stream state [s, b, n*C]."""
+    is expanded into the n-stream state [s, b, n*C].
+
+    On a chunk with MTP layers it also hands them the word-embedding weight, and takes the MTP
+    embedding's gradient back into its own backward (`mtp_schedule_nodes.MTPEmbeddingWeight`).
+    """
 
     def forward_impl(self):
+        if self.model.mtp_process:
+            self.chunk_state.mtp_embedding_weight = MTPEmbeddingWeight(self.model.embedding)
         hidden_states = super().forward_impl()
         if not self.model.pre_process:
             return hidden_states  # the previous stage's state, already [s, b, n*C]
         return expand_streams(hidden_states, self.model.config.mhc_num_residual_streams)
 
+    def default_backward_func(self, outputs, output_grad):
+        weight = getattr(self.chunk_state, "mtp_embedding_weight", None)
+        if weight is not None:
+            self.chunk_state.mtp_embedding_weight = None
+            outputs, output_grad = weight.add_to_backward(outputs, output_grad)
+        return super().default_backward_func(outputs, output_grad)
+
 
 class HyperConnectionLayerCallables:
     """The node functions of one HyperConnectionTransformerLayer (`fn(node, *inputs)`), built
     from the layer's own pieces: `_hyper_connected` and `_attention` (attention half),
-    the MLP HC module's forward and update, `_forward_pre_mlp_layernorm`, `_mlp` (dense)."""
+    the MLP HC module's forward and update, `_forward_pre_mlp_layernorm`, `_mlp` (dense).
+    `in_mtp`: the layer is an MTP layer's inner layer (its output is no decoder output)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, in_mtp: bool = False):
         self.layer = layer
+        self.in_mtp = in_mtp
         self.is_moe = isinstance(layer.mlp, MoELayer)
+        # A HybridModel layer holds one half: attention (or MLA) only, or MLP / MoE only.
+        self.has_attention = not isinstance(layer.self_attention, IdentityOp)
+        self.has_mlp = not isinstance(layer.mlp, IdentityOp)
 
     def pre_dispatch(self, node, hidden_states):
         """[s, b, n*C] -> the MLP's input: (tokens, probs) to dispatch, or the collapsed
         input [s, b, C] of a dense MLP."""
         layer, chunk = self.layer, node.chunk_state
         streams = hidden_states.unflatten(-1, (layer.num_streams, -1))
-        streams = layer._hyper_connected(
-            layer.self_attention_hyper_connection,
-            streams,
-            functools.partial(
-                layer._attention,
-                attention_mask=chunk.attention_mask,
-                inference_context=None,
-                rotary_pos_emb=chunk.rotary_pos_emb,
-                rotary_pos_cos=chunk.rotary_pos_cos,
-                rotary_pos_sin=chunk.rotary_pos_sin,
-                rotary_pos_cos_sin=None,
-                attention_bias=chunk.attention_bias,
-                packed_seq_params=chunk.packed_seq_params,
-                sequence_len_offset=chunk.sequence_len_offset,
-            ),
-        )
+        if self.has_attention:
+            streams = layer._hyper_connected(
+                layer.self_attention_hyper_connection,
+                streams,
+                functools.partial(
+                    layer._attention,
+                    attention_mask=chunk.attention_mask,
+                    inference_context=None,
+                    rotary_pos_emb=chunk.rotary_pos_emb,
+                    rotary_pos_cos=chunk.rotary_pos_cos,
+                    rotary_pos_sin=chunk.rotary_pos_sin,
+                    rotary_pos_cos_sin=None,
+                    attention_bias=chunk.attention_bias,
+                    packed_seq_params=chunk.packed_seq_params,
+                    sequence_len_offset=chunk.sequence_len_offset,
+                ),
+            )
+        if not self.has_mlp:
+            # An attention layer's output, which the MLP and update nodes pass on.
+            return streams.flatten(-2)
         hc = layer.mlp_hyper_connection(streams)
         state = node.layer_state
         state.mlp_streams = node.detach(hc.streams)
@@ -103,7 +142,9 @@ class HyperConnectionLayerCallables:
 
     def dense_mlp(self, node, mlp_input):
         """The collapsed input [s, b, C] -> the dense MLP's output (its bias goes to the update
-        through the layer state)."""
+        through the layer state); an attention layer's output passed on."""
+        if not self.has_mlp:
+            return mlp_input
         output, bias = self.layer._mlp(
             mlp_input,
             padding_mask=node.chunk_state.padding_mask,
@@ -129,6 +170,8 @@ class HyperConnectionLayerCallables:
         `compute_stream`: the stream the other nodes compute on, given when this node runs on
         another one (the high-priority stream).
         """
+        if not self.has_mlp:
+            return self._layer_output(node, mlp_output)
         layer, state = self.layer, node.layer_state
         inputs = [
             tensor
@@ -157,11 +200,25 @@ class HyperConnectionLayerCallables:
             for tensor in inputs:
                 tensor.record_stream(node.stream)
             streams.record_stream(compute_stream)
-        output = streams.flatten(-2)
-        if node.is_last_layer:
-            decoder = node.chunk_state.model.decoder
-            if decoder.final_layernorm is not None:
-                output = decoder.final_layernorm(output)  # its pre-hook contracts the streams
+        return self._layer_output(node, streams.flatten(-2))
+
+    def _layer_output(self, node, output):
+        """The layer's output [s, b, n*C]; after a chunk's last layer, the decoder's output: the
+        final norm's (its pre-hook contracts the streams) or the next stage's input."""
+        if node.is_last_layer and not self.in_mtp:
+            model = node.chunk_state.model
+            decoder = model.decoder
+            # GPT's TransformerBlock calls it final_layernorm, HybridStack final_norm (absent
+            # where the stage does not hold it).
+            final_norm = getattr(decoder, "final_layernorm", None) or getattr(
+                decoder, "final_norm", None
+            )
+            if final_norm is not None:
+                output = final_norm(output)
+                if model.mtp_process:
+                    # The streams before the contract, kept by the norm's pre-hook, are the
+                    # first MTP depth's input.
+                    keep_decoder_streams(node, model.final_streams.pop())
             elif not decoder.post_process:
                 return decoder.to_next_stage(output)
         return make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
@@ -173,22 +230,38 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
     as a node of its own (see the module docstring)."""
 
     def _build_callable_nodes(self, event, comp_stream, comm_stream, extra_args):
-        super()._build_callable_nodes(event, comp_stream, comm_stream, extra_args)
-        callables = HyperConnectionLayerCallables(self.layer)
+        # An MTP depth's layers: a GPT's MTP layer is one plan around its inner layer; a
+        # HybridModel's MTP depth has a stack of inner layers, one plan each (the chunk plan
+        # gives them `mtp_layer`), the first entering the depth and the last leaving it.
+        if isinstance(self.layer, MultiTokenPredictionLayer):
+            mtp_layer, layer = self.layer, self.layer.mtp_model_layer
+            enters = leaves = True
+        else:
+            mtp_layer, layer = extra_args.get("mtp_layer"), self.layer
+            enters, leaves = extra_args.get("mtp_enters"), extra_args.get("mtp_leaves")
+        # Megatron's nodes of an MTP layer come from its MTP node functions
+        # (build_mtp_layer_callables), which take a MoE inner layer and the single-stream MTP
+        # only: an mHC MTP layer's nodes are built as its inner layer's, and the MTP steps are
+        # the mHC MTP node functions' (mtp_schedule_nodes.py).
+        own_layer, self.layer = self.layer, layer
+        try:
+            super()._build_callable_nodes(event, comp_stream, comm_stream, extra_args)
+        finally:
+            self.layer = own_layer
+        callables = HyperConnectionLayerCallables(layer, in_mtp=mtp_layer is not None)
         self.pre_dispatch_computation.submodule = callables.pre_dispatch
         if callables.is_moe:
             self.moe_combine.submodule = callables.moe_combine
         else:
             self.mlp.submodule = callables.dense_mlp
-        update_stream = self.layer.mlp_hyper_connection.update_stream
+        update_stream = getattr(layer.mlp_hyper_connection, "update_stream", None)
         update = callables.mlp_update
         if update_stream is not None:
             update_stream = update_stream.stream
             update = functools.partial(update, compute_stream=comp_stream())
-        # `mtp_post_process` is the slot the schedule runs right after the combine: see the
-        # module docstring. The update has no delayed weight gradients (HC parameters are not
-        # Transformer Engine linears).
-        self.mtp_post_process = TransformerLayerNode(
+        # The update has no delayed weight gradients (HC parameters are not Transformer Engine
+        # linears).
+        update_node = TransformerLayerNode(
             update_stream or comp_stream,
             event,
             self.layer_state,
@@ -197,10 +270,62 @@ class HyperConnectionLayerSchedulePlan(TransformerLayerSchedulePlan):
             name=MLP_UPDATE_NODE,
             extra_args=extra_args,
         )
+        # `mtp_post_process` is the slot the schedule runs right after the combine: see the
+        # module docstring.
+        if mtp_layer is None:
+            self.mtp_post_process = update_node
+            return
+        mtp = MTPLayerCallables(mtp_layer, callables)
+        for node in (self.pre_dispatch_computation, self.moe_dispatch, self.mlp, self.moe_combine):
+            if isinstance(node, TransformerLayerNode):
+                node.submodule = mtp.with_rng_context(node.submodule)
+        update_node.submodule = mtp.with_rng_context(update_node.submodule)
+        if enters:
+            self.pre_dispatch_computation.submodule = mtp.pre_dispatch
+            # The delayed weight gradients of the projections, as Megatron's MTP node has those
+            # of its eh_proj (Transformer Engine linears only).
+            self.pre_dispatch_computation.bwd_dw_callables += [mtp_layer.e_proj, mtp_layer.h_proj]
+        if not leaves:
+            self.mtp_post_process = update_node
+            return
+        post_process = TransformerLayerNode(
+            comp_stream,
+            event,
+            self.layer_state,
+            self.chunk_state,
+            mtp.post_process,
+            name="mtp_post_process",
+            extra_args=extra_args,
+        )
+        self.mtp_post_process = SequentialNodes(update_node, post_process)
 
 
 class MHCModelChunkSchedulePlan(TransformerModelChunkSchedulePlan):
-    """Megatron's model-chunk plan for an MHCGPTModel chunk."""
+    """Megatron's model-chunk plan for an MHCGPTModel or MHCHybridModel chunk (the pre- and
+    post-process nodes call the model's `_preprocess` and `_postprocess`)."""
 
     LAYER_SCHEDULE_PLAN_CLASS = HyperConnectionLayerSchedulePlan
     PRE_PROCESS_NODE_CLASS = StreamsExpandingPreProcessNode
+
+    def _build_layer_schedule_plan(self, module, comp_stream, comm_stream):
+        if not isinstance(module, MultiTokenPredictionBlock) or isinstance(
+            module.layers[0].mtp_model_layer, TransformerLayer
+        ):
+            return super()._build_layer_schedule_plan(module, comp_stream, comm_stream)
+        # A HybridModel MTP block: each depth's inner layers are a HybridStack, one plan each.
+        for depth, mtp_layer in enumerate(module.layers):
+            inner_layers = mtp_layer.mtp_model_layer.layers
+            for index, layer in enumerate(inner_layers):
+                enters, leaves = index == 0, index == len(inner_layers) - 1
+                extra_args = {
+                    "is_first_layer": depth == 0 and enters,
+                    "is_last_layer": depth == len(module.layers) - 1 and leaves,
+                    "mtp_layer": mtp_layer,
+                    "mtp_enters": enters,
+                    "mtp_leaves": leaves,
+                }
+                self._transformer_layers.append(
+                    self.LAYER_SCHEDULE_PLAN_CLASS(
+                        layer, self.event, self.state, comp_stream, comm_stream, extra_args
+                    )
+                )

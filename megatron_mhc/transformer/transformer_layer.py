@@ -141,6 +141,15 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         )
         return output, context
 
+    def init_backward_dw_wrapper(self):
+        """Megatron's delayed weight gradients of the attention half (`delay_wgrad_compute`
+        under the EP overlap); a HybridModel MLP or MoE layer has no attention and delays none
+        (build_mhc_hybrid_model refuses `delay_wgrad_compute` under the overlap)."""
+        if isinstance(self.self_attention, IdentityOp):
+            self.backward_dw_wrapper = None
+            return
+        super().init_backward_dw_wrapper()
+
     def _hyper_connected(self, hyper_connection, streams: Tensor, sublayer) -> Tensor:
         """X' = H_post * F(H_pre X) + H_res X: mappings and collapse, the sublayer, update."""
         hc = hyper_connection(streams)

@@ -83,18 +83,6 @@ BAD_CONFIGS = [
         dict(apply_residual_connection_post_layernorm=True),
     ),
     ("fused_residual_rmsnorm", dict(fused_residual_rmsnorm=True, normalization="RMSNorm")),
-    # Everything else Megatron requires of the overlap (and of MTP with it) is set.
-    (
-        "overlap_moe_expert_parallel_comm",
-        dict(
-            overlap_moe_expert_parallel_comm=True,
-            num_moe_experts=4,
-            expert_model_parallel_size=2,
-            moe_token_dispatcher_type="alltoall",
-            bf16=True,
-            mtp_num_layers=1,
-        ),
-    ),
 ]
 
 
@@ -123,7 +111,8 @@ def test_interleaved_pipeline_is_accepted(variable_seq_lengths):
     assert config.mhc_active
 
 
-def test_overlap_moe_expert_parallel_comm_is_accepted_without_mtp():
+@pytest.mark.parametrize("mtp_num_layers", [None, 1])
+def test_overlap_moe_expert_parallel_comm_is_accepted_with_and_without_mtp(mtp_num_layers):
     config = MHCTransformerConfig(
         **{
             **TINY,
@@ -132,6 +121,7 @@ def test_overlap_moe_expert_parallel_comm_is_accepted_without_mtp():
             "expert_model_parallel_size": 2,
             "moe_token_dispatcher_type": "alltoall",
             "bf16": True,
+            "mtp_num_layers": mtp_num_layers,
         }
     )
     assert config.mhc_active

@@ -1,6 +1,7 @@
 """mhc_mlp_high_priority_stream: the MLP's HC update on a high-priority CUDA stream gives bitwise
 the results of the caller's stream (module alone under concurrent load, and a tiny GPT trained
-with the recompute manager); without CUDA the option is a clear error when the model is built."""
+with the recompute manager); on CPU the platform's ordered streams stand in (the op runs in the
+stream's context), and without CUDA or the CPU platform the option is a clear error."""
 
 import pytest
 import torch
@@ -8,27 +9,63 @@ import torch
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.transformer.high_priority_stream import high_priority_stream
 from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
-from tests.dist_utils import initialize_model_parallel, run_distributed
+from tests.dist_utils import initialize_model_parallel, run_distributed, run_isolated
 from tests.tiny_gpt import MHC_4_STREAMS, build_tiny_gpt, tiny_config
 
 CUDA = torch.cuda.is_available()
 NO_GPU = "needs a CUDA GPU (CUDA streams)"
 
 
-def _build_with_high_priority_stream(rank, world_size):
-    initialize_model_parallel(1, 1)
+def _high_priority_stream_without_the_cpu_platform():
+    from megatron_mhc.transformer.high_priority_stream import mlp_high_priority_stream
+
     try:
-        build_tiny_gpt(tiny_config(enable_mhc_connections=True, mhc_mlp_high_priority_stream=True))
+        mlp_high_priority_stream(
+            tiny_config(enable_mhc_connections=True, mhc_mlp_high_priority_stream=True)
+        )
     except ValueError as err:
         return str(err)
     return None
 
 
-def test_without_cuda_the_option_is_an_error_when_the_model_is_built():
-    (message,) = run_distributed(_build_with_high_priority_stream, 1)
-    assert (
-        message is not None and "mhc_mlp_high_priority_stream=True needs a CUDA device" in message
+@pytest.mark.skipif(CUDA, reason="without CUDA only")
+def test_without_cuda_or_the_cpu_platform_the_option_is_an_error():
+    message = run_isolated(_high_priority_stream_without_the_cpu_platform)
+    assert message is not None
+    assert "mhc_mlp_high_priority_stream=True needs a CUDA device" in message
+
+
+def _update_on_the_cpu_stand_in_stream(rank, world_size):
+    """The stream the update runs on, and the op's current stream inside `run`."""
+    from megatron_mhc.transformer.high_priority_stream import mlp_high_priority_stream
+
+    initialize_model_parallel(1, 1)
+    config = tiny_config(enable_mhc_connections=True, mhc_mlp_high_priority_stream=True)
+    side = mlp_high_priority_stream(config)
+    seen = []
+
+    def op(a):
+        seen.append(torch.cpu.current_stream())
+        return a * 2
+
+    a = torch.randn(16)
+    out = side.run(op, a)
+    gpt = build_tiny_gpt(config)
+    return (
+        seen == [side.stream],
+        torch.cpu.current_stream() is not side.stream,
+        torch.equal(out, a * 2),
+        all(layer.mlp_hyper_connection.update_stream is side for layer in gpt.decoder.layers),
     )
+
+
+@pytest.mark.skipif(CUDA, reason="without CUDA only")
+def test_on_cpu_the_platforms_stand_in_stream_runs_the_update():
+    """The CPU platform's ordered streams stand in for CUDA's: the op runs inside the stream's
+    context and the caller's stream is back after it (tests/unit/test_mhc_overlap_schedule.py
+    trains with it, bitwise)."""
+    (result,) = run_distributed(_update_on_the_cpu_stand_in_stream, 1)
+    assert result == (True, True, True, True)
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)

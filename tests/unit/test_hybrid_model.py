@@ -1,9 +1,10 @@
 """HybridModel with mHC (local hybrid spec) through Megatron's real schedule on gloo processes:
 a `*-*-*-*-` hybrid computes the function of the 4-layer GPT mHC model with the same weights,
 n = 1 is the plain HybridModel, identity init (built or upcycled) computes the baseline's
-function, MoE `E` layers train, PP = 2 (`|` in the pattern; with more stages than ranks,
-interleaved) equals PP = 1 and TP = 2 with sequence parallelism (the local hybrid spec's norms)
-equals TP = 1."""
+function, its `hc` and `hc_static` modules start with the GPT's values module by module (the
+same `hc_index` numbering), MoE `E` layers train, PP = 2 (`|` in the pattern; with more stages
+than ranks, interleaved) equals PP = 1 and TP = 2 with sequence parallelism (the local hybrid
+spec's norms) equals TP = 1."""
 
 import math
 import re
@@ -110,6 +111,24 @@ def _train(overrides, pattern, steps):
     return train_on_a_fixed_batch(model, steps), moe_layers
 
 
+HC_TYPES = ("hc", "hc_static")
+
+
+def _hc_modules_of_hybrid_and_gpt(mhc_type):
+    """{hybrid HC parameter: (its initial value, that of the GPT parameter in the same place)}
+    for a `*-*-*-*-` hybrid and the 4-layer GPT of `mhc_type`. For the `hc` types every initial
+    value is deterministic (W = 0, B_pre = e_(hc_index mod n), B_post = 1, B_res = I, gating
+    0.01), so they must be equal whatever order the stacks draw random numbers in."""
+    overrides = dict(MHC_4_STREAMS, mhc_type=mhc_type)
+    gpt = build_tiny_gpt(tiny_config(**overrides)).state_dict()
+    hybrid = build_tiny_hybrid(tiny_hybrid_config("*-*-*-*-", **overrides), "*-*-*-*-")
+    return {
+        name: (value, gpt[gpt_name(name)])
+        for name, value in hybrid.state_dict().items()
+        if "_hyper_connection." in name
+    }
+
+
 IDENTITY_CASES = {
     f"{contract}_{how}": (contract, how == "upcycled")
     for contract in ("mean", "learned")
@@ -134,6 +153,9 @@ def _single_process_checks(rank, world_size):
             upcycle,
         )
     results["moe_training"] = _train(dict(MHC_4_STREAMS, **CPU_MOE), "*E*E", steps=20)
+    results["hc_initial_values"] = {
+        mhc_type: _hc_modules_of_hybrid_and_gpt(mhc_type) for mhc_type in HC_TYPES
+    }
     return results
 
 
@@ -172,6 +194,23 @@ def test_identity_init_n4_computes_the_baseline_hybrid_function(single_process, 
     assert base.shape == got.shape == (2, 16, VOCAB)
     scale = base.abs().max()
     torch.testing.assert_close(got / scale, base / scale, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mhc_type", HC_TYPES)
+def test_hybrid_numbers_its_hc_modules_as_the_gpt_module_by_module(single_process, mhc_type):
+    """`hc_index` decides which stream an `hc` / `hc_static` module starts reading: hybrid layer
+    j (one sublayer) holds module j, as the half of GPT layer j // 2 in the same place."""
+    modules = single_process["hc_initial_values"][mhc_type]
+    parameters = ("base", "fn", "scale") if mhc_type == "hc" else ("base",)
+    assert {name.rsplit(".", 1)[1] for name in modules} == set(parameters)
+    assert len(modules) == 8 * len(parameters)
+    streams_read = []
+    for name, (hybrid_value, gpt_value) in modules.items():
+        assert torch.equal(hybrid_value, gpt_value), name
+        if name.endswith(".base"):
+            streams_read.append(int(hybrid_value[:4].argmax()))
+    # Module j reads stream j mod 4: the numbering is visible in these values.
+    assert streams_read == [j % 4 for j in range(8)]
 
 
 def test_hybrid_with_moe_layers_trains(single_process):

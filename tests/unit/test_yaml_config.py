@@ -58,18 +58,24 @@ def test_paper_hybrid_config_is_the_27b_moe_one_sublayer_per_layer(parser):
     pattern = hybrid.pop("hybrid_layer_pattern")
     counts = get_hybrid_layer_counts(pattern)
     assert (counts["*"], counts.get("-", 0), counts["E"]) == (30, 0, 30)  # all blocks MoE
-    assert (
-        get_hybrid_total_pipeline_segment_count(pattern) == hybrid["pipeline_model_parallel_size"]
-    )
+    # Two virtual stages per pipeline rank: the EP all-to-all overlap, on in the hybrid form,
+    # needs them with pipeline parallelism (the GPT form's 30 layers do not split evenly).
+    pipeline = hybrid["pipeline_model_parallel_size"]
+    assert get_hybrid_total_pipeline_segment_count(pattern) == 2 * pipeline
     different = {key for key in gpt.keys() | hybrid.keys() if gpt.get(key) != hybrid.get(key)}
     # The GPT form cuts its 7/8/8/7 stages with flags, the hybrid one with '|' in its pattern.
     stage_cut = {"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"}
-    assert different == {"num_layers", "save", "load", "tensorboard_dir"} | stage_cut
+    renamed = {"num_layers", "save", "load", "tensorboard_dir"}
+    assert different == renamed | stage_cut | {"overlap_moe_expert_parallel_comm"}
+    assert hybrid["overlap_moe_expert_parallel_comm"] is True
     assert (gpt["decoder_first_pipeline_num_layers"], gpt["decoder_last_pipeline_num_layers"]) == (
         7,
         7,
     )
-    assert [len(stage) // 2 for stage in pattern.split("|")] == [7, 8, 8, 7]
+    # Rank r holds pattern stages r and r + PP: 7/8/8/7 blocks per rank, as the GPT form.
+    stages = pattern.split("|")
+    blocks = [(len(stages[r]) + len(stages[r + pipeline])) // 2 for r in range(pipeline)]
+    assert blocks == [7, 8, 8, 7]
 
 
 def test_paper_moe_configs_follow_table_5(parser):
