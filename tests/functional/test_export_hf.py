@@ -1,0 +1,240 @@
+"""From a Megatron checkpoint to Hugging Face, end to end: tiny mHC models trained by
+pretrain_gpt_mhc.py (TP=1 PP=2; TP=2 with SwiGLU, grouped KV heads, LayerNorm, the learned
+contract and untied embeddings; a HybridModel with MoE and `hc` hyper-connections), their HC
+parameters replaced by random non-identity ones, exported with tools/export_hf.py and loaded
+with transformers: the logits equal those of Megatron's model loaded from the same checkpoint,
+the HC parameters stay fp32 in bf16, generation with a KV cache equals generation without, and
+the directory loads and generates where megatron_mhc cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from megatron_mhc.checkpoint_conversion import _convert_checkpoint, _IndexRewrite
+from tests.dist_utils import initialize_model_parallel, run_distributed
+from tests.functional.pretrain_runs import REPO, run_pretrain
+
+# Tiny models, 2 training steps (the HC parameters are then made random: training this short
+# leaves them near their initialisation, where a transposed or misordered mapping hides).
+TINY = [
+    *("--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4"),
+    *("--seq-length", "32", "--max-position-embeddings", "64"),
+    *("--micro-batch-size", "2", "--global-batch-size", "4"),
+    *("--train-iters", "2", "--lr-warmup-iters", "1", "--save-interval", "2"),
+]
+LAYOUTS = {
+    "gpt_tp1_pp2": ["--num-layers", "4"],
+    "gpt_tp2": [
+        *("--num-layers", "2", "--tensor-model-parallel-size", "2"),
+        *("--pipeline-model-parallel-size", "1", "--swiglu", "--normalization", "LayerNorm"),
+        *("--group-query-attention", "--num-query-groups", "2"),
+        *("--mhc-output-contract", "learned", "--untie-embeddings-and-output-weights"),
+    ],
+}
+HYBRID_CONFIG = "configs/hybrid_tiny_mhc.yaml"
+NAMES = [*LAYOUTS, "hybrid_moe_hc"]
+HYBRID = [
+    *("--hybrid-layer-pattern", "*E|*-", "--moe-ffn-hidden-size", "64", "--mhc-type", "hc"),
+]
+PROMPT_LENGTH, NEW_TOKENS = 8, 32
+
+
+def _random_hc_parameters(tensors: dict) -> dict:
+    """Random, non-identity HC parameters of each type's shapes (seeded by the name)."""
+    randomized = {}
+    for key, value in tensors.items():
+        generator = torch.Generator().manual_seed(sum(map(ord, key)))
+        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        if key.endswith("scale"):
+            randomized[key] = 0.5 + noise.abs()
+        elif key.endswith("fn"):
+            randomized[key] = value + 0.2 * noise
+        else:
+            randomized[key] = value + 0.5 * noise
+    return randomized
+
+
+def _is_hc_parameter(key: str) -> bool:
+    return "hyper_connection." in key or ".mhc_head." in key
+
+
+def _trained_and_exported(tmp_path_factory, name: str, flags: list, config=None) -> tuple:
+    workdir = tmp_path_factory.mktemp(name)
+    kwargs = {"config": config} if config else {}
+    run_pretrain(workdir, *TINY, *flags, **kwargs)
+    randomized = workdir / "randomized"
+    rewrite = _IndexRewrite(lambda key: key, _random_hc_parameters, _is_hc_parameter)
+    _convert_checkpoint(workdir / "checkpoints", randomized, rewrite)
+    exported = workdir / "hf"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_hf.py"), str(randomized), str(exported)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return randomized / "iter_0000002", exported
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    """name -> (randomized iteration directory, exported directory): each layout trained and
+    exported once for the module."""
+    done = {}
+
+    def get(name: str) -> tuple:
+        if name not in done:
+            if name == "hybrid_moe_hc":
+                flags, config = HYBRID, HYBRID_CONFIG
+            else:
+                flags, config = LAYOUTS[name], None
+            done[name] = _trained_and_exported(tmp_path_factory, name, flags, config)
+        return done[name]
+
+    return get
+
+
+def _megatron_logits(rank, world_size, iteration_dir: str, tokens: torch.Tensor):
+    """Logits [b, s, vocab] of Megatron's model (the training entry point's model provider, one
+    process) with the weights of `iteration_dir` loaded by Megatron's dist checkpointing."""
+    from megatron.core import dist_checkpointing
+    from megatron.training.global_vars import set_args
+
+    from megatron_mhc.training.gpt_step import model_provider
+
+    args = dist_checkpointing.load_common_state_dict(iteration_dir)["args"]
+    for field in ("tensor", "pipeline", "expert"):
+        setattr(args, f"{field}_model_parallel_size", 1)
+    if args.hybrid_layer_pattern:
+        args.hybrid_layer_pattern = args.hybrid_layer_pattern.replace("|", "")
+    initialize_model_parallel()
+    set_args(args)
+    model = model_provider()
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), iteration_dir)
+    model.load_state_dict(loaded, strict=False)
+    model.eval()
+    batch, seq = tokens.shape
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    with torch.no_grad():
+        return model(tokens, torch.arange(seq).expand(batch, seq), causal)
+
+
+def _tokens(vocab: int, batch: int = 2, seq: int = 32) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
+
+
+def _load(directory: Path, **kwargs):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, trust_remote_code=True, **kwargs
+    ).eval()
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not actual.isnan().any()
+    return ((actual.float() - expected.float()).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hf_logits_equal_megatrons(exported_run, name):
+    iteration_dir, exported = exported_run(name)
+    model = _load(exported)
+    tokens = _tokens(model.config.vocab_size)
+    (expected,) = run_distributed(_megatron_logits, 1, str(iteration_dir), tokens)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    assert _relative_error(logits, expected) <= 1e-5, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_and_weights_are_exported_as_documented(exported_run, name):
+    _, exported = exported_run(name)
+    config = json.loads((exported / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mhc.MHCForCausalLM"
+    from safetensors import safe_open
+
+    with safe_open(exported / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    hc_names = {"model.layers.0.attn_hc.base", "model.layers.1.ffn_hc.base"}
+    if name != "hybrid_moe_hc":  # a hybrid layer holds one sublayer
+        hc_names |= {"model.layers.0.ffn_hc.fn", "model.layers.1.attn_hc.scale"}
+    assert hc_names <= names
+    assert ("model.hc_head.hc_fn" in names) == (name == "gpt_tp2")
+    assert ("lm_head.weight" in names) == (name != "gpt_tp1_pp2")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_load_keeps_hc_parameters_fp32(exported_run, name):
+    _, exported = exported_run(name)
+    model = _load(exported, dtype=torch.bfloat16)
+    hc = {n: p.dtype for n, p in model.named_parameters() if "_hc." in n or "hc_head." in n}
+    assert hc and set(hc.values()) == {torch.float32}, hc
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        low = model(tokens).logits
+        full = _load(exported)(tokens).logits
+    assert _relative_error(low, full) <= 1e-2, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_with_cache_equals_without_and_starts_at_megatrons_argmax(exported_run, name):
+    iteration_dir, exported = exported_run(name)
+    model = _load(exported)
+    prompt = _tokens(model.config.vocab_size, batch=1, seq=PROMPT_LENGTH)
+    settings = dict(
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    cached = model.generate(prompt, use_cache=True, **settings)
+    uncached = model.generate(prompt, use_cache=False, **settings)
+    assert cached.sequences.shape == (1, PROMPT_LENGTH + NEW_TOKENS)
+    assert torch.equal(cached.sequences, uncached.sequences), name
+    # The logits of every step too, not only their argmax.
+    for with_cache, without in zip(cached.logits, uncached.logits, strict=True):
+        assert _relative_error(with_cache, without) <= 1e-5, name
+    (megatron,) = run_distributed(_megatron_logits, 1, str(iteration_dir), prompt)
+    assert cached.sequences[0, PROMPT_LENGTH] == megatron[0, -1].argmax()
+
+
+# Loads the exported directory and prints greedy tokens, with megatron_mhc unimportable.
+_BLOCKED = """
+import sys, json, torch
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name == "megatron_mhc" or name.startswith("megatron_mhc."):
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Blocker())
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+prompt = torch.tensor([json.loads(sys.argv[2])])
+out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+print(json.dumps(out[0].tolist()))
+"""
+
+
+def test_exported_directory_generates_without_megatron_mhc(exported_run, tmp_path):
+    _, exported = exported_run("gpt_tp1_pp2")
+    prompt = _tokens(8192, batch=1, seq=PROMPT_LENGTH)[0].tolist()
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCKED, str(exported), json.dumps(prompt)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _load(exported).generate(
+        torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected[0].tolist()
