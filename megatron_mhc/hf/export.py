@@ -13,6 +13,7 @@ expects.
 
 import re
 import shutil
+from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from megatron_mhc.data.paths import default_tokenizer_dir
 from megatron_mhc.fusions import reference
 from megatron_mhc.hf import configuration_mhc, modeling_mhc
 from megatron_mhc.hf.configuration_mhc import MHCConfig
+from megatron_mhc.hf.evaluate import RUN_ARGUMENTS, run_arguments_json
 from megatron_mhc.hf.megatron_checkpoint import MegatronCheckpoint, read_checkpoint
 
 # The hybrid layer symbols the model code computes (Megatron's HybridModel pattern).
@@ -343,4 +345,7 @@ def export(
         save_file(weights, scratch / "model.safetensors", metadata={"format": "pt"})
         _write_code(scratch)
         tokenizer.save_pretrained(scratch)
+        # For tools/evaluate_hf.py: the run's data settings and the checkpoint's iteration.
+        run_arguments = Namespace(**{**vars(megatron.args), "iteration": megatron.iteration})
+        (scratch / RUN_ARGUMENTS).write_text(run_arguments_json(run_arguments))
     return Path(out_dir)

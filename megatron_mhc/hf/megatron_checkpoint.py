@@ -27,6 +27,7 @@ _LOCAL_LAYER = re.compile(r"^(decoder|mtp)\.layers\.(\d+)\.(.*)$")
 @dataclasses.dataclass
 class MegatronCheckpoint:
     iteration_dir: Path
+    iteration: int
     args: Namespace
     config: MHCTransformerConfig
     weights: dict
@@ -63,7 +64,7 @@ def _torch_dist_weights(iteration_dir: Path) -> dict:
     return weights
 
 
-def _torch_format_weights(iteration_dir: Path, args: Namespace) -> dict:
+def _torch_format_weights(iteration_dir: Path) -> dict:
     """The stage files of a TP = 1 torch-format iteration merged, with global layer numbers."""
     weights, offsets = {}, {"decoder": 0, "mtp": 0}
     for stage_file in sorted(iteration_dir.glob(f"mp_rank_00*/{_TORCH_FILE}")):
@@ -100,13 +101,15 @@ def read_checkpoint(checkpoint: Path, step: int | None = None) -> MegatronCheckp
 
     iteration_dir = _iteration_dir(checkpoint, step)
     if (iteration_dir / ".metadata").is_file():
-        args = load_common_state_dict(str(iteration_dir))["args"]
+        common = load_common_state_dict(str(iteration_dir))
         weights = _torch_dist_weights(iteration_dir)
     else:
         stage_files = sorted(iteration_dir.glob(f"mp_rank_*/{_TORCH_FILE}"))
         if not stage_files:
             iteration_dirs(checkpoint)  # raises: names what a torch_dist checkpoint holds
-        args = torch.load(stage_files[0], map_location="cpu", weights_only=False)["args"]
-        _refuse_torch_format_layout(iteration_dir, args)
-        weights = _torch_format_weights(iteration_dir, args)
-    return MegatronCheckpoint(iteration_dir, args, mhc_config_from_args(args), weights)
+        common = torch.load(stage_files[0], map_location="cpu", weights_only=False)
+        _refuse_torch_format_layout(iteration_dir, common["args"])
+        weights = _torch_format_weights(iteration_dir)
+    args = common["args"]
+    config = mhc_config_from_args(args)
+    return MegatronCheckpoint(iteration_dir, common["iteration"], args, config, weights)

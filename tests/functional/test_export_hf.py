@@ -4,17 +4,21 @@ contract and untied embeddings; a HybridModel with MoE and `hc` hyper-connection
 parameters replaced by random non-identity ones, exported with tools/export_hf.py and loaded
 with transformers: the logits equal those of Megatron's model loaded from the same checkpoint,
 the HC parameters stay fp32 in bf16, generation with a KV cache equals generation without, and
-the directory loads and generates where megatron_mhc cannot be imported."""
+the directory loads and generates where megatron_mhc cannot be imported. tools/evaluate_hf.py on
+the exported golden run (conftest.py) gives Megatron's validation loss."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from megatron_mhc.checkpoint_conversion import _convert_checkpoint, _IndexRewrite
 from tests.dist_utils import initialize_model_parallel, run_distributed
@@ -43,6 +47,25 @@ HYBRID = [
     *("--hybrid-layer-pattern", "*E|*-", "--moe-ffn-hidden-size", "64", "--mhc-type", "hc"),
 ]
 PROMPT_LENGTH, NEW_TOKENS = 8, 32
+VOCAB = 8192  # the tiny configs' (padded) vocabulary
+
+
+class Export(NamedTuple):
+    iteration_dir: Path
+    """The trained checkpoint with random HC parameters."""
+    directory: Path
+    """Its Hugging Face export."""
+    megatron_logits: torch.Tensor
+    """Megatron's logits of TOKENS."""
+    megatron_prompt_logits: torch.Tensor
+    """Megatron's logits of PROMPT."""
+
+
+def _tokens(batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(7))
+
+
+TOKENS, PROMPT = _tokens(2, 32), _tokens(1, PROMPT_LENGTH)
 
 
 def _random_hc_parameters(tensors: dict) -> dict:
@@ -64,7 +87,7 @@ def _is_hc_parameter(key: str) -> bool:
     return "hyper_connection." in key or ".mhc_head." in key
 
 
-def _trained_and_exported(tmp_path_factory, name: str, flags: list, config=None) -> tuple:
+def _trained_and_exported(tmp_path_factory, name: str, flags: list, config=None) -> Export:
     workdir = tmp_path_factory.mktemp(name)
     kwargs = {"config": config} if config else {}
     run_pretrain(workdir, *TINY, *flags, **kwargs)
@@ -79,16 +102,18 @@ def _trained_and_exported(tmp_path_factory, name: str, flags: list, config=None)
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return randomized / "iter_0000002", exported
+    iteration_dir = randomized / "iter_0000002"
+    (logits,) = run_distributed(_megatron_logits, 1, str(iteration_dir), [TOKENS, PROMPT])
+    return Export(iteration_dir, exported, *logits)
 
 
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
-    """name -> (randomized iteration directory, exported directory): each layout trained and
-    exported once for the module."""
+    """name -> its Export: each layout trained, exported and run by Megatron once for the
+    module."""
     done = {}
 
-    def get(name: str) -> tuple:
+    def get(name: str) -> Export:
         if name not in done:
             if name == "hybrid_moe_hc":
                 flags, config = HYBRID, HYBRID_CONFIG
@@ -100,9 +125,10 @@ def exported_run(tmp_path_factory):
     return get
 
 
-def _megatron_logits(rank, world_size, iteration_dir: str, tokens: torch.Tensor):
-    """Logits [b, s, vocab] of Megatron's model (the training entry point's model provider, one
-    process) with the weights of `iteration_dir` loaded by Megatron's dist checkpointing."""
+def _megatron_logits(rank, world_size, iteration_dir: str, batches: list) -> list:
+    """Logits [b, s, vocab] of each of `batches` by Megatron's model (the training entry
+    point's model provider, one process) with the weights of `iteration_dir` loaded by
+    Megatron's dist checkpointing."""
     from megatron.core import dist_checkpointing
     from megatron.training.global_vars import set_args
 
@@ -119,14 +145,13 @@ def _megatron_logits(rank, world_size, iteration_dir: str, tokens: torch.Tensor)
     loaded = dist_checkpointing.load(model.sharded_state_dict(), iteration_dir)
     model.load_state_dict(loaded, strict=False)
     model.eval()
-    batch, seq = tokens.shape
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
-    with torch.no_grad():
-        return model(tokens, torch.arange(seq).expand(batch, seq), causal)
-
-
-def _tokens(vocab: int, batch: int = 2, seq: int = 32) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
+    logits = []
+    for tokens in batches:
+        batch, seq = tokens.shape
+        causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+        with torch.no_grad():
+            logits.append(model(tokens, torch.arange(seq).expand(batch, seq), causal))
+    return logits
 
 
 def _load(directory: Path, **kwargs):
@@ -142,23 +167,18 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_hf_logits_equal_megatrons(exported_run, name):
-    iteration_dir, exported = exported_run(name)
-    model = _load(exported)
-    tokens = _tokens(model.config.vocab_size)
-    (expected,) = run_distributed(_megatron_logits, 1, str(iteration_dir), tokens)
+    run = exported_run(name)
     with torch.no_grad():
-        logits = model(tokens).logits
-    assert _relative_error(logits, expected) <= 1e-5, name
+        logits = _load(run.directory)(TOKENS).logits
+    assert _relative_error(logits, run.megatron_logits) <= 1e-5, name
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_and_weights_are_exported_as_documented(exported_run, name):
-    _, exported = exported_run(name)
+    exported = exported_run(name).directory
     config = json.loads((exported / "config.json").read_text())
     assert config["dtype"] == "float32"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mhc.MHCForCausalLM"
-    from safetensors import safe_open
-
     with safe_open(exported / "model.safetensors", "pt") as weights:
         names = set(weights.keys())
     hc_names = {"model.layers.0.attn_hc.base", "model.layers.1.ffn_hc.base"}
@@ -171,23 +191,21 @@ def test_config_and_weights_are_exported_as_documented(exported_run, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_load_keeps_hc_parameters_fp32(exported_run, name):
-    _, exported = exported_run(name)
+    exported = exported_run(name).directory
     model = _load(exported, dtype=torch.bfloat16)
     hc = {n: p.dtype for n, p in model.named_parameters() if "_hc." in n or "hc_head." in n}
     assert hc and set(hc.values()) == {torch.float32}, hc
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
-    tokens = _tokens(model.config.vocab_size)
     with torch.no_grad():
-        low = model(tokens).logits
-        full = _load(exported)(tokens).logits
+        low = model(TOKENS).logits
+        full = _load(exported)(TOKENS).logits
     assert _relative_error(low, full) <= 1e-2, name
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_generate_with_cache_equals_without_and_starts_at_megatrons_argmax(exported_run, name):
-    iteration_dir, exported = exported_run(name)
-    model = _load(exported)
-    prompt = _tokens(model.config.vocab_size, batch=1, seq=PROMPT_LENGTH)
+    run = exported_run(name)
+    model = _load(run.directory)
     settings = dict(
         max_new_tokens=NEW_TOKENS,
         min_new_tokens=NEW_TOKENS,
@@ -195,15 +213,14 @@ def test_generate_with_cache_equals_without_and_starts_at_megatrons_argmax(expor
         output_logits=True,
         return_dict_in_generate=True,
     )
-    cached = model.generate(prompt, use_cache=True, **settings)
-    uncached = model.generate(prompt, use_cache=False, **settings)
+    cached = model.generate(PROMPT, use_cache=True, **settings)
+    uncached = model.generate(PROMPT, use_cache=False, **settings)
     assert cached.sequences.shape == (1, PROMPT_LENGTH + NEW_TOKENS)
     assert torch.equal(cached.sequences, uncached.sequences), name
     # The logits of every step too, not only their argmax.
     for with_cache, without in zip(cached.logits, uncached.logits, strict=True):
         assert _relative_error(with_cache, without) <= 1e-5, name
-    (megatron,) = run_distributed(_megatron_logits, 1, str(iteration_dir), prompt)
-    assert cached.sequences[0, PROMPT_LENGTH] == megatron[0, -1].argmax()
+    assert cached.sequences[0, PROMPT_LENGTH] == run.megatron_prompt_logits[0, -1].argmax()
 
 
 # Loads the exported directory and prints greedy tokens, with megatron_mhc unimportable.
@@ -223,8 +240,8 @@ print(json.dumps(out[0].tolist()))
 
 
 def test_exported_directory_generates_without_megatron_mhc(exported_run, tmp_path):
-    _, exported = exported_run("gpt_tp1_pp2")
-    prompt = _tokens(8192, batch=1, seq=PROMPT_LENGTH)[0].tolist()
+    exported = exported_run("gpt_tp1_pp2").directory
+    prompt = PROMPT[0].tolist()
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     result = subprocess.run(
         [sys.executable, "-c", _BLOCKED, str(exported), json.dumps(prompt)],
@@ -238,3 +255,27 @@ def test_exported_directory_generates_without_megatron_mhc(exported_run, tmp_pat
         torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False
     )
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected[0].tolist()
+
+
+def test_evaluate_hf_on_the_golden_run_equals_megatrons_validation_loss(golden_run, tmp_path):
+    workdir, log, _ = golden_run
+    exported = tmp_path / "hf"
+    for tool, *args in (
+        ("export_hf.py", workdir / "checkpoints", exported),
+        ("evaluate_hf.py", exported),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "tools" / tool), *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    # The golden run evaluates 2 batches of 8 at iterations 25 and 50 (pretrain_runs.py).
+    megatron = re.search(r"validation loss at iteration 50 \| lm loss value: ([^ |]+)", log)
+    evaluated = re.search(
+        r"validation samples 16\.\.31 \((\d+) tokens\) \| lm loss ([^ |]+)", result.stdout
+    )
+    assert evaluated, result.stdout
+    assert int(evaluated.group(1)) == 16 * 128
+    assert abs(float(evaluated.group(2)) - float(megatron.group(1))) <= 1e-4
