@@ -6,7 +6,8 @@ where `config.json`'s `auto_map` finds it.
 
 from transformers import PreTrainedConfig
 
-SUBLAYER_KINDS = ("attention", "mlp", "moe")
+ATTENTION_KINDS = ("attention", "mla")
+SUBLAYER_KINDS = (*ATTENTION_KINDS, "mlp", "moe")
 HC_TYPES = ("mhc", "hc", "hc_static")
 OUTPUT_CONTRACTS = ("mean", "learned")
 NORMS = ("rmsnorm", "layernorm")
@@ -17,11 +18,14 @@ class MHCConfig(PreTrainedConfig):
     """A decoder-only transformer on n residual streams, as megatron-mhc trains it.
 
     `layer_sublayers[i]` lists the residual sublayers of layer i in order: a GPT layer is
-    ["attention", "mlp"] (or "moe"), a HybridModel layer holds one. Each sublayer has its own
-    pre-norm and its own hyper-connection (`attn_hc` around attention, `ffn_hc` around the MLP
-    or MoE, DeepSeek-V4's names). The HC fields are docs/math.md's, with megatron-mhc's config
-    names in parentheses: `hc_type` (mhc_type), `hc_mult` (mhc_num_residual_streams),
-    `hc_sinkhorn_iters`, `hc_eps`, `hc_norm_eps`, `hc_output_contract`.
+    ["attention", "mlp"] ("mla" for multi-latent attention, "moe" for MoE), a HybridModel layer
+    holds one. Each sublayer has its own pre-norm and its own hyper-connection (`attn_hc` around
+    attention, `ffn_hc` around the MLP or MoE, DeepSeek-V4's names). The HC fields are
+    docs/math.md's, with megatron-mhc's config names in parentheses: `hc_type` (mhc_type),
+    `hc_mult` (mhc_num_residual_streams), `hc_sinkhorn_iters`, `hc_eps`, `hc_norm_eps`,
+    `hc_output_contract`. The MLA fields are DeepSeek-V3's (`q_lora_rank`, `kv_lora_rank`,
+    `qk_nope_head_dim` = Megatron's qk_head_dim, `qk_rope_head_dim` = qk_pos_emb_head_dim,
+    `v_head_dim`), with `mla_latent_norms` (Megatron's qk_layernorm) and `mla_softmax_scale`.
     """
 
     model_type = "megatron_mhc"
@@ -42,6 +46,13 @@ class MHCConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     rotary_dim: int | None = None
     max_position_embeddings: int = 4096
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    mla_latent_norms: bool = False
+    mla_softmax_scale: float | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None
@@ -70,6 +81,8 @@ class MHCConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim
+        if self.mla_softmax_scale is None:
+            self.mla_softmax_scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         super().__post_init__(**kwargs)
@@ -98,4 +111,8 @@ class MHCConfig(PreTrainedConfig):
     def attention_layers(self) -> list:
         """The indices of the layers that hold attention: a layer's KV-cache slot is its
         position in this list."""
-        return [i for i, sublayers in enumerate(self.layer_sublayers) if "attention" in sublayers]
+        return [
+            i
+            for i, sublayers in enumerate(self.layer_sublayers)
+            if any(kind in ATTENTION_KINDS for kind in sublayers)
+        ]

@@ -11,6 +11,7 @@ know is refused with one line naming it, and the weights must be exactly those t
 expects.
 """
 
+import math
 import re
 import shutil
 from argparse import Namespace
@@ -23,28 +24,26 @@ import torch.nn.functional as F
 from megatron_mhc.checkpoint_conversion import new_directory
 from megatron_mhc.data.paths import default_tokenizer_dir
 from megatron_mhc.fusions import reference
-from megatron_mhc.hf import configuration_mhc, modeling_mhc
+from megatron_mhc.hf import attention_mhc, configuration_mhc, modeling_mhc
 from megatron_mhc.hf.configuration_mhc import MHCConfig
 from megatron_mhc.hf.evaluate import RUN_ARGUMENTS, run_arguments_json
 from megatron_mhc.hf.megatron_checkpoint import MegatronCheckpoint, read_checkpoint
 
 # The hybrid layer symbols the model code computes (Megatron's HybridModel pattern).
-_HYBRID_SUBLAYERS = {"*": ["attention"], "-": ["mlp"], "E": ["moe"]}
-_HYBRID_NAMES = {"+": "MLA", "D": "DeepSeek sparse attention", "M": "Mamba", "G": "GDN"}
+_HYBRID_SUBLAYERS = {"*": ["attention"], "+": ["mla"], "-": ["mlp"], "E": ["moe"]}
+_HYBRID_NAMES = {"D": "DeepSeek sparse attention", "M": "Mamba", "G": "GDN"}
 # The import of the reference ops in modeling_mhc.py, and what it becomes beside the weights.
 _REFERENCE_IMPORT = "from megatron_mhc.fusions.reference import ("
 _EXPORTED_REFERENCE_IMPORT = "from .mhc_reference import ("
-_CODE_FILES = ("configuration_mhc.py", "modeling_mhc.py", "mhc_reference.py")
 # Megatron settings the model code does not compute: (config field, value it must have).
 _REFUSED_SETTINGS = (
-    ("qk_layernorm", False),
     ("attention_output_gate", False),
     ("softmax_scale", None),
     ("layernorm_zero_centered_gamma", False),
     ("apply_residual_connection_post_layernorm", False),
     ("fp32_residual_connection", False),
     ("rotary_interleaved", False),
-    ("multi_latent_attention", False),
+    ("mla_down_proj_fusion", False),
     ("moe_shared_expert_intermediate_size", None),
     ("moe_router_topk_scaling_factor", None),
     ("moe_router_enable_expert_bias", False),
@@ -71,13 +70,14 @@ def _layer_sublayers(checkpoint: MegatronCheckpoint) -> list:
                 kind = _HYBRID_NAMES.get(symbol, "unknown")
                 _refuse(
                     f"layer {symbol!r} ({kind}) in --hybrid-layer-pattern {pattern!r}",
-                    "'*' attention, '-' MLP and 'E' MoE layers",
+                    "'*' attention, '+' MLA, '-' MLP and 'E' MoE layers",
                 )
         return [_HYBRID_SUBLAYERS[symbol] for symbol in decoder]
     if config.num_moe_experts and config.moe_layer_freq != 1:
         _refuse(f"moe_layer_freq = {config.moe_layer_freq!r}", "1: every GPT layer MoE")
+    attention = "mla" if config.multi_latent_attention else "attention"
     ffn = "moe" if config.num_moe_experts else "mlp"
-    return [["attention", ffn]] * config.num_layers
+    return [[attention, ffn]] * config.num_layers
 
 
 def _hidden_act(config) -> str:
@@ -87,6 +87,32 @@ def _hidden_act(config) -> str:
         return "gelu"
     name = getattr(config.activation_func, "__name__", config.activation_func)
     _refuse(f"activation {name} (gated: {config.gated_linear_unit})", "gelu and swiglu")
+
+
+def _latent_attention_fields(args, config) -> dict:
+    """MHCConfig's MLA fields; Megatron's RoPE of type `rope` only (not YaRN)."""
+    if not config.multi_latent_attention:
+        return {}
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_mscale,
+    )
+
+    if config.rope_type != "rope":
+        _refuse(f"MLA with rope_type = {config.rope_type!r}", "MLA with rope_type = 'rope'")
+    if args.rotary_percent != 1.0:
+        _refuse(f"MLA with --rotary-percent {args.rotary_percent}", "MLA with --rotary-percent 1")
+    # MLASelfAttention's softmax scale: YaRN's mscale enters it whatever the RoPE type.
+    mscale = _yarn_get_mscale(config.rotary_scaling_factor, config.mscale_all_dim)
+    head_dim = config.qk_head_dim + config.qk_pos_emb_head_dim
+    return dict(
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_head_dim,
+        qk_rope_head_dim=config.qk_pos_emb_head_dim,
+        v_head_dim=config.v_head_dim,
+        mla_latent_norms=config.qk_layernorm,
+        mla_softmax_scale=mscale * mscale / math.sqrt(head_dim),
+    )
 
 
 def hf_config(checkpoint: MegatronCheckpoint) -> MHCConfig:
@@ -103,6 +129,8 @@ def hf_config(checkpoint: MegatronCheckpoint) -> MHCConfig:
         _refuse(f"--position-embedding-type {args.position_embedding_type}", "rope")
     if config.num_moe_experts and config.moe_router_score_function != "softmax":
         _refuse(f"moe_router_score_function = {config.moe_router_score_function!r}", "softmax")
+    if config.qk_layernorm and not config.multi_latent_attention:
+        _refuse("qk_layernorm = True", "qk_layernorm = False, or MLA's latent norms")
     dtype = "bfloat16" if config.bf16 else "float16" if config.fp16 else "float32"
     return MHCConfig(
         vocab_size=args.padded_vocab_size,
@@ -124,6 +152,7 @@ def hf_config(checkpoint: MegatronCheckpoint) -> MHCConfig:
         num_experts_per_tok=config.moe_router_topk,
         moe_intermediate_size=config.moe_ffn_hidden_size,
         moe_router_pre_softmax=config.moe_router_pre_softmax,
+        **_latent_attention_fields(args, config),
         hc_type=config.mhc_type,
         hc_mult=config.mhc_num_residual_streams if config.mhc_active else 1,
         hc_sinkhorn_iters=config.mhc_sinkhorn_iterations,
@@ -207,6 +236,22 @@ _LAYER_RULES = (
         lambda config, prefix, found, t: _qkv(config, prefix, found["kind"], t),
     ),
     (rf"self_attention\.linear_proj\.{_KIND}", _renamed("self_attn.o_proj")),
+    (r"self_attention\.linear_q_proj\.(?P<kind>weight)", _renamed("self_attn.q_proj")),
+    (r"self_attention\.linear_q_down_proj\.(?P<kind>weight)", _renamed("self_attn.q_a_proj")),
+    (r"self_attention\.linear_q_up_proj\.(?P<kind>weight)", _renamed("self_attn.q_b_proj")),
+    (
+        r"self_attention\.(linear_q_up_proj\.layer_norm_|q_layernorm\.)(?P<kind>weight)",
+        _renamed("self_attn.q_a_layernorm"),
+    ),
+    (
+        r"self_attention\.linear_kv_down_proj\.(?P<kind>weight)",
+        _renamed("self_attn.kv_a_proj_with_mqa"),
+    ),
+    (r"self_attention\.linear_kv_up_proj\.(?P<kind>weight)", _renamed("self_attn.kv_b_proj")),
+    (
+        r"self_attention\.(linear_kv_up_proj\.layer_norm_|kv_layernorm\.)(?P<kind>weight)",
+        _renamed("self_attn.kv_a_layernorm"),
+    ),
     (r"self_attention_hyper_connection\.(?P<kind>fn|base|scale)", _renamed("attn_hc")),
     (
         rf"(mlp\.linear_fc1\.layer_norm_|pre_mlp_layernorm\.){_KIND}",
@@ -266,6 +311,8 @@ def hf_weights(config: MHCConfig, megatron_weights: dict) -> dict:
         layer = _DECODER_LAYER.match(key)
         if layer:
             weights.update(_layer_weights(config, *layer.groups(), tensor))
+        elif key == "output_layer.weight" and config.tie_word_embeddings:
+            continue  # the last pipeline stage's copy of the tied embedding (torch format)
         elif key in _TOP_LEVEL:
             weights[_TOP_LEVEL[key]] = tensor
         elif key.startswith("mtp."):
@@ -314,7 +361,7 @@ def _tokenizer_dir(checkpoint: MegatronCheckpoint, tokenizer: Path | None) -> Pa
 
 
 def _write_code(directory: Path) -> None:
-    for module in (configuration_mhc, modeling_mhc):
+    for module in (configuration_mhc, attention_mhc, modeling_mhc):
         shutil.copyfile(module.__file__, directory / Path(module.__file__).name)
     modeling = (directory / "modeling_mhc.py").read_text()
     if _REFERENCE_IMPORT not in modeling:

@@ -29,82 +29,14 @@ from megatron_mhc.fusions.reference import (
     mhc_update,
 )
 
-from .configuration_mhc import MHCConfig
-
-# Megatron's attention_mask_func fills masked scores with this value before the softmax.
-_MASKED_SCORE = -10000.0
+from .attention_mhc import MHCAttention, MHCLatentAttention, MHCRotaryEmbedding
+from .configuration_mhc import ATTENTION_KINDS, MHCConfig
 
 
 def _norm(config: MHCConfig) -> nn.Module:
     if config.normalization == "rmsnorm":
         return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first `rotary_dim` channels of x [b, heads, s, d] (Megatron's non-interleaved
-    rotation); the rest pass through."""
-    rotary_dim = cos.shape[-1]
-    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    rotated = rotated * cos + _rotate_half(rotated) * sin
-    return torch.cat((rotated, passed), dim=-1)
-
-
-class MHCRotaryEmbedding(nn.Module):
-    """cos and sin [b, 1, s, rotary_dim] of the positions, computed in fp32 as Megatron does."""
-
-    def __init__(self, config: MHCConfig):
-        super().__init__()
-        self.register_buffer("inv_freq", self.inverse_frequencies(config), persistent=False)
-
-    @staticmethod
-    def inverse_frequencies(config: MHCConfig) -> torch.Tensor:
-        dim = config.rotary_dim
-        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-class MHCAttention(nn.Module):
-    """Self-attention with grouped KV heads; `cache_index` is this layer's slot in the KV cache
-    (its ordinal among the attention layers)."""
-
-    def __init__(self, config: MHCConfig, cache_index: int):
-        super().__init__()
-        self.cache_index = cache_index
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        hidden, q_size = config.hidden_size, config.num_attention_heads * config.head_dim
-        kv_size = config.num_key_value_heads * config.head_dim
-        self.q_proj = nn.Linear(hidden, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=config.linear_bias)
-
-    def forward(self, x, rope, mask, cache: Cache | None):
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(k, v, self.cache_index)
-        groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~mask, _MASKED_SCORE)
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
-        return self.o_proj(out)
 
 
 class MHCMLP(nn.Module):
@@ -227,10 +159,13 @@ class MHCDecoderLayer(nn.Module):
         sublayers = config.layer_sublayers[layer_idx]
         with_hc = config.hc_mult > 1
         self.self_attn = self.mlp = None
-        if "attention" in sublayers:
+        attention = next((kind for kind in sublayers if kind in ATTENTION_KINDS), None)
+        if attention:
+            self.attention_kind = attention
             self.input_layernorm = _norm(config)
             cache_index = config.attention_layers.index(layer_idx)
-            self.self_attn = MHCAttention(config, cache_index)
+            attention_class = MHCAttention if attention == "attention" else MHCLatentAttention
+            self.self_attn = attention_class(config, cache_index)
             self.attn_hc = MHCHyperConnection(config) if with_hc else None
         if "mlp" in sublayers or "moe" in sublayers:
             self.post_attention_layernorm = _norm(config)
@@ -245,7 +180,9 @@ class MHCDecoderLayer(nn.Module):
             streams = _residual(
                 self.attn_hc,
                 streams,
-                lambda x: self.self_attn(self.input_layernorm(x), rope, mask, cache),
+                lambda x: self.self_attn(
+                    self.input_layernorm(x), rope[self.attention_kind], mask, cache
+                ),
             )
         if self.mlp is not None:
             streams = _residual(
@@ -274,7 +211,7 @@ class MHCPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MHCRotaryEmbedding):
-            init.copy_(module.inv_freq, module.inverse_frequencies(self.config))
+            init.copy_(module.inv_freq, module.inverse_frequencies())
         elif isinstance(module, MHCHyperConnection):
             init.zeros_(module.base)
             if hasattr(module, "fn"):
@@ -307,7 +244,9 @@ class MHCModel(MHCPreTrainedModel):
         if config.hc_mult > 1 and config.hc_output_contract == "learned":
             self.hc_head = MHCHyperHead(config)
         self.norm = _norm(config)
-        self.rotary_emb = MHCRotaryEmbedding(config)
+        # RoPE of each attention kind: its heads' rotated channels.
+        self.rotary_emb = MHCRotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.mla_rotary_emb = MHCRotaryEmbedding(config.qk_rope_head_dim, config.rope_theta)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -344,7 +283,10 @@ class MHCModel(MHCPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
         mask = _causal_mask(attention_mask, batch, seq, past, inputs_embeds.device)
-        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        rope = {
+            "attention": self.rotary_emb(position_ids, inputs_embeds.dtype),
+            "mla": self.mla_rotary_emb(position_ids, inputs_embeds.dtype),
+        }
         # Every stream starts as the embedding output.
         streams = inputs_embeds.unsqueeze(-2).expand(batch, seq, self.config.hc_mult, hidden)
         for layer in self.layers:
