@@ -2,9 +2,10 @@
 
 The directory holds `config.json` (an MHCConfig with `auto_map` to the model code and the
 dtype), the weights as `model.safetensors` under Hugging Face names (docs/hugging_face.md), the
-model code (`configuration_mhc.py`, `modeling_mhc.py` and `mhc_reference.py`, a copy of
-`megatron_mhc/fusions/reference.py`: a generated artifact, so that the directory loads where
-megatron_mhc is not installed) and the tokenizer that made the training data.
+model code (`configuration_mhc.py`, `attention_mhc.py`, `modeling_mhc.py` and
+`mhc_reference.py`, a copy of `megatron_mhc/fusions/reference.py`: a generated artifact, so that
+the directory loads where megatron_mhc is not installed), the tokenizer that made the training
+data, and the run's arguments for `tools/evaluate_hf.py` (`megatron_args.json`).
 
 Everything is checked before anything is written: a setting or a weight the exporter does not
 know is refused with one line naming it, and the weights must be exactly those the model

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from megatron_mhc.checkpoint_conversion import _convert_checkpoint, _IndexRewrite
 from tests.dist_utils import initialize_model_parallel, run_distributed
@@ -42,15 +43,21 @@ LAYOUTS = {
     ],
 }
 HYBRID_CONFIG = "configs/hybrid_tiny_mhc.yaml"
-NAMES = [*LAYOUTS, "hybrid_moe_hc"]
+# Multi-latent attention (with its latent norms), MLP and MoE layers, `hc` hyper-connections.
 HYBRID = [
-    *("--hybrid-layer-pattern", "*E|*-", "--moe-ffn-hidden-size", "64", "--mhc-type", "hc"),
+    *("--hybrid-layer-pattern", "+-E|+-E", "--moe-ffn-hidden-size", "64", "--mhc-type", "hc"),
+    *("--multi-latent-attention", "--q-lora-rank", "16", "--kv-lora-rank", "16"),
+    *("--qk-head-dim", "8", "--qk-pos-emb-head-dim", "4", "--v-head-dim", "6"),
+    *("--rope-type", "rope", "--qk-layernorm"),
 ]
+NAMES = [*LAYOUTS, "hybrid_mla_moe_hc"]
 PROMPT_LENGTH, NEW_TOKENS = 8, 32
 VOCAB = 8192  # the tiny configs' (padded) vocabulary
 
 
 class Export(NamedTuple):
+    workdir: Path
+    """The run's directory: its checkpoints in `checkpoints/`."""
     iteration_dir: Path
     """The trained checkpoint with random HC parameters."""
     directory: Path
@@ -104,7 +111,7 @@ def _trained_and_exported(tmp_path_factory, name: str, flags: list, config=None)
     assert result.returncode == 0, result.stderr[-3000:]
     iteration_dir = randomized / "iter_0000002"
     (logits,) = run_distributed(_megatron_logits, 1, str(iteration_dir), [TOKENS, PROMPT])
-    return Export(iteration_dir, exported, *logits)
+    return Export(workdir, iteration_dir, exported, *logits)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +122,7 @@ def exported_run(tmp_path_factory):
 
     def get(name: str) -> Export:
         if name not in done:
-            if name == "hybrid_moe_hc":
+            if name == "hybrid_mla_moe_hc":
                 flags, config = HYBRID, HYBRID_CONFIG
             else:
                 flags, config = LAYOUTS[name], None
@@ -181,23 +188,34 @@ def test_config_and_weights_are_exported_as_documented(exported_run, name):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mhc.MHCForCausalLM"
     with safe_open(exported / "model.safetensors", "pt") as weights:
         names = set(weights.keys())
-    hc_names = {"model.layers.0.attn_hc.base", "model.layers.1.ffn_hc.base"}
-    if name != "hybrid_moe_hc":  # a hybrid layer holds one sublayer
-        hc_names |= {"model.layers.0.ffn_hc.fn", "model.layers.1.attn_hc.scale"}
-    assert hc_names <= names
+    expected = {"model.layers.0.attn_hc.base", "model.layers.1.ffn_hc.base"}
+    if name == "hybrid_mla_moe_hc":  # a hybrid layer holds one sublayer
+        expected |= {
+            "model.layers.0.self_attn.kv_a_layernorm.weight",
+            "model.layers.2.mlp.gate.weight",
+        }
+    else:
+        expected |= {"model.layers.0.ffn_hc.fn", "model.layers.1.attn_hc.scale"}
+    assert expected <= names
     assert ("model.hc_head.hc_fn" in names) == (name == "gpt_tp2")
-    assert ("lm_head.weight" in names) == (name != "gpt_tp1_pp2")
+    assert ("lm_head.weight" in names) == (name == "gpt_tp2")  # untied there only
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_load_keeps_hc_parameters_fp32(exported_run, name):
-    exported = exported_run(name).directory
-    model = _load(exported, dtype=torch.bfloat16)
+    model = _load(exported_run(name).directory, dtype=torch.bfloat16)
     hc = {n: p.dtype for n, p in model.named_parameters() if "_hc." in n or "hc_head." in n}
     assert hc and set(hc.values()) == {torch.float32}, hc
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+# The dense layouts: in the MoE model bf16 rounding moves some tokens to other experts (2 of 64
+# at its first MoE layer, measured), which changes their logits by more than rounding.
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_bf16_logits_stay_within_bf16_tolerance_of_fp32(exported_run, name):
+    exported = exported_run(name).directory
     with torch.no_grad():
-        low = model(TOKENS).logits
+        low = _load(exported, dtype=torch.bfloat16)(TOKENS).logits
         full = _load(exported)(TOKENS).logits
     assert _relative_error(low, full) <= 1e-2, name
 
@@ -217,9 +235,12 @@ def test_generate_with_cache_equals_without_and_starts_at_megatrons_argmax(expor
     uncached = model.generate(PROMPT, use_cache=False, **settings)
     assert cached.sequences.shape == (1, PROMPT_LENGTH + NEW_TOKENS)
     assert torch.equal(cached.sequences, uncached.sequences), name
-    # The logits of every step too, not only their argmax.
+    # The logits of every step too, not only their argmax. They are the same function computed
+    # in another order (one query against the cached keys instead of the whole causal square):
+    # fp32 rounding, up to 1.3e-5 measured on the hybrid model, whose `hc` streams grow to ~1e3;
+    # a wrong position or cache slot changes them by O(1).
     for with_cache, without in zip(cached.logits, uncached.logits, strict=True):
-        assert _relative_error(with_cache, without) <= 1e-5, name
+        assert _relative_error(with_cache, without) <= 1e-4, name
     assert cached.sequences[0, PROMPT_LENGTH] == run.megatron_prompt_logits[0, -1].argmax()
 
 
@@ -279,3 +300,38 @@ def test_evaluate_hf_on_the_golden_run_equals_megatrons_validation_loss(golden_r
     assert evaluated, result.stdout
     assert int(evaluated.group(1)) == 16 * 128
     assert abs(float(evaluated.group(2)) - float(megatron.group(1))) <= 1e-4
+
+
+def test_torch_format_exports_as_its_torch_dist_twin(exported_run, tmp_path):
+    """The torch format (one file per pipeline stage, stage-local layer numbers) of the TP=1
+    PP=2 checkpoint, written by Megatron's own conversion, exports the same model."""
+    workdir = exported_run("gpt_tp1_pp2").workdir
+    converted = workdir / "torch_format"
+    flags = ["--ckpt-convert-format", "torch", "--ckpt-convert-save", str(converted)]
+    run_pretrain(workdir, *TINY, *LAYOUTS["gpt_tp1_pp2"], *flags)
+    exports = {}
+    for name, checkpoint in (
+        ("torch", converted / "torch"),
+        ("torch_dist", workdir / "checkpoints"),
+    ):
+        exports[name] = tmp_path / name
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "export_hf.py"),
+                str(checkpoint),
+                str(exports[name]),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    stage_files = (converted / "torch" / "iter_0000002").iterdir()
+    assert sorted(p.name for p in stage_files) == ["mp_rank_00_000", "mp_rank_00_001"]
+    torch_format = load_file(exports["torch"] / "model.safetensors")
+    torch_dist = load_file(exports["torch_dist"] / "model.safetensors")
+    assert sorted(torch_format) == sorted(torch_dist)
+    assert all(torch.equal(torch_format[key], torch_dist[key]) for key in torch_dist)
+    config = json.loads((exports["torch"] / "config.json").read_text())
+    assert config == json.loads((exports["torch_dist"] / "config.json").read_text())
