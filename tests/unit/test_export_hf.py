@@ -63,7 +63,7 @@ def test_a_weight_of_an_unknown_layer_kind_is_refused_by_name_and_nothing_writte
         (
             {"hybrid_layer_pattern": "*M|*-"},
             "unsupported checkpoint: layer 'M' (Mamba) in --hybrid-layer-pattern '*M|*-' (the "
-            "exporter supports '*' attention, '-' MLP and 'E' MoE layers)",
+            "exporter supports '*' attention, '+' MLA, '-' MLP and 'E' MoE layers)",
         ),
         (
             {"position_embedding_type": "learned_absolute"},
