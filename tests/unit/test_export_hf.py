@@ -5,6 +5,7 @@ run whose tokenizer is unknown. The exports themselves are tested end to end in
 tests/functional/test_export_hf.py."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -30,9 +31,23 @@ def checkpoint(tmp_path_factory):
 
 
 def test_the_legacy_checkpoint_exports(checkpoint, tmp_path):
-    """The refusals below start from a checkpoint that exports."""
+    """The refusals below start from a checkpoint that exports (its iteration 2 by its tracker,
+    or named by --ckpt-step)."""
     export.export(checkpoint, tmp_path / "hf")
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    export.export(checkpoint, tmp_path / "step_2", step=2)
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (
+        tmp_path / "step_2" / "model.safetensors"
+    ).read_bytes()
+    assert json.loads((tmp_path / "hf" / "megatron_args.json").read_text())["iteration"] == 2
+
+
+def test_a_step_the_checkpoint_lacks_is_refused_by_name(checkpoint, tmp_path):
+    with pytest.raises(ValueError) as refused:
+        export.export(checkpoint, tmp_path / "hf", step=3)
+    assert str(refused.value) == (
+        f"--ckpt-step 3: no iter_0000003 in {checkpoint} (found: iter_0000002)"
+    )
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_weight_of_an_unknown_layer_kind_is_refused_by_name_and_nothing_written(
