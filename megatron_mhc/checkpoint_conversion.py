@@ -15,7 +15,8 @@ directory) and of plain state dicts:
   n x n residual rows are transposed on the way; see docs/migration.md for what stays equal.
 
 The source is never modified: every conversion writes a new directory, and a directory is only
-renamed into place once it is complete.
+renamed into place once it is complete. `read_tensors` (whole tensors of any parallel layout, in
+one process) and `new_directory` serve the Hugging Face exporter too (megatron_mhc/hf/export.py).
 """
 
 import contextlib
