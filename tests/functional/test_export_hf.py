@@ -1,11 +1,12 @@
 """From a Megatron checkpoint to Hugging Face, end to end: tiny mHC models trained by
 pretrain_gpt_mhc.py (TP=1 PP=2; TP=2 with SwiGLU, grouped KV heads, LayerNorm, the learned
-contract and untied embeddings; a HybridModel with MoE and `hc` hyper-connections), their HC
-parameters replaced by random non-identity ones, exported with tools/export_hf.py and loaded
-with transformers: the logits equal those of Megatron's model loaded from the same checkpoint,
-the HC parameters stay fp32 in bf16, generation with a KV cache equals generation without, and
-the directory loads and generates where megatron_mhc cannot be imported. tools/evaluate_hf.py on
-the exported golden run (conftest.py) gives Megatron's validation loss."""
+contract, untied embeddings and an MTP layer; n = 1; a HybridModel with MLA, MoE and `hc`
+hyper-connections), their HC parameters replaced by random non-identity ones, exported with
+tools/export_hf.py and loaded with transformers: the logits equal those of Megatron's model
+loaded from the same checkpoint, the HC parameters stay fp32 in bf16, generation with a KV cache
+equals generation without, and the directory loads and generates where megatron_mhc cannot be
+imported; the torch format exports as torch_dist does. tools/evaluate_hf.py on the exported
+golden run (conftest.py) gives Megatron's validation loss."""
 
 import json
 import os
@@ -40,6 +41,7 @@ LAYOUTS = {
         *("--pipeline-model-parallel-size", "1", "--swiglu", "--normalization", "LayerNorm"),
         *("--group-query-attention", "--num-query-groups", "2"),
         *("--mhc-output-contract", "learned", "--untie-embeddings-and-output-weights"),
+        *("--mtp-num-layers", "1"),  # exported for speculative decoding, unused by forward
     ],
     # n = 1: Megatron's plain GPT, exported without HC modules.
     "gpt_n1": ["--num-layers", "2", "--mhc-num-residual-streams", "1"],
@@ -206,6 +208,12 @@ def test_config_and_weights_are_exported_as_documented(exported_run, name):
     assert expected <= names
     assert ("model.hc_head.hc_fn" in names) == (name == "gpt_tp2")
     assert ("lm_head.weight" in names) == (name == "gpt_tp2")  # untied there only
+    mtp = {n for n in names if n.startswith("mtp.")}
+    assert config["mtp_num_layers"] == (1 if name == "gpt_tp2" else 0)
+    assert bool(mtp) == (name == "gpt_tp2")
+    if mtp:  # under Megatron's names, the MTP layer's own hyper-connections included
+        hc = "mtp.layers.0.transformer_layer.self_attention_hyper_connection.fn"
+        assert {"mtp.layers.0.e_proj.weight", hc} <= mtp
 
 
 @pytest.mark.parametrize("name", MHC_NAMES)
