@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py
 	@test -n "$(PYTHON312)" || { echo "error: no Python 3.12 found (tried python3.12, pyenv versions, /usr/bin)"; exit 1; }
 	@test -x $(VENV)/bin/python || $(PYTHON312) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,hf]'
 	@touch $@
 
 # Lint and format checks first (ruff.toml), then every test.

@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# megatron_mhc/hf: the Hugging Face model, tools/export_hf.py, tools/evaluate_hf.py (5.25 passes
+# the KV cache to forward as `cache`).
+HF = ["transformers>=5.25,<6", "safetensors>=0.4"]
+
 setup(
     name="megatron-mhc",
     version="0.3.0",
@@ -23,11 +27,12 @@ setup(
         "test": [
             "pytest",
             "pytest-timeout",
-            "transformers",
+            *HF,  # the tests export and load Hugging Face models
             "cuda-tile>=1.7",
             "matplotlib",
             "ruff==0.17.6",
         ],
+        "hf": HF,
         "plots": ["matplotlib"],  # tools/plot_runs.py
         "cutile": ["cuda-tile>=1.7"],
         "te": ["transformer-engine[pytorch]"],

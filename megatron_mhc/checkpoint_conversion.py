@@ -15,7 +15,8 @@ directory) and of plain state dicts:
   n x n residual rows are transposed on the way; see docs/migration.md for what stays equal.
 
 The source is never modified: every conversion writes a new directory, and a directory is only
-renamed into place once it is complete.
+renamed into place once it is complete. `read_tensors` (whole tensors of any parallel layout, in
+one process) and `new_directory` serve the Hugging Face exporter too (megatron_mhc/hf/export.py).
 """
 
 import contextlib
@@ -77,6 +78,14 @@ def checkpoint_keys(iteration_dir: Path) -> list:
     return list(_read_index(Path(iteration_dir)).state_dict_metadata)
 
 
+def tensor_keys(iteration_dir: Path) -> list:
+    """The keys of the tensors (not the pickled objects) in one torch_dist iteration directory."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _read_index(Path(iteration_dir)).state_dict_metadata
+    return [key for key, entry in metadata.items() if isinstance(entry, TensorStorageMetadata)]
+
+
 def _loaded_iteration(checkpoint: Path) -> Path:
     """The iteration directory Megatron would load from `checkpoint` (its tracker, else the
     newest)."""
@@ -113,7 +122,7 @@ def check_no_legacy_names(checkpoint: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _new_directory(destination: Path) -> Iterator[Path]:
+def new_directory(destination: Path) -> Iterator[Path]:
     """A scratch directory beside `destination`, renamed to it once the block completes."""
     destination = Path(destination)
     if destination.exists():
@@ -145,10 +154,23 @@ class _IndexRewrite:
     select: Callable[[str], bool] = lambda key: False
 
 
+def read_tensors(iteration_dir: Path, keys) -> dict:
+    """{key: tensor} of `keys` of one torch_dist iteration, whole (global) tensors whatever the
+    parallel layout that saved them, read in this process without Megatron."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    metadata = _read_index(Path(iteration_dir)).state_dict_metadata
+    tensors = {
+        key: torch.empty(metadata[key].size, dtype=metadata[key].properties.dtype) for key in keys
+    }
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process
+    load(tensors, storage_reader=FileSystemReader(str(iteration_dir)), no_dist=True)
+    return tensors
+
+
 def _rewrite_iteration(source: Path, target: Path, rewrite: _IndexRewrite) -> None:
     """One torch_dist iteration rewritten. Everything else keeps its bytes: the data files are
     linked and only the index is rewritten; the converted tensors go to one new data file."""
-    from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
@@ -164,15 +186,7 @@ def _rewrite_iteration(source: Path, target: Path, rewrite: _IndexRewrite) -> No
     }
     tensors = {}
     if selected:
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process
-        tensors = {
-            key: torch.empty(
-                index.state_dict_metadata[key].size,
-                dtype=index.state_dict_metadata[key].properties.dtype,
-            )
-            for key in selected
-        }
-        load(tensors, storage_reader=FileSystemReader(str(source)), no_dist=True)
+        tensors = read_tensors(source, selected)
         tensors = rewrite.convert({selected[key]: value for key, value in tensors.items()})
     index.state_dict_metadata = {
         rename(k): v for k, v in index.state_dict_metadata.items() if k not in selected
@@ -218,7 +232,7 @@ def _convert_checkpoint(source: Path, destination: Path, rewrite: _IndexRewrite)
     into the new directory `destination`, with the tracker file."""
     source = Path(source)
     iterations = iteration_dirs(source)
-    with _new_directory(destination) as scratch:
+    with new_directory(destination) as scratch:
         if iterations == [source]:
             _rewrite_iteration(source, scratch / "converted", rewrite)
             for entry in (scratch / "converted").iterdir():
