@@ -19,7 +19,6 @@ says how to resume from the last checkpoint. docs/errors.md describes both exit 
 import logging
 import os
 
-import torch
 from megatron.core.rerun_state_machine import (
     EXIT_CODE_FAILED_ON_RESULT_VALIDATION,
     RerunMode,
@@ -118,5 +117,5 @@ class MHCRerunStateMachine(RerunStateMachine):
     def _explain(exit_code: int, reason: str) -> None:
         line = f"pretrain_gpt_mhc.py: exit code {exit_code}: {reason}"
         log_single_rank(logger, logging.ERROR, line)
-        if torch.distributed.get_rank() == 0:
-            hand_to_torchrun(line)
+        # Every rank: torchrun's summary names the rank that exited first, any of them.
+        hand_to_torchrun(line)
