@@ -13,7 +13,8 @@ it is called `tensorboard`) or by the `--label` in the same position. Writes to 
 - `h_res_heatmap.png`: the token-averaged H_res of every layer and of the stack's composite, at
   the last logged iteration (or the last one up to `--iteration`), values written in the cells
   (up to 6 streams);
-- `mappings.png`: mean H_pre and mean H_post of each layer over training, the layers named;
+- `mappings.png`: mean H_pre and mean H_post of each layer over training, each line named where
+  it ends;
 - `grad_norm.png` and `throughput.png` (tokens/s);
 - `summary.md`: final losses, largest gains, throughput and the health figures' cost.
 
@@ -264,8 +265,20 @@ def _draw_mixing(ax, matrix, scale, annotate: bool):
         for (i, j), value in _entries(matrix):
             red, green, blue, _ = image.cmap(image.norm(value))
             ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=ink)
+            ax.text(j, i, cell_text(value), ha="center", va="center", fontsize=7, color=ink)
     return image
+
+
+def cell_text(value: float) -> str:
+    """A matrix entry in at most 5 characters, so that it fits its cell: 2 decimals below 10
+    (mixing weights), fewer digits above, a short power of ten from 1000 on (HC's composite
+    reaches 10^5 in a diverging run)."""
+    if abs(value) < 10:
+        return f"{value:.2f}"
+    if abs(value) < 1000:
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _entries(matrix):
@@ -275,6 +288,8 @@ def _entries(matrix):
 HEATMAP_PANELS_PER_ROW = 9
 HEATMAP_CELL_INCHES = 0.42
 """A cell of a matrix: room for a value written in 7 pt."""
+HEATMAP_TITLE_INCHES = 0.7
+"""Room above the panels for the figure's two-line title."""
 ANNOTATED_STREAMS = 6
 """Values are written into the cells of matrices up to this size (n x n)."""
 
@@ -294,12 +309,15 @@ def h_res_heatmap_figure(runs: list[Run], iteration: int | None):
     columns = min(HEATMAP_PANELS_PER_ROW, max(len(p) for p in panels.values()))
     n = max(len(matrix) for p in panels.values() for _, matrix in p)
     side = max(n * HEATMAP_CELL_INCHES, 1.0)
+    height = sum(rows_per_run.values()) * (side + 0.55) + HEATMAP_TITLE_INCHES
     figure, axes = plt.subplots(
         sum(rows_per_run.values()),
         columns,
-        figsize=(columns * (side + 0.35) + 2.2, sum(rows_per_run.values()) * (side + 0.55) + 1.0),
+        figsize=(columns * (side + 0.35) + 2.2, height),
         squeeze=False,
     )
+    # Margins in inches, not fractions: a fraction of a tall figure leaves inches blank.
+    figure.subplots_adjust(top=1 - HEATMAP_TITLE_INCHES / height, bottom=0.2 / height)
     for ax in axes.flat:
         ax.axis("off")
     row = 0
@@ -332,44 +350,80 @@ def h_res_heatmap_figure(runs: list[Run], iteration: int | None):
         "per-layer H_res (attention then MLP mixing) and their composite over the stack\n"
         f"{H_RES_CONVENTION}",
         fontsize=9,
+        y=1 - 0.1 / height,
     )
     return figure
+
+
+LINE_LABEL_POINTS = 6.5
+"""Size of the names written at the end of the mappings figure's lines."""
 
 
 def mappings_figure(runs: list[Run]):
     figure, axes = plt.subplots(
-        len(runs), 2, figsize=(12.5, 2.2 * len(runs) + 0.6), squeeze=False, sharex=True
+        len(runs),
+        2,
+        # Tall enough for 16 layer names and the stack mean's beside each panel.
+        figsize=(13.5, 3.3 * len(runs) + 0.6),
+        squeeze=False,
+        sharex=True,
+        gridspec_kw={"wspace": 0.32},
     )
+    depth = plt.get_cmap("viridis")
     for (pre_ax, post_ax), run in zip(axes, runs, strict=True):
         layers = run.layers()
-        depth = plt.get_cmap("viridis")
-        for k, layer in enumerate(layers):
-            color = depth(k / max(len(layers) - 1, 1))
-            label = f"layer {layer}"
-            pre_ax.plot(*run.series(f"mhc/layer{layer:02d}/h_pre_mean"), color=color, lw=0.9)
-            post_ax.plot(
-                *run.series(f"mhc/layer{layer:02d}/h_post_mean"), color=color, lw=0.9, label=label
-            )
-        pre_ax.plot(*run.series("mhc/h_pre_mean"), "k--", lw=1.2)
-        post_ax.plot(*run.series("mhc/h_post_mean"), "k--", lw=1.2, label="stack mean")
+        for ax, mapping in ((pre_ax, "h_pre_mean"), (post_ax, "h_post_mean")):
+            for k, layer in enumerate(layers):
+                # viridis without its palest yellow, which does not read as text on white.
+                color = depth(0.85 * k / max(len(layers) - 1, 1))
+                series = run.series(f"mhc/layer{layer:02d}/{mapping}")
+                ax.plot(*series, color=color, lw=0.9, label=f"layer {layer}")
+            ax.plot(*run.series(f"mhc/{mapping}"), "k--", lw=1.2, label="stack mean")
+            ax.grid(alpha=0.3)
+            # Colours alone do not tell 16 layers apart: each line is named where it ends.
+            label_line_ends(ax)
         pre_ax.set_ylabel(f"{run.name}\nmean H_pre")
         post_ax.set_ylabel("mean H_post")
-        for ax in (pre_ax, post_ax):
-            ax.grid(alpha=0.3)
-        # Each run's layers named beside its row (the colours alone do not tell them apart).
-        post_ax.legend(
-            fontsize=7,
-            loc="center left",
-            bbox_to_anchor=(1.01, 0.5),
-            ncol=2 if len(layers) > 8 else 1,
-            title="depth",
-            title_fontsize=7,
-        )
-    axes[0][0].set_title("mean H_pre per layer")
-    axes[0][1].set_title("mean H_post per layer")
+    axes[0][0].set_title("mean H_pre per layer (colour: depth)")
+    axes[0][1].set_title("mean H_post per layer (colour: depth)")
     for ax in axes[-1]:
         ax.set_xlabel("iteration")
     return figure
+
+
+def label_line_ends(ax) -> None:
+    """Writes each line's label right of `ax`, in the line's colour, level with its last point;
+    labels closer than a line of text are moved apart, in the order of the lines' ends."""
+    low, high = ax.get_ylim()  # settles the autoscaled limits
+    height_points = ax.get_position().height * ax.figure.get_figheight() * 72
+    gap = 1.15 * LINE_LABEL_POINTS / height_points  # in fractions of the axes' height
+    ends = sorted(
+        (
+            ((finite(list(line.get_ydata()))[-1] - low) / (high - low), line)
+            for line in ax.get_lines()
+            if finite(list(line.get_ydata()))
+        ),
+        key=lambda end: end[0],
+    )
+    if not ends:
+        return
+    places = [ends[0][0]]
+    for end, _ in ends[1:]:
+        places.append(max(end, places[-1] + gap))
+    # Pushed above the axes by a crowd at the top: move the crowd down again.
+    places[-1] = min(places[-1], max(1.0, places[0] + gap * (len(places) - 1)))
+    for k in range(len(places) - 2, -1, -1):
+        places[k] = min(places[k], places[k + 1] - gap)
+    for place, (_, line) in zip(places, ends, strict=True):
+        ax.text(
+            1.01,
+            place,
+            line.get_label(),
+            transform=ax.transAxes,
+            color=line.get_color(),
+            fontsize=LINE_LABEL_POINTS,
+            va="center",
+        )
 
 
 def plot_series(runs: list[Run], tag: str, ylabel: str, path: Path, log: bool) -> None:

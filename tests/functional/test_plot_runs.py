@@ -165,8 +165,70 @@ def test_h_res_heatmap_writes_every_value_in_its_cell_and_names_its_colour_bar(
     assert labels == ["mhc\nit 50", "per-layer H_res entry\n(mixing weight)"]  # run, colour bar
 
 
-def test_mappings_figure_names_each_layer(golden_mhc_run):
-    figure = plot_runs.mappings_figure([golden_mhc_run])
-    (legend,) = [ax.get_legend() for ax in figure.axes if ax.get_legend()]
-    labels = [text.get_text() for text in legend.get_texts()]
-    assert labels == ["layer 1", "layer 2", "layer 3", "layer 4", "stack mean"]
+def test_large_values_fit_their_cells_and_the_panels_start_under_the_title(golden_mhc_run):
+    # A diverging HC run's composite reaches 10^4-10^5 (docs/results.md): "25977.31" in 7 pt
+    # is wider than a cell.
+    scalars = {
+        tag: {step: -25977.31 * (1 + 0.1 * step) for step in values}
+        if re.fullmatch(r"mhc/h_res/\d+_\d+", tag)
+        else values
+        for tag, values in golden_mhc_run.scalars.items()
+    }
+    figure = plot_runs.h_res_heatmap_figure([plot_runs.Run("hc", scalars)], None)
+    renderer = figure.canvas.get_renderer()
+    # Title, then the panels: no band of blank figure between them.
+    title_bottom = figure._suptitle.get_window_extent(renderer).y0
+    panels_top = max(ax.get_window_extent(renderer).y1 for ax in figure.axes)
+    assert 0 < (title_bottom - panels_top) / figure.dpi < 0.5
+    (composite,) = [ax for ax in figure.axes if ax.get_title().startswith("stack")]
+    cell_width = composite.get_window_extent(renderer).width / 4
+    for text in composite.texts:
+        assert text.get_window_extent(renderer).width < cell_width, text.get_text()
+    assert {t.get_text() for t in composite.texts} == {"-1.6e5"}  # -25977.31 x (1 + 50 / 10)
+    assert [plot_runs.cell_text(v) for v in (0.25, -1.234, 15.04, 123.4, 1234.5, 4.2e6)] == [
+        "0.25",
+        "-1.23",
+        "15",
+        "123",
+        "1.2e3",
+        "4.2e6",
+    ]
+
+
+def _run_with_layer_ends(run, end):
+    """The run with each layer's mean mappings ending at `end(layer)` (a straight line there)."""
+    scalars = {}
+    for tag, values in run.scalars.items():
+        found = re.fullmatch(r"mhc/layer(\d+)/h_(pre|post)_mean", tag)
+        if found:
+            values = {step: end(int(found.group(1))) + step / 1e3 for step in values}
+        scalars[tag] = values
+    return plot_runs.Run(run.name, scalars)
+
+
+@pytest.mark.parametrize("ends", ["golden", "apart", "together"])
+def test_mappings_figure_names_each_line_where_it_ends_without_overlap(golden_mhc_run, ends):
+    spread = ends == "apart"
+    run = {
+        "golden": golden_mhc_run,
+        "apart": _run_with_layer_ends(golden_mhc_run, lambda layer: layer),
+        "together": _run_with_layer_ends(golden_mhc_run, lambda layer: 0.5),
+    }[ends]
+    figure = plot_runs.mappings_figure([run])
+    renderer = figure.canvas.get_renderer()
+    for ax in figure.axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert sorted(lines) == ["layer 1", "layer 2", "layer 3", "layer 4", "stack mean"]
+        labels = {text.get_text(): text for text in ax.texts}
+        assert sorted(labels) == sorted(lines)
+        boxes = []
+        for name, text in labels.items():
+            assert text.get_color() == lines[name].get_color(), name
+            box = text.get_window_extent(renderer)
+            assert box.x0 > ax.get_window_extent(renderer).x1, name  # right of the panel
+            boxes.append(box)
+            if spread and name != "stack mean":  # ends a whole unit apart: labels stay level
+                end = ax.transData.transform((0, lines[name].get_ydata()[-1]))[1]
+                assert abs((box.y0 + box.y1) / 2 - end) < 1, name
+        for a, b in itertools.combinations(boxes, 2):
+            assert not a.overlaps(b)
