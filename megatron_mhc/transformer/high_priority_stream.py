@@ -20,9 +20,9 @@ Memory: a tensor allocated on one stream and used on another must tell the cachi
 it: the inputs are marked as used by the high-priority stream, the output as used by the
 caller's stream.
 
-On CPU the platform (megatron_mhc/platform/cpu.py) gives this module its ordered CPU streams and
-events: the same code runs, each op when it is issued, so the stream branch is tested on CPU;
-the concurrency itself needs a GPU.
+On CPU the platform (megatron_mhc/platform/cpu/streams.py) gives this module its ordered CPU
+streams and events: the same code runs, each op when it is issued, so the stream branch is
+tested on CPU; the concurrency itself needs a GPU.
 """
 
 import functools

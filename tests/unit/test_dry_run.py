@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from megatron_mhc.training import dry_run
+from megatron_mhc.training.dry_run.memory import StageReport, estimate_memory
 from tests.dist_utils import initialize_model_parallel, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,5 +193,5 @@ def test_gradient_bytes_count_the_hc_gradients_in_fp32():
         optimizer="adam",
         accumulate_allreduce_grads_in_fp32=False,
     )
-    stage = dry_run.StageReport(0, 4, 1000, 100, 0, 1000, 100, None, 0.0, 0.0, 1.0)
-    assert dry_run.estimate_memory(args, [stage]).gradients == 2 * 900 + 4 * 100
+    stage = StageReport(0, 4, 1000, 100, 0, 1000, 100, None, 0.0, 0.0, 1.0)
+    assert estimate_memory(args, [stage]).gradients == 2 * 900 + 4 * 100
