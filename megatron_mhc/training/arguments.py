@@ -68,7 +68,7 @@ def _refuse_usage(message: str):
     raise UsageError(f"{message} (see pretrain_gpt_mhc.py --help)")
 
 
-def _errors_in_one_line(parser: argparse.ArgumentParser) -> None:
+def errors_in_one_line(parser: argparse.ArgumentParser) -> None:
     """argparse prints its whole usage before a usage error (with Megatron's flags about 750
     lines, which bury the message) and exits every process on its own; raised as UsageError,
     the error is printed as one line by rank 0 and named as torchrun's cause like every other
@@ -79,7 +79,7 @@ def _errors_in_one_line(parser: argparse.ArgumentParser) -> None:
 def add_mhc_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron's `extra_args_provider`: adds the flags, then applies the `--config` YAML file
     as flag defaults (so that command-line flags override it)."""
-    _errors_in_one_line(parser)
+    errors_in_one_line(parser)
     MHCArgumentGroupFactory().build_group(parser, "mHC (manifold-constrained hyper-connections)")
     run = parser.add_argument_group("megatron-mhc run")
     run.add_argument(
@@ -124,6 +124,6 @@ def _escape_percent_signs_in_help(parser: argparse.ArgumentParser) -> None:
 
 def _config_path(argv):
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    _errors_in_one_line(pre)
+    errors_in_one_line(pre)
     pre.add_argument("--config", default=None)
     return pre.parse_known_args(argv)[0].config

@@ -100,6 +100,19 @@ def test_planted_error_is_refused_naming_the_flag(planted, flag, capsys):
     assert not MEMORY_LINE.search(out)
 
 
+@pytest.mark.parametrize(
+    "world_size,message",
+    [
+        ("abc", "argument --world-size: invalid int value: 'abc' (see pretrain_gpt_mhc.py --help)"),
+        ("0", "--world-size 0: must be >= 1"),
+    ],
+)
+def test_bad_world_size_is_one_error_line(world_size, message, capsys):
+    code, out, err = _dry_run(capsys, "--config", str(TINY), "--world-size", world_size)
+    assert code == 2 and out == ""
+    assert err == f"pretrain_gpt_mhc.py: error: {message}\n"  # no usage block
+
+
 def test_save_directory_that_cannot_be_created_is_refused_without_a_trace(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     save = tmp_path / "a_file" / "checkpoints"

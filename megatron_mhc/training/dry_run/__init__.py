@@ -21,6 +21,7 @@ import contextlib
 import io
 import sys
 
+from megatron_mhc.training.arguments import errors_in_one_line
 from megatron_mhc.training.dry_run.memory import (
     StageReport,
     activation_bytes_per_microbatch,
@@ -92,14 +93,12 @@ def main(argv: list[str]) -> int:
     from megatron_mhc.training.launch_checks import launch_error_line
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    errors_in_one_line(pre)  # `--world-size abc`: the launch's one line, no usage block
     pre.add_argument("--world-size", type=int, default=None)
-    world_size = pre.parse_known_args(argv)[0].world_size
-    if world_size is not None and world_size < 1:
-        print(
-            f"pretrain_gpt_mhc.py: error: --world-size {world_size}: must be >= 1", file=sys.stderr
-        )
-        return 2
     try:
+        world_size = pre.parse_known_args(argv)[0].world_size
+        if world_size is not None and world_size < 1:
+            raise ValueError(f"--world-size {world_size}: must be >= 1")
         # Megatron's parser prints every argument; the summary says what matters.
         with contextlib.redirect_stdout(io.StringIO()):
             result = dry_run(argv, world_size)
