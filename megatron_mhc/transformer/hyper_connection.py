@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_mhc.config import MHCTransformerConfig
 from megatron_mhc.fusions import auto_backend
-from megatron_mhc.fusions.fused_frontend import SaveInputsOnly
+from megatron_mhc.fusions.save_inputs_only import SaveInputsOnly
 from megatron_mhc.fusions.verification import CheckedShape
 from megatron_mhc.transformer.high_priority_stream import HighPriorityStream
 from megatron_mhc.transformer.recompute import HCRecomputePlan
