@@ -193,7 +193,7 @@ class OurBackend:
 
     def __init__(self, name):
         from megatron_mhc.fusions import get_backend
-        from megatron_mhc.fusions.fused_frontend import SaveInputsOnly
+        from megatron_mhc.fusions.save_inputs_only import SaveInputsOnly
 
         try:
             self.ops = get_backend(name)

@@ -8,10 +8,10 @@
 # then, on the GPU machine, in the repository root:
 #     bash bench/gpu_suite.sh [RESULTS_DIR]        # default: $OUT, else bench/results
 # It installs the wheels into /tmp/site, then runs, each with its log in RESULTS_DIR:
-#   0. `python -m megatron_mhc.fusions.check` (what `mhc_kernel_backend=auto` picks on this GPU:
-#      each fused backend checked op by op against the reference, the HC module timed) and the
-#      GPU test of that check (it passes for Triton at n=4, C=4096, bf16; `auto` takes a fused
-#      backend; its time printed);
+#   0. `python -m megatron_mhc.transformer.kernel_check` (what `mhc_kernel_backend=auto` picks
+#      on this GPU: each fused backend checked op by op against the reference, the HC module
+#      timed) and the GPU test of that check (it passes for Triton at n=4, C=4096, bf16; `auto`
+#      takes a fused backend; its time printed);
 #   1. the GPU tests: Triton kernels at ragged and real sizes, the cuTile kernels (forced on any
 #      CUDA GPU, MHC_CUTILE_TEST_FORCE=1: on Hopper they are expected to fail to compile with
 #      the tileiras that cuda-tile 1.7.0 uses), the high-priority stream, context parallelism
@@ -67,7 +67,7 @@ step() {  # step NAME COMMAND...: run, log to RESULTS/NAME.log, remember the fir
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/device.txt"
-step backend_check python3 -m megatron_mhc.fusions.check
+step backend_check python3 -m megatron_mhc.transformer.kernel_check
 step verification_tests python3 -m pytest -q -rs -s -p no:cacheprovider \
     tests/unit/test_backend_verification.py -k gpu
 step triton_tests python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_fused_kernels.py \

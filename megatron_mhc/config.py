@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-from megatron_mhc.fusions import KERNEL_BACKENDS, KernelBackend
+from megatron_mhc.fusions.backends import KERNEL_BACKENDS, KernelBackend
 
 # The annotations of the fields below: their command-line flags take these as choices.
 MHCType = Literal["mhc", "hc", "hc_static"]

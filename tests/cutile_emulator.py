@@ -1,8 +1,8 @@
 """The cuTile kernels on CPU: a small emulation of the cuTile operations they use.
 
 cuTile has no CPU mode. `emulate_cutile()` makes the cuTile backend's own launchers
-(`megatron_mhc.fusions.cutile.ops`) run its kernels (the source of `cutile/kernels.py`, run with
-`EmulatedTile` as its `ct`) on CPU tensors, every grid block in turn, as on an H100's 132
+(`megatron_mhc.fusions.cutile.ops`) run its kernels (the package `cutile/kernels/`, imported with
+`EmulatedTile` as its `cuda.tile`) on CPU tensors, every grid block in turn, as on an H100's 132
 multiprocessors (several token splits of the reductions over tokens): the package's ops and the
 autograd Functions of the front end then run as on a GPU. It checks the kernels' indexing,
 padding and math against the documented semantics, not cuTile (its compiler, or its semantics
@@ -10,8 +10,11 @@ where they differ from the documentation). Meant for a worker process of the tes
 (`tests.triton_interpreter`): it patches the launchers for the rest of the process.
 """
 
-import importlib.util
+import importlib
 import itertools
+import sys
+import types
+from unittest import mock
 
 import torch
 
@@ -106,14 +109,26 @@ class EmulatedTile:
 
 
 def emulated_kernels(ct: EmulatedTile) -> dict:
-    """`kernels.KERNELS` of the cuTile backend, its source run with `ct` in place of cuda.tile
-    (which need not be installed)."""
-    path = importlib.util.find_spec("megatron_mhc.fusions.cutile.kernels").origin
-    with open(path) as f:
-        source = f.read().replace("import cuda.tile as ct\n", "")
-    namespace = {"ct": ct, "__name__": "emulated_cutile_kernels"}
-    exec(compile(source, path, "exec"), namespace)
-    return namespace["KERNELS"]
+    """`kernels.KERNELS` of the cuTile backend, its kernel package imported afresh with `ct` as
+    `cuda.tile` (which need not be installed). sys.modules and the backend package get back what
+    they held: the emulated modules live on only in the kernels returned."""
+    from megatron_mhc.fusions import cutile
+
+    package = f"{cutile.__name__}.kernels"
+    emulated_cuda = types.ModuleType("cuda")
+    emulated_cuda.tile = ct
+    held = cutile.__dict__.get("kernels")
+    try:
+        with mock.patch.dict(sys.modules, {"cuda": emulated_cuda, "cuda.tile": ct}):
+            for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+                del sys.modules[name]
+            return importlib.import_module(package).KERNELS
+    finally:
+        # The import set the fresh package as the backend package's attribute.
+        if held is None:
+            cutile.__dict__.pop("kernels", None)
+        else:
+            cutile.kernels = held
 
 
 def emulate_cutile() -> None:

@@ -22,12 +22,13 @@ from megatron.training.utils import print_rank_0
 
 from megatron_mhc.config import MHCMLATransformerConfig, MHCTransformerConfig
 from megatron_mhc.data.default_corpus import prepare_default_corpus
-from megatron_mhc.fusions.verification import startup_summary
+from megatron_mhc.fusions.auto_backend import startup_summary
 from megatron_mhc.megatron_names import names_in
 from megatron_mhc.models.gpt import build_mhc_gpt_model
 from megatron_mhc.models.hybrid import build_mhc_hybrid_model
 from megatron_mhc.training.mhc_logging import health_log
 from megatron_mhc.training.schedule_report import schedule_plans
+from megatron_mhc.transformer.hyper_connection import time_hc_module
 
 
 def mhc_config_from_args(args) -> MHCTransformerConfig:
@@ -53,7 +54,7 @@ def model_provider(
         f"building {kind} model: mHC {'on' if config.mhc_active else 'off'} "
         f"(n={config.mhc_num_residual_streams}, type={config.mhc_type}, "
         f"contract={config.mhc_output_contract}, recompute={config.mhc_recompute_layer_num}), "
-        f"{startup_summary(config, args.seq_length, args.micro_batch_size)}"
+        f"{startup_summary(config, args.seq_length, args.micro_batch_size, time_hc_module)}"
     )
     model_kwargs = dict(
         vocab_size=args.padded_vocab_size,

@@ -5,11 +5,16 @@ the mappings from the n-stream state, collapses the streams into the sublayer in
 the sublayer output back into the streams. `HyperConnectionHead` is the learned contract of
 DeepSeek-V4. Parameter layout, math and initialisation follow docs/math.md; the parameters are
 fp32 whatever the activation dtype, and replicated across tensor-parallel ranks like a layer
-norm's.
+norm's. `model_backend` gives both their ops: `mhc_kernel_backend=auto` checks the fused
+backends against the reference (`megatron_mhc.fusions.auto_backend`) and times each that passed
+on this module (`time_hc_module`), the timer the kernels cannot own without importing a layer.
 """
 
+import copy
 import functools
 import math
+import time
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -17,8 +22,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mhc.config import MHCTransformerConfig
-from megatron_mhc.fusions import model_backend
-from megatron_mhc.fusions.fused_frontend import SaveInputsOnly
+from megatron_mhc.fusions import auto_backend
+from megatron_mhc.fusions.save_inputs_only import SaveInputsOnly
+from megatron_mhc.fusions.verification import CheckedShape
 from megatron_mhc.transformer.high_priority_stream import HighPriorityStream
 from megatron_mhc.transformer.recompute import HCRecomputePlan
 
@@ -221,3 +227,48 @@ class HyperConnectionHead(_FP32ParamsModule):
         return self.ops.mhc_head(
             streams, self.fn, self.base, self.scale, config.mhc_eps, config.mhc_norm_eps
         )
+
+
+def model_backend(config: MHCTransformerConfig) -> ModuleType:
+    """The module implementing the mHC ops of a model built from config: `get_backend`, with
+    `auto` checked on this device once per process and shape (`auto_backend.select`)."""
+    return auto_backend.select(config, timer=time_hc_module).module
+
+
+def time_hc_module(
+    config,
+    ops: ModuleType,
+    tokens: int,
+    device: torch.device,
+    gen: torch.Generator,
+    repeats: int = auto_backend.TIMING_REPEATS,
+) -> float:
+    """Milliseconds of an HC module's forward, update and backward running `ops`, averaged over
+    `repeats` after one warm-up (compilation); CUDA events on a GPU."""
+    module_config = copy.copy(config)
+    module_config.mhc_kernel_backend = "torch"  # built without a check of its own
+    module = HyperConnectionModule(module_config, hc_index=0).to(device)
+    module.ops = ops
+    shape = CheckedShape.from_config(config)
+    streams = torch.randn(tokens, shape.n, shape.hidden, generator=gen, device=device)
+    streams = streams.to(shape.dtype).requires_grad_()
+    grad = torch.randn(streams.shape, generator=gen, device=device).to(shape.dtype)
+
+    def step():
+        sub = module(streams)
+        out = module.update(sub.streams, (sub.sublayer_input, None), sub.h_post, sub.comb, 0.0)
+        out.backward(grad)
+
+    step()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - begin) * 1e3 / repeats

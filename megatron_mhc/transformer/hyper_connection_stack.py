@@ -15,8 +15,7 @@ import torch
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from torch import Tensor
 
-from megatron_mhc.fusions import model_backend
-from megatron_mhc.transformer.hyper_connection import HyperConnectionHead
+from megatron_mhc.transformer.hyper_connection import HyperConnectionHead, model_backend
 from megatron_mhc.transformer.recompute import MHCRecomputeManager, recompute_block_size
 
 

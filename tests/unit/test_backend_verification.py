@@ -1,5 +1,7 @@
 """`mhc_kernel_backend=auto` checks the fused backends on its device and takes the fastest that
-passed (megatron_mhc.fusions.verification), the same on every rank; the check as a command.
+passed (megatron_mhc.fusions.auto_backend, timing the HC module:
+megatron_mhc.transformer.hyper_connection), the same on every rank; the check as a command
+(megatron_mhc.transformer.kernel_check).
 
 On CPU the Triton kernels run in Triton's interpreter, in a worker process that has
 TRITON_INTERPRET=1 from its start (tests/triton_interpreter.py), with the device
@@ -16,7 +18,9 @@ import warnings
 import pytest
 import torch
 
-from megatron_mhc.fusions import check, reference, verification
+from megatron_mhc.fusions import FUSED_BACKENDS, auto_backend, reference
+from megatron_mhc.transformer import kernel_check
+from megatron_mhc.transformer.hyper_connection import HyperConnectionModule, time_hc_module
 from tests.dist_utils import environment, run_distributed
 from tests.triton_interpreter import interpreter_pool
 
@@ -48,11 +52,11 @@ def _timer(ms_by_backend):
     return lambda config, ops, *_: ms_by_backend[ops.__name__.rsplit(".", 1)[-1]]
 
 
-def _select_with(candidates, config, timer=verification.time_hc_module):
+def _select_with(candidates, config, timer=time_hc_module):
     """select() as on a CUDA device that runs `candidates`; the warnings it raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        selection = verification.select(
+        selection = auto_backend.select(
             config, TOKENS, gate=lambda _device: candidates, timer=timer
         )
     return selection, [str(w.message) for w in caught if w.category is RuntimeWarning]
@@ -66,7 +70,7 @@ def pick_triton_when_it_passes():
 
     results = {}
     for mhc_type, contract in (("mhc", "learned"), ("hc", "mean")):
-        config = check.check_config(**TINY, mhc_type=mhc_type, contract=contract)
+        config = kernel_check.check_config(**TINY, mhc_type=mhc_type, contract=contract)
         selection, warned = _select_with(
             {"triton": triton}, config, _timer({"triton": 1.0, "reference": 2.0})
         )
@@ -83,7 +87,7 @@ def pick_triton_when_it_passes():
 def fall_back_on_a_wrong_or_raising_op():
     from megatron_mhc.fusions import triton
 
-    config = check.check_config(**TINY)
+    config = kernel_check.check_config(**TINY)
     results = {}
     for what, double in (
         ("wrong", _double(triton, "triton", mhc_update=_wrong_update(triton))),
@@ -101,10 +105,12 @@ def fall_back_on_a_wrong_or_raising_op():
 
 
 def explicit_backend_skips_the_check_unless_forced():
-    config = check.check_config(**TINY, mhc_type="hc_static", contract="mean", backend="triton")
-    explicit = verification.select(config, TOKENS)
-    with environment({verification.FORCE_ENV: "1"}):
-        forced = verification.select(config, TOKENS)
+    config = kernel_check.check_config(
+        **TINY, mhc_type="hc_static", contract="mean", backend="triton"
+    )
+    explicit = auto_backend.select(config, TOKENS, timer=time_hc_module)
+    with environment({auto_backend.FORCE_ENV: "1"}):
+        forced = auto_backend.select(config, TOKENS, timer=time_hc_module)
     return (
         (explicit.backend, explicit.how, explicit.checks),
         (
@@ -162,7 +168,7 @@ def test_an_explicit_backend_is_not_checked_unless_forced_interpreted(interprete
 # ----------------------------------------------------------------------------------------------
 def test_the_check_leaves_the_rng_state_as_it_was():
     # Default initialisation: building the timed HC module draws from the default generator.
-    config = check.check_config(**TINY)
+    config = kernel_check.check_config(**TINY)
     torch.manual_seed(3)
     before = torch.get_rng_state()
     selection, warned = _select_with({"triton": _double(reference, "triton")}, config)
@@ -175,21 +181,23 @@ def test_auto_is_the_reference_without_a_cuda_device_and_explicit_torch_is_never
     if CUDA:
         pytest.skip("this process has a CUDA device")
     for backend in ("auto", "torch"):
-        with environment({verification.FORCE_ENV: "1"}):
-            selection = verification.select(check.check_config(**TINY, backend=backend))
+        with environment({auto_backend.FORCE_ENV: "1"}):
+            selection = auto_backend.select(
+                kernel_check.check_config(**TINY, backend=backend), timer=time_hc_module
+            )
         assert (selection.backend, selection.module, selection.checks) == ("torch", reference, {})
 
 
 def agree_across_ranks(rank, _world_size):
     """Two scenarios on two ranks; each rank's own outcome differs from the other's."""
-    config = check.check_config(**TINY)
+    config = kernel_check.check_config(**TINY)
     correct = _double(reference, "triton")
     broken = _double(reference, "triton", mhc_update=_wrong_update(reference))
     outcomes = []
     # 1. The fused backend passes on rank 1 only (and would be its choice alone).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        selection = verification.select(
+        selection = auto_backend.select(
             config,
             TOKENS,
             gate=lambda _d: {"triton": broken if rank == 0 else correct},
@@ -199,7 +207,7 @@ def agree_across_ranks(rank, _world_size):
     # 2. It passes on both; faster than the reference on rank 0 only. (A new double: a rank
     # that had checked this one before would take its choice from the cache.)
     times = {"triton": 1.0 if rank == 0 else 3.0, "reference": 2.0}
-    selection = verification.select(
+    selection = auto_backend.select(
         config,
         TOKENS,
         gate=lambda _d: {"triton": _double(reference, "triton")},
@@ -221,7 +229,7 @@ def test_ranks_with_different_outcomes_take_the_same_backend():
 def run_the_check_command():
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        status = check.main(
+        status = kernel_check.main(
             ["--n", "2", "--hidden", "16", "--tokens", "4", "--dtype", "bf16", "--repeats", "1"]
         )
     return status, output.getvalue()
@@ -251,20 +259,19 @@ def test_the_check_command_prints_the_table_on_cpu(interpreted):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (on CPU `auto` checks nothing)")
 def test_auto_verifies_and_takes_a_fused_backend_at_real_size_gpu():
-    from megatron_mhc.transformer.hyper_connection import HyperConnectionModule
-
-    config = check.check_config(4, 4096, torch.bfloat16)
+    config = kernel_check.check_config(4, 4096, torch.bfloat16)
     device = torch.device("cuda", torch.cuda.current_device())
-    candidates = verification.device_fused_backends(device)
+    candidates = auto_backend.device_fused_backends(device)
     assert "triton" in candidates
-    first = verification.select(config, 4096)  # compiles the kernels
+    first = auto_backend.select(config, 4096, timer=time_hc_module)  # compiles the kernels
     assert HyperConnectionModule(config, 0).ops is first.module  # the model takes the choice
-    again = verification.choose(config, 4096, device, candidates)  # compiled: the check alone
+    # Compiled: the check alone.
+    again = auto_backend.choose(config, 4096, device, candidates, timer=time_hc_module)
     print(
         f"\nauto at n=4, C=4096, 4096 tokens, bf16: first {first.summary()}\n"
         f"again: {again.summary()}"
     )
     assert all(c.passed for c in first.checks["triton"]), first.summary()
-    assert first.backend in verification.FUSED_BACKENDS, first.summary()
-    assert again.backend in verification.FUSED_BACKENDS, again.summary()
+    assert first.backend in FUSED_BACKENDS, first.summary()
+    assert again.backend in FUSED_BACKENDS, again.summary()
     assert again.seconds < 1.0, again.summary()

@@ -2,7 +2,7 @@
 imports `cuda.tile` and `kernels`).
 
 The launchers have the signatures of the Triton backend's (`megatron_mhc.fusions.triton.ops`),
-so that the autograd Functions of `fused_frontend` run on either backend: the mappings
+so that the autograd Functions of `fused_functions` run on either backend: the mappings
 (`proj_rms_fwd`, `mhc_gates_fwd`, `mhc_gates_bwd`, `proj_rms_bwd`), collapse, update and head
 (`head_fwd`, `head_gate_bwd`, then `proj_rms_bwd`). The tile-size helpers and `kernel_args` are
 plain Python so that the CPU tests export exactly the configurations the launchers would run.
@@ -10,8 +10,8 @@ plain Python so that the CPU tests export exactly the configurations the launche
 
 import torch
 
-from megatron_mhc.fusions import fused_frontend as frontend
-from megatron_mhc.fusions.fused_frontend import cdiv, clamp_pow2, pow2, stream_tile
+from megatron_mhc.fusions import launcher_common as common
+from megatron_mhc.fusions.launcher_common import cdiv, clamp_pow2, pow2, stream_tile
 
 # Elements of the largest per-program product tile (registers): a reasoned default, untuned.
 TILE_ELEMS = 4096
@@ -127,9 +127,7 @@ def kernel_args(
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    frontend.require_cuda(
-        "cutile", "cuTile has no CPU mode: use the 'torch' backend on CPU", tensors
-    )
+    common.require_cuda("cutile", "cuTile has no CPU mode: use the 'torch' backend on CPU", tensors)
 
 
 def _launch(name: str, args, arrays) -> None:
@@ -155,7 +153,7 @@ def proj_rms_fwd(x2, fn, norm_eps):
     """mn = r * (x2 @ fn^T) [T, M] fp32 and r = rsqrt(mean(x2^2) + norm_eps) [T] fp32."""
     T, K = x2.shape
     M = fn.shape[0]
-    mn, r = frontend.proj_rms_fwd_outputs(x2, M)
+    mn, r = common.proj_rms_fwd_outputs(x2, M)
     _launch(
         "proj_rms_fwd", kernel_args("proj_rms_fwd", T, 1, K, m=M), (x2, fn, mn, r, float(norm_eps))
     )
@@ -183,7 +181,7 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
         write_dfn=need_dfn,
         collapse=collapse is not None,
         residual=residual is not None,
-        num_sms=frontend.num_sms(dev),
+        num_sms=common.num_sms(dev),
     )
     splits = args[0][2]
     x3 = x2.view(T, S, C)
@@ -214,7 +212,7 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
 def mhc_gates_fwd(mn, base, scale, n, iters, eps):
     """h_pre [T, n], h_post [T, n], comb [T, n, n] (fp32) from mn [T, M], base [M], scale [3]."""
     T = mn.shape[0]
-    h_pre, h_post, comb = frontend.gates_fwd_outputs(mn, n)
+    h_pre, h_post, comb = common.gates_fwd_outputs(mn, n)
     _launch(
         "mhc_gates_fwd",
         kernel_args("mhc_gates_fwd", T, n),
@@ -226,7 +224,7 @@ def mhc_gates_fwd(mn, base, scale, n, iters, eps):
 def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
     """g = r * dmn [T, M], coef [T], dbase [M], dscale [3] (all fp32)."""
     args = kernel_args("mhc_gates_bwd", mn.shape[0], n)
-    g, coef, dbase, dscale = frontend.gates_bwd_outputs(mn, programs=args[0][0])
+    g, coef, dbase, dscale = common.gates_bwd_outputs(mn, programs=args[0][0])
     _launch(
         "mhc_gates_bwd",
         args,
@@ -247,7 +245,7 @@ def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
             float(eps),
         ),
     )
-    return frontend.summed(g, coef, dbase, dscale)
+    return common.summed(g, coef, dbase, dscale)
 
 
 def collapse_fwd(x3, h, out_dtype):
@@ -259,7 +257,7 @@ def collapse_fwd(x3, h, out_dtype):
 
 def collapse_bwd(x3, h, du, need_dx, dx_dtype, dh_dtype):
     T, n, C = x3.shape
-    dx, dh = frontend.collapse_bwd_outputs(x3, need_dx, dx_dtype, dh_dtype)
+    dx, dh = common.collapse_bwd_outputs(x3, need_dx, dx_dtype, dh_dtype)
     # Without dx the kernel never touches its dx argument: x3 stands in (never written).
     _launch(
         "collapse_bwd",
@@ -278,7 +276,7 @@ def update_fwd(x3, y2, h_post, comb):
 
 def update_bwd(x3, y2, h_post, comb, dout, dtypes):
     T, n, C = x3.shape
-    dx, dy, dh, dcomb = frontend.update_bwd_outputs(x3, dtypes)
+    dx, dy, dh, dcomb = common.update_bwd_outputs(x3, dtypes)
     _launch(
         "update_bwd",
         kernel_args("update_bwd", T, n, C),
@@ -292,7 +290,7 @@ def head_fwd(x3, fn, base, scale, eps, norm_eps):
     fn [n, n*C] (read by the kernel as [n, n, C])."""
     T, n, C = x3.shape
     out = torch.empty(T, C, device=x3.device, dtype=x3.dtype)
-    mn, r = frontend.proj_rms_fwd_outputs(x3, n)
+    mn, r = common.proj_rms_fwd_outputs(x3, n)
     w = torch.empty(T, n, device=x3.device, dtype=torch.float32)
     _launch(
         "head_fwd",
@@ -307,6 +305,6 @@ def head_gate_bwd(x3, du, mn, r, base, scale):
     dscale [1] (fp32)."""
     T, n, C = x3.shape
     args = kernel_args("head_gate_bwd", T, n, C)
-    g, coef, dbase, dscale = frontend.head_gate_bwd_outputs(x3, programs=args[0][0])
+    g, coef, dbase, dscale = common.head_gate_bwd_outputs(x3, programs=args[0][0])
     _launch("head_gate_bwd", args, (x3, du, mn, r, base, scale, g, coef, dbase, dscale))
-    return frontend.summed(g, coef, dbase, dscale)
+    return common.summed(g, coef, dbase, dscale)

@@ -1,14 +1,14 @@
 """Kernel launchers and tile sizes of the Triton backend (imported at the first op call).
 
-The launchers have the signatures `fused_frontend`'s autograd Functions call (the cuTile
+The launchers have the signatures `fused_functions`' autograd Functions call (the cuTile
 backend's launchers have the same): 2-D or 3-D contiguous buffers in, new buffers out.
 """
 
 import torch
 import triton
 
-from megatron_mhc.fusions import fused_frontend as frontend
-from megatron_mhc.fusions.fused_frontend import clamp_pow2, stream_tile
+from megatron_mhc.fusions import launcher_common as common
+from megatron_mhc.fusions.launcher_common import clamp_pow2, stream_tile
 from megatron_mhc.fusions.triton import kernels
 
 # Kernels defined under TRITON_INTERPRET=1 run on CPU in Triton's interpreter.
@@ -31,7 +31,7 @@ def _gpu_tiles() -> bool:
 
 def check_device(*tensors: torch.Tensor) -> None:
     if not INTERPRETED:
-        frontend.require_cuda(
+        common.require_cuda(
             "triton",
             "on CPU run the process with TRITON_INTERPRET=1 in its environment (Triton's "
             "interpreter, for tests) or use the 'torch' backend",
@@ -46,7 +46,7 @@ def proj_rms_fwd(x2: torch.Tensor, fn: torch.Tensor, norm_eps: float):
     """mn = r * (x2 @ fn^T) [T, M] fp32 and r = rsqrt(mean(x2^2) + norm_eps) [T] fp32."""
     T, K = x2.shape
     M = fn.shape[0]
-    mn, r = frontend.proj_rms_fwd_outputs(x2, M)
+    mn, r = common.proj_rms_fwd_outputs(x2, M)
     block_m = clamp_pow2(M, 16, 128)
     if _gpu_tiles():
         # The largest tiles that compile without register spills for sm_90 and sm_100
@@ -88,7 +88,7 @@ def proj_rms_bwd(x2, fn, g, coef, need_dx, need_dfn, dx_dtype, collapse=None, re
         block_t, block_k, warps = 32, {16: 64, 32: 32}.get(block_m, 16), 8
         k_blocks = triton.cdiv(K, block_k)
         splits = max(
-            1, min(triton.cdiv(T, block_t), triton.cdiv(2 * frontend.num_sms(x2.device), k_blocks))
+            1, min(triton.cdiv(T, block_t), triton.cdiv(2 * common.num_sms(x2.device), k_blocks))
         )
     else:
         block_t, block_k, warps = clamp_pow2(T, 16, 64), clamp_pow2(K, 16, 256), 4
@@ -137,7 +137,7 @@ def _gates_block_t(T: int, np_: int) -> int:
 
 def mhc_gates_fwd(mn, base, scale, n, iters, eps):
     T = mn.shape[0]
-    h_pre, h_post, comb = frontend.gates_fwd_outputs(mn, n)
+    h_pre, h_post, comb = common.gates_fwd_outputs(mn, n)
     np_ = stream_tile(n)
     block_t = _gates_block_t(T, np_)
     kernels.mhc_gates_fwd_kernel[(triton.cdiv(T, block_t),)](
@@ -164,7 +164,7 @@ def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
     np_ = stream_tile(n)
     block_t = _gates_block_t(T, np_)
     programs = triton.cdiv(T, block_t)
-    g, coef, dbase, dscale = frontend.gates_bwd_outputs(mn, programs)
+    g, coef, dbase, dscale = common.gates_bwd_outputs(mn, programs)
     kernels.mhc_gates_bwd_kernel[(programs,)](
         mn,
         r,
@@ -186,7 +186,7 @@ def mhc_gates_bwd(mn, r, base, scale, dh_pre, dh_post, dcomb, n, K, iters, eps):
         NP=np_,
         num_warps=4,
     )
-    return frontend.summed(g, coef, dbase, dscale)
+    return common.summed(g, coef, dbase, dscale)
 
 
 def _collapse_blocks(T: int, C: int, backward: bool = False):
@@ -247,7 +247,7 @@ def collapse_bwd(x3, h, du, need_dx, dx_dtype, dh_dtype):
     """dx_i = h_i du [T, n, C] (or None), dh_i = <x_i, du> [T, n]."""
     T, n, C = x3.shape
     block_t, block_c = _collapse_blocks(T, C, backward=True)
-    dx, dh = frontend.collapse_bwd_outputs(x3, need_dx, dx_dtype, dh_dtype)
+    dx, dh = common.collapse_bwd_outputs(x3, need_dx, dx_dtype, dh_dtype)
     kernels.collapse_bwd_kernel[(triton.cdiv(T, block_t),)](
         x3,
         h,
@@ -282,7 +282,7 @@ def head_gate_bwd(x3, du, mn, r, base, scale):
     T, n, C = x3.shape
     block_t, block_c = _collapse_blocks(T, C, backward=True)
     programs = triton.cdiv(T, block_t)
-    g, coef, dbase, dscale = frontend.head_gate_bwd_outputs(x3, programs)
+    g, coef, dbase, dscale = common.head_gate_bwd_outputs(x3, programs)
     kernels.collapse_bwd_kernel[(programs,)](
         x3,
         g,
@@ -308,7 +308,7 @@ def head_gate_bwd(x3, du, mn, r, base, scale):
         NP=stream_tile(n),
         num_warps=4,
     )
-    return frontend.summed(g, coef, dbase, dscale)
+    return common.summed(g, coef, dbase, dscale)
 
 
 def update_fwd(x3, y2, h_post, comb):
@@ -338,7 +338,7 @@ def update_fwd(x3, y2, h_post, comb):
 
 def update_bwd(x3, y2, h_post, comb, dout, dtypes):
     T, n, C = x3.shape
-    dx, dy, dh, dcomb = frontend.update_bwd_outputs(x3, dtypes)
+    dx, dy, dh, dcomb = common.update_bwd_outputs(x3, dtypes)
     np_ = stream_tile(n)
     warps = 4
     if _gpu_tiles():
