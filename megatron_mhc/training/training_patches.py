@@ -15,9 +15,13 @@ forward step, but has no argument, hook or config field for these (docs/megatron
     first iteration which schedule the run took (schedule_report.py);
   * `load_checkpoint`: with --no-load-optim megatron.training skips the learning-rate schedule
     too, so a resumed run would warm up again from iteration 0; the schedule continues at the
-    checkpoint's consumed samples instead, and only Adam's state starts afresh.
+    checkpoint's consumed samples instead, and only Adam's state starts afresh;
+  * `MoEMetricsTracker.report`: a HybridModel pipeline stage without MoE layers pre-creates the
+    MoE metrics with one entry per MoE layer of the model, where the routers of the other stages
+    record one entry per layer of any kind; the stages' all-reduce of unequal tensors then hangs
+    at the first log (a pattern such as "*E|*-"). They are pre-created at the routers' size.
 
-`install_training_patches` checks all five (megatron-core version, names, signatures) before it
+`install_training_patches` checks all six (megatron-core version, names, signatures) before it
 replaces any.
 """
 
@@ -52,6 +56,12 @@ SCHEDULE_KEPT_WITHOUT_OPTIMIZER_STATE = MegatronPatch(
     "load_checkpoint",
     ("ddp_model", "optimizer", "opt_param_scheduler"),
 )
+MOE_METRICS_SIZED_AS_RECORDED = MegatronPatch(
+    "MoE metrics of a pipeline stage without MoE layers sized as the routers record them",
+    "megatron.core.transformer.moe.moe_logging:MoEMetricsTracker",
+    "report",
+    ("self", "loss_scale", "iteration", "force_initialize", "track_names", "num_layers"),
+)
 
 TRAINING_PATCHES = (
     STREAM_SHAPED_SCHEDULES,
@@ -59,6 +69,7 @@ TRAINING_PATCHES = (
     PREBUILT_DATASET_HELPERS,
     mhc_logging.TRAINING_LOG_PATCH,
     SCHEDULE_KEPT_WITHOUT_OPTIMIZER_STATE,
+    MOE_METRICS_SIZED_AS_RECORDED,
 )
 
 
@@ -97,13 +108,33 @@ def _schedule_kept_without_optimizer_state(load_checkpoint):
     return load
 
 
+def _moe_metrics_sized_as_recorded(report):
+    @functools.wraps(report)
+    def wrapped(*args, **kwargs):
+        from megatron.training import get_args
+
+        call = MegatronPatch.bind(report, args, kwargs)
+        if call["force_initialize"] and call["track_names"] is not None:
+            # A router records into a tensor of config.num_layers (+ MTP layers) entries
+            # (megatron/core/transformer/moe/router.py); the report's own pre-creation then
+            # finds these and creates nothing.
+            run = get_args()
+            size = run.num_layers + (run.mtp_num_layers or 0)
+            names = call["track_names"]
+            for name in [names] if isinstance(names, str) else names:
+                call["self"].ensure_initialized(name, size)
+        return report(*args, **kwargs)
+
+    return wrapped
+
+
 def _dataset_helpers_are_prebuilt():
     importlib.import_module("megatron.core.datasets.helpers_cpp")
     torch.distributed.barrier()  # as after Megatron's build
 
 
 def install_training_patches() -> None:
-    """Replace the five names (see the module docstring); raises MegatronPatchError, having
+    """Replace the six names (see the module docstring); raises MegatronPatchError, having
     replaced none, if one does not fit the installed megatron-core."""
     check_patches(TRAINING_PATCHES)
     STREAM_SHAPED_SCHEDULES.replace(get_forward_backward_func)
@@ -111,3 +142,4 @@ def install_training_patches() -> None:
     PREBUILT_DATASET_HELPERS.replace(_dataset_helpers_are_prebuilt)
     mhc_logging.install()
     SCHEDULE_KEPT_WITHOUT_OPTIMIZER_STATE.wrap(_schedule_kept_without_optimizer_state)
+    MOE_METRICS_SIZED_AS_RECORDED.wrap(_moe_metrics_sized_as_recorded)

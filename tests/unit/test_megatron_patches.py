@@ -110,6 +110,7 @@ def _cpu_platform_and_training_patches_in_a_fresh_process():
     torch.cuda.is_available = lambda: False  # in this fresh process only
     import megatron.core.pipeline_parallel.schedules as schedules
     from megatron.core.optimizer import distrib_optimizer, optimizer
+    from megatron.core.transformer.moe import moe_logging
     from megatron.training import initialize, training
 
     from megatron_mhc import optimizer_patches
@@ -127,6 +128,7 @@ def _cpu_platform_and_training_patches_in_a_fresh_process():
         (initialize, "_compile_dependencies"),
         (training, "training_log"),
         (training, "load_checkpoint"),
+        (moe_logging.MoEMetricsTracker, "report"),
     ]
     training_reports, training_untouched = _planted_mismatches(
         training_patches.TRAINING_PATCHES,
